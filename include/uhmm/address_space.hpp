@@ -1,0 +1,134 @@
+// uhmm/address_space.hpp: managed address space (the kernel's mm_struct).
+//
+// An AddressSpace owns a userfaultfd, the fault-service threads, the managed
+// ranges (Regions), the software page table beside the kernel's, and a
+// staging pool of system pages in transit.  More than one may exist in a
+// process; none is global.
+//
+// Concurrency contract: every public member may be called from any thread,
+// except that the destructor must not race with other calls on the same
+// object.  Application threads may touch managed memory at any time; uhmm's
+// own threads never touch managed memory with loads or stores.
+//
+// How a CPU access to a device page is served: docs/walkthrough-cpu-fault.md.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "uhmm/stats.hpp"
+#include "uhmm/status.hpp"
+#include "uhmm/types.hpp"
+
+namespace uhmm {
+
+class DevicePage;
+
+enum class RegionKind : std::uint8_t {
+  kPrivateAnonymous,
+  kSharedAnonymous,  // issue 5
+  kFile,             // issue 5
+};
+
+struct RegionInfo {
+  VirtAddr start;
+  std::size_t length = 0;
+  RegionKind kind = RegionKind::kPrivateAnonymous;
+  int prot = PROT_READ | PROT_WRITE;
+  bool adopted = false;  // the application made the mapping; uhmm only manages it
+  VirtAddr end() const { return start + length; }
+};
+
+struct AddressSpaceOptions {
+  /// Fault-service threads; 0 picks one per online CPU (at least 2).
+  unsigned fault_threads = 0;
+  /// Virtual size reserved for staging pages (system pages in transit).
+  std::size_t staging_reserve_bytes = std::size_t{64} << 30;
+  /// Populated staging memory kept warm for migrations back; beyond this,
+  /// freed staging pages are returned to the kernel.
+  std::size_t staging_keep_bytes = std::size_t{512} << 20;
+  /// Ask for transparent huge pages (MADV_HUGEPAGE) on regions uhmm maps,
+  /// so that 2 MiB units migrate whole.
+  bool transparent_huge_pages = true;
+  /// A fault on a never-populated page zero-fills up to this many pages
+  /// around it (within its aligned 2 MiB block and its region).
+  std::size_t hole_fault_around_pages = kPagesPerHugePage;
+};
+
+/// What the software page table says about one page (for tests and tools).
+struct PageInfo {
+  enum class State : std::uint8_t {
+    kNone,           // never populated (or dropped): a hole
+    kSystem,         // in system memory, mapped for the CPU
+    kDevicePrivate,  // on a device; any CPU access faults and migrates it back
+  };
+  State state = State::kNone;
+  bool locked = false;    // under migration
+  bool writable = false;  // device entry carries the write bit
+  bool poisoned = false;  // a failed migrate_to_ram left a SIGBUS marker
+  DevicePage* device_page = nullptr;
+};
+
+class AddressSpace {
+ public:
+  /// Opens the userfaultfd (kernel-mode faults included: needs root or
+  /// access to /dev/userfaultfd) and starts the fault service.  EPERM with a
+  /// message saying what is missing when userfaultfd is unavailable; ENOSYS
+  /// when the kernel lacks UFFDIO_MOVE.
+  static Result<std::unique_ptr<AddressSpace>> create(AddressSpaceOptions options = {});
+  /// Stops the fault service, returns every device page (page_free runs for
+  /// pages nobody else holds), unregisters adopted ranges and unmaps the
+  /// ranges uhmm mapped.  Device-resident data of adopted ranges is lost;
+  /// migrate it back first.
+  ~AddressSpace();
+  AddressSpace(const AddressSpace&) = delete;
+  AddressSpace& operator=(const AddressSpace&) = delete;
+
+  /// Creates a managed private anonymous mapping of `length` bytes (a
+  /// multiple of the page size).  Reserving is cheap: nothing is populated.
+  Result<VirtAddr> map(std::size_t length, int prot = PROT_READ | PROT_WRITE);
+  /// Adopts an existing private anonymous mapping [start, start+length) the
+  /// application made itself.  EINVAL if unaligned, empty, not one private
+  /// anonymous writable mapping, or overlapping a managed range.
+  Status adopt(VirtAddr start, std::size_t length);
+  /// Ends management of the region starting at `start`: device pages are
+  /// migrated back first (adopted regions keep their data), then the range
+  /// is unregistered; a range uhmm mapped is also unmapped.
+  Status unmap(VirtAddr start);
+
+  std::optional<RegionInfo> find_region(VirtAddr addr) const;
+  PageInfo page_info(VirtAddr addr) const;
+
+  /// Fault-safe copies between managed memory and a private buffer, usable
+  /// from any thread except the fault service (process_vm_readv/writev: the
+  /// kernel faults device pages back like any syscall would).
+  Status read(VirtAddr src, std::span<std::byte> out) const;
+  Status write(VirtAddr dst, std::span<const std::byte> in) const;
+
+  Stats& stats();
+  const Stats& stats() const;
+
+  /// Walks every structure and checks every invariant (page table against
+  /// device-page reverse maps and refcounts, staging pool accounting).
+  /// Meant for tests: slow.  Must be called while no migration runs.
+  Status check_invariants() const;
+
+  /// Resident memory uhmm holds for this address space (page-table nodes and
+  /// warm staging pages), in bytes.
+  std::size_t overhead_bytes() const;
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  explicit AddressSpace(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace uhmm

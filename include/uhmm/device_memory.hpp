@@ -1,0 +1,193 @@
+// uhmm/device_memory.hpp: device memory as page maps (the kernel's
+// dev_pagemap / ZONE_DEVICE), device page descriptors and their refcounts.
+//
+// A driver registers a range of device memory as a DevicePagemap with a type,
+// an owner cookie and an ops table.  Each device page then has a DevicePage
+// descriptor, found again from its pfn.  The rules (hmm-semantics section 1):
+//   * PRIVATE needs page_free, migrate_to_ram and an owner; COHERENT needs
+//     page_free and an owner; every other type is refused with EINVAL;
+//   * empty ranges and ranges overlapping another page map are refused;
+//   * a free page has refcount 0; zone_device_page_init() makes it 1 and
+//     locked before the page is handed to migration; when the last reference
+//     goes, page_free runs, exactly once per page lifetime;
+//   * unregistering waits until every page is free (or fails with EBUSY when
+//     the caller's patience runs out; nothing is lost either way).
+// Device pfns are a process-wide numbering space (like physical addresses):
+// request_free_mem_region() hands out ranges that never collide.  That
+// registry is the only process-wide state in uhmm; it holds no policy.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+
+#include "uhmm/status.hpp"
+#include "uhmm/types.hpp"
+
+namespace uhmm {
+
+class AddressSpace;
+class DevicePagemap;
+class DevicePage;
+
+enum class PagemapType : std::uint8_t {
+  kPrivate = 1,   // MEMORY_DEVICE_PRIVATE: the CPU cannot address it
+  kCoherent = 2,  // MEMORY_DEVICE_COHERENT: CPU-addressable (issue 3)
+  kFsDax = 3,
+  kGeneric = 4,
+  kP2pDma = 5,
+};
+
+/// What migrate_to_ram is handed (the kernel's struct vm_fault).
+struct CpuFault {
+  AddressSpace* address_space = nullptr;
+  VirtAddr address;           // page-aligned faulting address
+  bool write = false;         // the access was a write
+  DevicePage* page = nullptr;  // the device page, locked and referenced by the fault path
+};
+
+/// migrate_to_ram's answer (the kernel's vm_fault_t values that matter).
+enum class FaultOutcome {
+  kOk,      // the page was migrated back, or someone else already had it
+  kSigbus,  // the device cannot bring it back: the access ends in SIGBUS
+  kOom,     // no system memory: treated like SIGBUS for the faulting thread
+};
+
+struct PagemapOps {
+  /// The page's last reference went away; give it back to the driver's
+  /// free list.  Called exactly once per page lifetime, never concurrently
+  /// for the same page.  Must not block on uhmm locks.
+  std::function<void(DevicePage&)> page_free;
+  /// A CPU access hit a device page of this map.  Must migrate at least the
+  /// faulting page back (migrate_vma_* with fault_page set) or fail.  The
+  /// device cannot refuse.
+  std::function<FaultOutcome(const CpuFault&)> migrate_to_ram;
+};
+
+struct PagemapConfig {
+  PagemapType type = PagemapType::kPrivate;
+  /// Size of the map.  Ignored when `range` is given.
+  PageCount npages;
+  /// An explicit pfn range (tests use it to provoke overlaps); by default a
+  /// free range is requested with request_free_mem_region().
+  std::optional<DevicePfnRange> range;
+  /// "My device" cookie; must not be null.
+  const void* owner = nullptr;
+  PagemapOps ops;
+};
+
+/// The descriptor of one device page (struct page for ZONE_DEVICE).
+///
+/// Concurrency: refcount and lock are atomics usable from any thread.
+/// zone_device_data belongs to the driver.  The reverse map (where the page
+/// is mapped) is written by the migration layer while it holds the page's
+/// page-table entry locked (docs/locking.md).
+class DevicePage {
+ public:
+  DevicePage(const DevicePage&) = delete;
+  DevicePage& operator=(const DevicePage&) = delete;
+
+  DevicePfn pfn() const { return pfn_; }
+  DevicePagemap& pagemap() const { return *pagemap_; }
+  /// Index of the page inside its page map.
+  std::uint64_t index() const;
+
+  std::uint32_t refcount() const { return refcount_.load(std::memory_order_acquire); }
+  /// Takes a reference.  The page must already be in use (refcount > 0).
+  void get();
+  /// Takes a reference unless the page is free; false if it was free.
+  bool try_get();
+  /// Drops a reference; the last one calls the page map's page_free.
+  void put();
+
+  bool trylock();
+  void lock();
+  void unlock();
+  bool is_locked() const { return lock_.load(std::memory_order_acquire) != 0; }
+
+  /// Driver-private data (the kernel's zone_device_data).
+  void* zone_device_data = nullptr;
+
+  /// Reverse map: where this page is mapped, if anywhere.
+  struct Mapping {
+    AddressSpace* address_space = nullptr;
+    VirtAddr address;
+  };
+  Mapping mapping() const;
+  void set_mapping(AddressSpace* as, VirtAddr addr);
+  void clear_mapping();
+
+ private:
+  friend class DevicePagemap;
+  friend void zone_device_page_init(DevicePage&);
+  DevicePage() = default;
+
+  std::atomic<std::uint32_t> refcount_{0};
+  std::atomic<std::uint32_t> lock_{0};
+  DevicePagemap* pagemap_ = nullptr;
+  DevicePfn pfn_;
+  std::atomic<AddressSpace*> rmap_as_{nullptr};
+  std::atomic<std::uintptr_t> rmap_addr_{0};
+};
+
+/// The driver's allocator hands out a free page: refcount 0 -> 1, locked.
+void zone_device_page_init(DevicePage& page);
+
+class DevicePagemap {
+ public:
+  /// memremap_pages: validates the config and registers the range.
+  static Result<std::unique_ptr<DevicePagemap>> create(PagemapConfig config);
+  /// Unregisters, waiting (without limit, as the kernel does) for pages in
+  /// use.  Call unregister() first to bound the wait.
+  ~DevicePagemap();
+  DevicePagemap(const DevicePagemap&) = delete;
+  DevicePagemap& operator=(const DevicePagemap&) = delete;
+
+  /// memunmap_pages: waits up to `patience` for every page to be free, then
+  /// removes the map from the pfn registry.  EBUSY (and still registered) if
+  /// pages are still in use; the caller should evict them
+  /// (migrate_device_range) and try again.
+  Status unregister(std::chrono::milliseconds patience);
+  bool registered() const { return registered_.load(std::memory_order_acquire); }
+
+  PagemapType type() const { return type_; }
+  const void* owner() const { return owner_; }
+  DevicePfnRange range() const { return range_; }
+  const PagemapOps& ops() const { return ops_; }
+
+  DevicePage& page_at(std::uint64_t index) { return pages_[index]; }
+  /// nullptr if the pfn is outside this map.
+  DevicePage* page(DevicePfn pfn);
+  /// Pages whose refcount is not zero.
+  std::uint64_t pages_in_use() const { return in_use_.load(std::memory_order_acquire); }
+
+  /// Looks a device pfn up in the process-wide registry; nullptr if no
+  /// registered page map covers it.
+  static DevicePage* page_from_pfn(DevicePfn pfn);
+
+ private:
+  friend class DevicePage;
+  friend void zone_device_page_init(DevicePage&);
+  explicit DevicePagemap(PagemapConfig config, DevicePfnRange range);
+  void page_became_free(DevicePage& page);
+
+  PagemapType type_;
+  const void* owner_;
+  PagemapOps ops_;
+  DevicePfnRange range_;
+  bool range_owned_ = false;  // came from request_free_mem_region
+  std::unique_ptr<DevicePage[]> pages_;
+  std::atomic<std::uint64_t> in_use_{0};
+  std::atomic<bool> registered_{false};
+};
+
+/// request_free_mem_region: a device pfn range no other page map uses and no
+/// other request will be handed.  ENOMEM if the space is exhausted.
+Result<DevicePfnRange> request_free_mem_region(PageCount npages);
+/// Gives a range obtained from request_free_mem_region back.
+void release_mem_region(DevicePfnRange range);
+
+}  // namespace uhmm

@@ -1,0 +1,150 @@
+// uhmm/sim_device.hpp: the simulated device, uhmm's default device.
+//
+// Device memory is a host arena that uhmm never maps into managed ranges
+// (the CPU cannot reach it through a managed address: it is device-private).
+// A DMA engine of worker threads copies between staging pages and the arena
+// in batches, through an optional link model.  The driver side allocates
+// device pages, implements migrate_to_ram, and offers device reads, writes
+// and "kernels" over a virtual range.
+//
+// Concurrency: all members are thread safe.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+
+#include "uhmm/address_space.hpp"
+#include "uhmm/device_memory.hpp"
+#include "uhmm/stats.hpp"
+#include "uhmm/status.hpp"
+#include "uhmm/types.hpp"
+
+namespace uhmm::sim {
+
+/// A simple model of the link between host and device.
+struct LinkModel {
+  double bytes_per_second = 0;               // 0: unlimited (memory speed)
+  std::chrono::nanoseconds setup_latency{0};  // per transfer (one batch)
+};
+
+struct SimDeviceOptions {
+  std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size
+  unsigned dma_threads = 2;
+  LinkModel link;
+  /// Touch the whole arena at creation so first use is not slowed by the
+  /// host backing memory lazily.
+  bool warm_memory = true;
+  /// Transfers smaller than this are copied by the calling thread: a
+  /// hand-off to a DMA worker costs more than it saves.
+  std::size_t inline_copy_bytes = std::size_t{256} << 10;
+  /// Pages migrate_to_ram brings back around a faulting page (within its
+  /// aligned 2 MiB block and region).  1 disables fault-around.
+  std::size_t fault_around_pages = kPagesPerHugePage;
+  /// Pages per migrate_vma call in migrate_to_device / migrate_to_system.
+  std::size_t batch_pages = kPagesPerHugePage;
+};
+
+/// Fault injection, for tests: each knob fires once per arming.
+class FaultInjection {
+ public:
+  /// The n-th device page allocation from now (0 = the next) fails.
+  void fail_alloc_after(std::uint64_t n);
+  /// Every allocation fails until disarmed (device out of memory).
+  void fail_all_allocs(bool on);
+  /// The n-th page copied by DMA from now fails (0 = the next).
+  void fail_copy_after(std::uint64_t n);
+  /// Every migrate_to_ram fails (the device is in an error state).
+  void fail_migrate_to_ram(bool on);
+  void disarm();
+
+  // Driver side.
+  bool should_fail_alloc();
+  bool should_fail_copy();
+  bool migrate_to_ram_broken() const { return fail_m2r_.load(std::memory_order_acquire); }
+
+ private:
+  std::atomic<std::int64_t> alloc_countdown_{-1};
+  std::atomic<bool> fail_all_allocs_{false};
+  std::atomic<std::int64_t> copy_countdown_{-1};
+  std::atomic<bool> fail_m2r_{false};
+};
+
+/// What a migration helper did.
+struct MigrateReport {
+  std::uint64_t pages_requested = 0;
+  std::uint64_t pages_migrated = 0;  // now where they were asked to go
+  std::uint64_t pages_skipped = 0;   // stayed where they were (pinned, busy, no memory, copy error, ...)
+  std::uint64_t holes = 0;           // unpopulated pages (zero-filled at the destination)
+};
+
+class DmaEngine;
+
+class SimDevice {
+ public:
+  static Result<std::unique_ptr<SimDevice>> create(SimDeviceOptions options = {});
+  /// Evicts every page still on the device (migrates it back to system
+  /// memory), then unregisters the page map.
+  ~SimDevice();
+  SimDevice(const SimDevice&) = delete;
+  SimDevice& operator=(const SimDevice&) = delete;
+
+  const void* owner() const { return this; }
+  DevicePagemap& pagemap() { return *pagemap_; }
+  FaultInjection& faults() { return faults_; }
+  Stats& stats() { return stats_; }
+  const SimDeviceOptions& options() const { return options_; }
+
+  /// Device pages not in use.
+  std::uint64_t free_pages() const;
+
+  /// Migrates [addr, addr+length) of `as` to the device in batches.  Pages
+  /// that cannot move (pinned, busy, device full, copy error) stay on the
+  /// CPU with their data intact; the report says how many.
+  Result<MigrateReport> migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length);
+  /// Migrates this device's pages of [addr, addr+length) back to system memory.
+  Result<MigrateReport> migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length);
+  /// Evicts every page of this device back to system memory
+  /// (migrate_device_range over the whole map).
+  Result<MigrateReport> evict_all();
+
+  /// Device access to a virtual range: pages resident on this device are read
+  /// or written in device memory; other pages through the CPU (fault-safe).
+  Status device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out);
+  Status device_write(AddressSpace& as, VirtAddr addr, std::span<const std::byte> in);
+  /// Runs a device "kernel" over the device-resident pages of a range: `fn`
+  /// gets each page's device memory and its virtual address.  EFAULT if a
+  /// page of the range is not on this device.
+  Status run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
+                    const std::function<void(std::span<std::byte> page, VirtAddr va)>& fn);
+
+  /// Device memory behind a device page (for tests and the DMA engine).
+  std::byte* page_memory(const DevicePage& page);
+
+ private:
+  SimDevice(SimDeviceOptions options);
+  Status init();
+  DevicePage* alloc_page();
+  void free_page(DevicePage& page);
+  FaultOutcome migrate_to_ram(const CpuFault& fault);
+  Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
+                                      bool to_device);
+  void copy_to_device(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, MigrateReport& r);
+  bool copy_to_system(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, bool may_skip,
+                      AddressSpace& as);
+
+  SimDeviceOptions options_;
+  FaultInjection faults_;
+  Stats stats_;
+  std::byte* arena_ = nullptr;
+  std::size_t arena_bytes_ = 0;
+  std::unique_ptr<DevicePagemap> pagemap_;
+  std::unique_ptr<DmaEngine> dma_;
+  struct FreeList;
+  std::unique_ptr<FreeList> free_list_;
+};
+
+}  // namespace uhmm::sim

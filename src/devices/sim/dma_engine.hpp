@@ -1,0 +1,57 @@
+// devices/sim/dma_engine.hpp: the simulated device's copy engine.
+//
+// A batch of page copies is coalesced into contiguous runs and spread over
+// worker threads; small batches are copied by the caller (a hand-off costs
+// more than it saves).  An optional link model adds a set-up latency per
+// batch and caps bandwidth.  Worker threads only touch staging pages and
+// device memory, never managed memory.
+//
+// Concurrency: copy() may be called from many threads at once.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "uhmm/sim_device.hpp"
+
+namespace uhmm::sim {
+
+struct CopyOp {
+  const std::byte* src = nullptr;  // nullptr: fill the destination with zeros
+  std::byte* dst = nullptr;
+  bool ok = true;  // out: false if the copy failed (fault injection)
+};
+
+class DmaEngine {
+ public:
+  DmaEngine(unsigned threads, LinkModel link, std::size_t inline_bytes, FaultInjection& faults);
+  ~DmaEngine();
+  DmaEngine(const DmaEngine&) = delete;
+  DmaEngine& operator=(const DmaEngine&) = delete;
+
+  /// Copies every op (one page each); returns when all are done.  Failed
+  /// pages have ok == false and their destination is left unspecified.
+  void copy(std::span<CopyOp> ops);
+
+ private:
+  void worker();
+  void copy_range(std::span<CopyOp> ops);
+  void apply_link_model(std::size_t bytes, std::chrono::steady_clock::time_point started);
+
+  LinkModel link_;
+  std::size_t inline_bytes_;
+  FaultInjection& faults_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // guarded by mutex_
+  bool stopping_ = false;                    // guarded by mutex_
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace uhmm::sim

@@ -1,0 +1,409 @@
+// devices/sim: the simulated device's driver side.  Layer rules:
+// src/devices/README.md.
+#include "uhmm/sim_device.hpp"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <thread>
+#include <vector>
+
+#include "core/assert.hpp"
+#include "core/sync.hpp"
+#include "devices/sim/dma_engine.hpp"
+#include "platform/uffd.hpp"
+#include "uhmm/migrate.hpp"
+
+namespace uhmm::sim {
+
+// ---- FaultInjection --------------------------------------------------------
+
+namespace {
+// Counts an armed countdown down; true exactly once, when it passes zero.
+bool fire(std::atomic<std::int64_t>& countdown) {
+  std::int64_t cur = countdown.load(std::memory_order_acquire);
+  while (cur >= 0) {
+    if (countdown.compare_exchange_weak(cur, cur - 1, std::memory_order_acq_rel)) return cur == 0;
+  }
+  return false;
+}
+}  // namespace
+
+void FaultInjection::fail_alloc_after(std::uint64_t n) { alloc_countdown_.store(static_cast<std::int64_t>(n)); }
+void FaultInjection::fail_all_allocs(bool on) { fail_all_allocs_.store(on); }
+void FaultInjection::fail_copy_after(std::uint64_t n) { copy_countdown_.store(static_cast<std::int64_t>(n)); }
+void FaultInjection::fail_migrate_to_ram(bool on) { fail_m2r_.store(on); }
+void FaultInjection::disarm() {
+  alloc_countdown_.store(-1);
+  fail_all_allocs_.store(false);
+  copy_countdown_.store(-1);
+  fail_m2r_.store(false);
+}
+bool FaultInjection::should_fail_alloc() {
+  return fail_all_allocs_.load(std::memory_order_acquire) || fire(alloc_countdown_);
+}
+bool FaultInjection::should_fail_copy() { return fire(copy_countdown_); }
+
+// ---- free list -------------------------------------------------------------
+
+// Free device pages as runs (index -> length), so that a batch gets
+// contiguous device memory and copies coalesce.
+struct SimDevice::FreeList {
+  Mutex mutex{LockRank::kDeviceDriver};
+  std::map<std::uint64_t, std::uint64_t> runs UHMM_GUARDED_BY(mutex);
+  std::uint64_t free_pages UHMM_GUARDED_BY(mutex) = 0;
+
+  std::optional<std::uint64_t> take() {
+    MutexLock lock(mutex);
+    if (runs.empty()) return std::nullopt;
+    auto it = runs.begin();
+    const std::uint64_t index = it->first;
+    const std::uint64_t len = it->second;
+    runs.erase(it);
+    if (len > 1) runs.emplace(index + 1, len - 1);
+    --free_pages;
+    return index;
+  }
+  void give(std::uint64_t index) {
+    MutexLock lock(mutex);
+    std::uint64_t start = index, len = 1;
+    auto next = runs.lower_bound(index);
+    if (next != runs.end() && next->first == index + 1) {
+      len += next->second;
+      next = runs.erase(next);
+    }
+    if (next != runs.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == index) {
+        start = prev->first;
+        len += prev->second;
+        runs.erase(prev);
+      }
+    }
+    runs.emplace(start, len);
+    ++free_pages;
+  }
+};
+
+// ---- SimDevice -------------------------------------------------------------
+
+SimDevice::SimDevice(SimDeviceOptions options) : options_(options), free_list_(std::make_unique<FreeList>()) {}
+
+Result<std::unique_ptr<SimDevice>> SimDevice::create(SimDeviceOptions options) {
+  if (options.memory_bytes < kPageSize) return Status::error(EINVAL, "device memory smaller than a page");
+  if (options.batch_pages == 0) return Status::error(EINVAL, "batch_pages must be at least 1");
+  if (options.fault_around_pages == 0) options.fault_around_pages = 1;
+  std::unique_ptr<SimDevice> dev(new SimDevice(options));
+  if (Status s = dev->init(); !s) return s;
+  return dev;
+}
+
+Status SimDevice::init() {
+  arena_bytes_ = (options_.memory_bytes + kPageSize - 1) & ~(kPageSize - 1);
+  auto arena = platform::map_anonymous_aligned(arena_bytes_, kHugePageSize, PROT_READ | PROT_WRITE, false);
+  if (!arena) return arena.status();
+  arena_ = arena->as<std::byte>();
+  (void)platform::advise(*arena, arena_bytes_, MADV_HUGEPAGE);
+  if (options_.warm_memory) (void)platform::advise(*arena, arena_bytes_, MADV_POPULATE_WRITE);
+
+  PagemapConfig config;
+  config.type = PagemapType::kPrivate;
+  config.npages = PageCount{arena_bytes_ / kPageSize};
+  config.owner = this;
+  config.ops.page_free = [this](DevicePage& page) { free_page(page); };
+  config.ops.migrate_to_ram = [this](const CpuFault& fault) { return migrate_to_ram(fault); };
+  auto map = DevicePagemap::create(std::move(config));
+  if (!map) return map.status();
+  pagemap_ = std::move(*map);
+  {
+    MutexLock lock(free_list_->mutex);
+    free_list_->runs.emplace(0, arena_bytes_ / kPageSize);
+    free_list_->free_pages = arena_bytes_ / kPageSize;
+  }
+  dma_ = std::make_unique<DmaEngine>(options_.dma_threads, options_.link, options_.inline_copy_bytes, faults_);
+  return Status::ok();
+}
+
+SimDevice::~SimDevice() {
+  if (pagemap_) {
+    faults_.disarm();
+    for (int round = 0; round < 100 && pagemap_->pages_in_use() != 0; ++round) {
+      (void)evict_all();
+      if (pagemap_->pages_in_use() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    pagemap_.reset();  // waits for anything still holding a page
+  }
+  dma_.reset();
+  if (arena_ != nullptr) (void)platform::unmap(VirtAddr::of(arena_), arena_bytes_);
+}
+
+std::uint64_t SimDevice::free_pages() const {
+  MutexLock lock(free_list_->mutex);
+  return free_list_->free_pages;
+}
+
+std::byte* SimDevice::page_memory(const DevicePage& page) { return arena_ + page.index() * kPageSize; }
+
+DevicePage* SimDevice::alloc_page() {
+  if (faults_.should_fail_alloc()) {
+    stats_.add(Counter::device_alloc_fail);
+    return nullptr;
+  }
+  const auto index = free_list_->take();
+  if (!index) {
+    stats_.add(Counter::device_alloc_fail);
+    return nullptr;
+  }
+  DevicePage& page = pagemap_->page_at(*index);
+  zone_device_page_init(page);
+  return &page;
+}
+
+void SimDevice::free_page(DevicePage& page) {
+  stats_.add(Counter::device_page_free);
+  free_list_->give(page.index());
+}
+
+void SimDevice::copy_to_device(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, MigrateReport& r) {
+  std::vector<CopyOp> ops;
+  std::vector<std::size_t> index;
+  std::vector<DevicePage*> pages;
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
+    DevicePage* page = alloc_page();
+    if (page == nullptr) continue;  // out of device memory: stays on the CPU
+    const bool hole = !(src[i] & MIGRATE_PFN_VALID);
+    if (hole) ++r.holes;
+    ops.push_back(CopyOp{hole ? nullptr : static_cast<const std::byte*>(migrate_pfn_to_host(src[i])),
+                         page_memory(*page)});
+    index.push_back(i);
+    pages.push_back(page);
+  }
+  dma_->copy(ops);
+  for (std::size_t k = 0; k < ops.size(); ++k) {
+    if (!ops[k].ok) {
+      stats_.add(Counter::dma_copy_fail);
+      pages[k]->unlock();
+      pages[k]->put();  // back to the free list; the source is untouched
+      continue;
+    }
+    stats_.add(Counter::dma_bytes_to_device, kPageSize);
+    const std::uint64_t s = src[index[k]];
+    const bool writable = (s & MIGRATE_PFN_WRITE) || !(s & MIGRATE_PFN_VALID);
+    dst[index[k]] = migrate_pfn(pages[k]->pfn()) | (writable ? MIGRATE_PFN_WRITE : 0);
+  }
+}
+
+bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, bool may_skip,
+                               AddressSpace& as) {
+  std::vector<std::size_t> index;
+  for (std::size_t i = 0; i < src.size(); ++i)
+    if ((src[i] & MIGRATE_PFN_MIGRATE) && (src[i] & MIGRATE_PFN_VALID)) index.push_back(i);
+  if (index.empty()) return true;
+  std::vector<std::uint64_t> pfns(index.size());
+  if (!alloc_system_pages(as, pfns).is_ok()) return false;
+  std::vector<CopyOp> ops(index.size());
+  for (std::size_t k = 0; k < index.size(); ++k) {
+    DevicePage* page = migrate_pfn_to_device_page(src[index[k]]);
+    ops[k] = CopyOp{page_memory(*page), reinterpret_cast<std::byte*>(pfns[k] << kPageShift)};
+  }
+  dma_->copy(ops);
+  bool all_ok = true;
+  for (std::size_t k = 0; k < ops.size(); ++k) {
+    if (!ops[k].ok) {
+      stats_.add(Counter::dma_copy_fail);
+      free_system_pages(as, std::span<const std::uint64_t>(&pfns[k], 1));
+      all_ok = false;
+      continue;
+    }
+    stats_.add(Counter::dma_bytes_from_device, kPageSize);
+    dst[index[k]] = migrate_pfn(pfns[k]);
+  }
+  return all_ok || may_skip;
+}
+
+Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
+                                               bool to_device) {
+  if (length == 0) return Status::error(EINVAL, "zero length");
+  if (!addr.page_aligned() || length % kPageSize != 0) return Status::error(EINVAL, "range not page aligned");
+  const auto region = as.find_region(addr);
+  if (!region || addr + length > region->end())
+    return Status::error(EINVAL, "range not inside one managed range");
+  MigrateReport report;
+  const std::size_t batch = options_.batch_pages * kPageSize;
+  for (VirtAddr cur = addr; cur < addr + length;) {
+    // Batches end on batch-size boundaries so that 2 MiB units stay whole.
+    VirtAddr next = VirtAddr{(cur.value / batch + 1) * batch};
+    if (next > addr + length) next = addr + length;
+    ScopedMigrateVma mig(as, cur, next, owner(),
+                         to_device ? MIGRATE_VMA_SELECT_SYSTEM : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
+    UHMM_TRY(mig.setup());
+    const std::size_t n = (next - cur) / kPageSize;
+    report.pages_requested += n;
+    if (to_device) {
+      copy_to_device(mig.src(), mig.dst(), report);
+    } else {
+      (void)copy_to_system(mig.src(), mig.dst(), /*may_skip=*/true, as);
+    }
+    mig.pages();
+    std::uint64_t moved = 0;
+    for (std::uint64_t s : mig.src())
+      if (s & MIGRATE_PFN_MIGRATE) ++moved;
+    mig.finalize();
+    report.pages_migrated += moved;
+    cur = next;
+  }
+  // Pages already where they were asked to go count as skipped only if they
+  // could have moved: the caller compares requested with migrated.
+  report.pages_skipped = report.pages_requested - report.pages_migrated;
+  return report;
+}
+
+Result<MigrateReport> SimDevice::migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length) {
+  return migrate_range(as, addr, length, true);
+}
+
+Result<MigrateReport> SimDevice::migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length) {
+  return migrate_range(as, addr, length, false);
+}
+
+FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
+  if (faults_.migrate_to_ram_broken()) return FaultOutcome::kSigbus;
+  AddressSpace& as = *fault.address_space;
+  // Fault-around: bring back the device pages of the aligned block around
+  // the fault, so a sequential reader pays one fault per block.
+  VirtAddr lo = fault.address, hi = fault.address + kPageSize;
+  if (options_.fault_around_pages > 1) {
+    const auto region = as.find_region(fault.address);
+    if (region) {
+      const std::size_t span = std::min(options_.fault_around_pages, kPagesPerHugePage) * kPageSize;
+      const VirtAddr block{fault.address.value / span * span};
+      lo = std::max(block, region->start);
+      hi = std::min(block + span, region->end());
+    }
+  }
+  ScopedMigrateVma mig(as, lo, hi, owner(), MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.page);
+  if (!mig.setup().is_ok()) return FaultOutcome::kSigbus;
+  const std::size_t fault_index = (fault.address - lo) / kPageSize;
+  const bool fault_page_collected = mig.src()[fault_index] & MIGRATE_PFN_MIGRATE;
+  if (!copy_to_system(mig.src(), mig.dst(), /*may_skip=*/true, as)) {
+    mig.finalize();
+    return FaultOutcome::kOom;
+  }
+  const bool fault_page_copied = mig.dst()[fault_index] != 0;
+  mig.pages();
+  mig.finalize();
+  if (fault_page_collected && !fault_page_copied) return FaultOutcome::kSigbus;
+  return FaultOutcome::kOk;
+}
+
+Result<MigrateReport> SimDevice::evict_all() {
+  MigrateReport report;
+  const DevicePfnRange range = pagemap_->range();
+  constexpr std::uint64_t kChunk = kPagesPerHugePage;
+  std::vector<std::uint64_t> src(kChunk), dst(kChunk);
+  for (std::uint64_t off = 0; off < range.count.value; off += kChunk) {
+    const std::uint64_t n = std::min(kChunk, range.count.value - off);
+    UHMM_TRY(migrate_device_range(src.data(), range.first + off, PageCount{n}));
+    std::fill(dst.begin(), dst.end(), 0);
+    std::uint64_t collected = 0;
+    for (std::uint64_t i = 0; i < n; ++i) {
+      if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
+      ++collected;
+      DevicePage* page = migrate_pfn_to_device_page(src[i]);
+      AddressSpace* as = page->mapping().address_space;
+      std::uint64_t pfn = 0;
+      if (!alloc_system_pages(*as, std::span<std::uint64_t>(&pfn, 1)).is_ok()) continue;
+      CopyOp op{page_memory(*page), reinterpret_cast<std::byte*>(pfn << kPageShift)};
+      dma_->copy(std::span<CopyOp>(&op, 1));
+      if (!op.ok) {
+        free_system_pages(*as, std::span<const std::uint64_t>(&pfn, 1));
+        continue;
+      }
+      dst[i] = migrate_pfn(pfn);
+    }
+    report.pages_requested += collected;
+    migrate_device_pages(src.data(), dst.data(), PageCount{n});
+    for (std::uint64_t i = 0; i < n; ++i)
+      if (src[i] & MIGRATE_PFN_MIGRATE) ++report.pages_migrated;
+    migrate_device_finalize(src.data(), dst.data(), PageCount{n});
+  }
+  report.pages_skipped = report.pages_requested - report.pages_migrated;
+  return report;
+}
+
+namespace {
+// Runs fn on the device page behind `addr` if it is this device's, holding
+// the page so it cannot migrate meanwhile.  False if it is not.
+template <class Fn>
+bool with_device_page(AddressSpace& as, VirtAddr addr, const void* owner, Fn&& fn) {
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    const PageInfo info = as.page_info(addr);
+    if (info.state != PageInfo::State::kDevicePrivate) return false;
+    DevicePage* page = info.device_page;
+    if (page->pagemap().owner() != owner) return false;
+    if (!page->try_get()) continue;
+    page->lock();
+    const PageInfo again = as.page_info(addr);
+    if (again.state == PageInfo::State::kDevicePrivate && again.device_page == page && !again.locked) {
+      fn(*page);
+      page->unlock();
+      page->put();
+      return true;
+    }
+    page->unlock();
+    page->put();
+    std::this_thread::yield();
+  }
+  return false;
+}
+}  // namespace
+
+Status SimDevice::device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out) {
+  if (!as.find_region(addr) || !as.find_region(addr + (out.empty() ? 0 : out.size() - 1)))
+    return Status::error(EFAULT, "range not managed");
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const VirtAddr a = addr + done;
+    const std::size_t in_page = std::min(out.size() - done, kPageSize - (a.value & (kPageSize - 1)));
+    const bool on_device = with_device_page(as, a.page_down(), owner(), [&](DevicePage& page) {
+      std::memcpy(out.data() + done, page_memory(page) + (a.value & (kPageSize - 1)), in_page);
+    });
+    if (!on_device) UHMM_TRY(as.read(a, out.subspan(done, in_page)));
+    done += in_page;
+  }
+  return Status::ok();
+}
+
+Status SimDevice::device_write(AddressSpace& as, VirtAddr addr, std::span<const std::byte> in) {
+  if (!as.find_region(addr) || !as.find_region(addr + (in.empty() ? 0 : in.size() - 1)))
+    return Status::error(EFAULT, "range not managed");
+  std::size_t done = 0;
+  while (done < in.size()) {
+    const VirtAddr a = addr + done;
+    const std::size_t in_page = std::min(in.size() - done, kPageSize - (a.value & (kPageSize - 1)));
+    const bool on_device = with_device_page(as, a.page_down(), owner(), [&](DevicePage& page) {
+      std::memcpy(page_memory(page) + (a.value & (kPageSize - 1)), in.data() + done, in_page);
+    });
+    if (!on_device) UHMM_TRY(as.write(a, in.subspan(done, in_page)));
+    done += in_page;
+  }
+  return Status::ok();
+}
+
+Status SimDevice::run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
+                             const std::function<void(std::span<std::byte>, VirtAddr)>& fn) {
+  if (!addr.page_aligned() || length % kPageSize != 0 || length == 0)
+    return Status::error(EINVAL, "range not page aligned or empty");
+  for (VirtAddr a = addr; a < addr + length; a = a + kPageSize) {
+    const bool ok = with_device_page(as, a, owner(), [&](DevicePage& page) {
+      fn(std::span<std::byte>(page_memory(page), kPageSize), a);
+    });
+    if (!ok) return Status::error(EFAULT, "page not resident on this device");
+  }
+  return Status::ok();
+}
+
+}  // namespace uhmm::sim

@@ -1,0 +1,231 @@
+// devmem: device page maps, device page descriptors, the device pfn space.
+// Layer rules and locks: src/devmem/README.md.
+#include <map>
+#include <thread>
+
+#include "core/assert.hpp"
+#include "core/sync.hpp"
+#include "uhmm/device_memory.hpp"
+
+namespace uhmm {
+
+namespace {
+
+// The process-wide device pfn space: which ranges are handed out, and which
+// page map covers which pfns.  Both live behind one mutex; lookups are per
+// batch, not per byte.
+class PfnRegistry {
+ public:
+  static PfnRegistry& instance() {
+    static PfnRegistry registry;  // the pfn space is process-wide, like physical memory
+    return registry;
+  }
+
+  Result<DevicePfnRange> reserve(PageCount npages) {
+    MutexLock lock(mutex_);
+    // First fit above kDevicePfnBase in the gaps between reservations.
+    std::uint64_t candidate = kDevicePfnBase;
+    for (const auto& [first, count] : reserved_) {
+      if (candidate + npages.value <= first) break;
+      candidate = std::max(candidate, first + count);
+    }
+    if (candidate + npages.value < candidate) return Status::error(ENOMEM, "device pfn space exhausted");
+    reserved_.emplace(candidate, npages.value);
+    return DevicePfnRange{DevicePfn{candidate}, npages};
+  }
+
+  void unreserve(DevicePfnRange range) {
+    MutexLock lock(mutex_);
+    reserved_.erase(range.first.value);
+  }
+
+  Status add(DevicePagemap* map) {
+    MutexLock lock(mutex_);
+    const DevicePfnRange r = map->range();
+    auto next = maps_.lower_bound(r.first.value);
+    if (next != maps_.end() && next->second->range().overlaps(r))
+      return Status::error(EBUSY, "range overlaps a registered page map");
+    if (next != maps_.begin() && std::prev(next)->second->range().overlaps(r))
+      return Status::error(EBUSY, "range overlaps a registered page map");
+    maps_.emplace(r.first.value, map);
+    return Status::ok();
+  }
+
+  void remove(DevicePagemap* map) {
+    MutexLock lock(mutex_);
+    auto it = maps_.find(map->range().first.value);
+    if (it != maps_.end() && it->second == map) maps_.erase(it);
+  }
+
+  DevicePage* lookup(DevicePfn pfn) {
+    MutexLock lock(mutex_);
+    auto it = maps_.upper_bound(pfn.value);
+    if (it == maps_.begin()) return nullptr;
+    --it;
+    return it->second->page(pfn);
+  }
+
+ private:
+  Mutex mutex_{LockRank::kPfnRegistry};
+  std::map<std::uint64_t, std::uint64_t> reserved_ UHMM_GUARDED_BY(mutex_);  // first -> count
+  std::map<std::uint64_t, DevicePagemap*> maps_ UHMM_GUARDED_BY(mutex_);     // first pfn -> map
+};
+
+}  // namespace
+
+Result<DevicePfnRange> request_free_mem_region(PageCount npages) {
+  if (npages.value == 0) return Status::error(EINVAL, "empty device range");
+  return PfnRegistry::instance().reserve(npages);
+}
+
+void release_mem_region(DevicePfnRange range) { PfnRegistry::instance().unreserve(range); }
+
+// ---- DevicePage ------------------------------------------------------------
+
+std::uint64_t DevicePage::index() const { return pfn_ - pagemap_->range().first; }
+
+void DevicePage::get() {
+  const auto old = refcount_.fetch_add(1, std::memory_order_acq_rel);
+  UHMM_CHECK(old > 0, "get() on a free device page");
+}
+
+bool DevicePage::try_get() {
+  auto cur = refcount_.load(std::memory_order_acquire);
+  while (cur > 0) {
+    if (refcount_.compare_exchange_weak(cur, cur + 1, std::memory_order_acq_rel)) return true;
+  }
+  return false;
+}
+
+void DevicePage::put() {
+  const auto old = refcount_.fetch_sub(1, std::memory_order_acq_rel);
+  UHMM_CHECK(old > 0, "put() on a free device page");
+  if (old == 1) pagemap_->page_became_free(*this);
+}
+
+bool DevicePage::trylock() {
+  std::uint32_t expected = 0;
+  return lock_.compare_exchange_strong(expected, 1, std::memory_order_acquire);
+}
+
+void DevicePage::lock() {
+  while (!trylock()) lock_.wait(1, std::memory_order_relaxed);
+}
+
+void DevicePage::unlock() {
+  UHMM_DCHECK(is_locked(), "unlock of an unlocked device page");
+  lock_.store(0, std::memory_order_release);
+  lock_.notify_all();
+}
+
+DevicePage::Mapping DevicePage::mapping() const {
+  return Mapping{rmap_as_.load(std::memory_order_acquire), VirtAddr{rmap_addr_.load(std::memory_order_acquire)}};
+}
+
+void DevicePage::set_mapping(AddressSpace* as, VirtAddr addr) {
+  rmap_addr_.store(addr.value, std::memory_order_release);
+  rmap_as_.store(as, std::memory_order_release);
+}
+
+void DevicePage::clear_mapping() {
+  rmap_as_.store(nullptr, std::memory_order_release);
+  rmap_addr_.store(0, std::memory_order_release);
+}
+
+void zone_device_page_init(DevicePage& page) {
+  std::uint32_t expected = 0;
+  const bool was_free = page.refcount_.compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
+  UHMM_CHECK(was_free, "zone_device_page_init on a page in use");
+  page.pagemap_->in_use_.fetch_add(1, std::memory_order_acq_rel);
+  const bool locked = page.trylock();
+  UHMM_CHECK(locked, "free device page was locked");
+}
+
+// ---- DevicePagemap ---------------------------------------------------------
+
+DevicePagemap::DevicePagemap(PagemapConfig config, DevicePfnRange range)
+    : type_(config.type), owner_(config.owner), ops_(std::move(config.ops)), range_(range) {
+  pages_.reset(new DevicePage[range.count.value]);
+  for (std::uint64_t i = 0; i < range.count.value; ++i) {
+    pages_[i].pagemap_ = this;
+    pages_[i].pfn_ = range.first + i;
+  }
+}
+
+Result<std::unique_ptr<DevicePagemap>> DevicePagemap::create(PagemapConfig config) {
+  switch (config.type) {
+    case PagemapType::kPrivate:
+      if (!config.ops.page_free || !config.ops.migrate_to_ram)
+        return Status::error(EINVAL, "a device-private page map needs page_free and migrate_to_ram");
+      if (config.owner == nullptr) return Status::error(EINVAL, "a device-private page map needs an owner");
+      break;
+    case PagemapType::kCoherent:
+      if (!config.ops.page_free) return Status::error(EINVAL, "a device-coherent page map needs page_free");
+      if (config.owner == nullptr) return Status::error(EINVAL, "a device-coherent page map needs an owner");
+      break;
+    default:
+      return Status::error(EINVAL, "unsupported page map type");
+  }
+  DevicePfnRange range{};
+  bool owned = false;
+  if (config.range) {
+    range = *config.range;
+    if (range.count.value == 0) return Status::error(EINVAL, "empty device range");
+    if (!is_device_pfn(range.first.value))
+      return Status::error(EINVAL, "device pfn range below kDevicePfnBase");
+  } else {
+    if (config.npages.value == 0) return Status::error(EINVAL, "empty device range");
+    auto r = request_free_mem_region(config.npages);
+    if (!r) return r.status();
+    range = *r;
+    owned = true;
+  }
+  std::unique_ptr<DevicePagemap> map(new DevicePagemap(std::move(config), range));
+  map->range_owned_ = owned;
+  if (Status s = PfnRegistry::instance().add(map.get()); !s) {
+    if (owned) release_mem_region(range);
+    map->range_owned_ = false;
+    return s;
+  }
+  map->registered_.store(true, std::memory_order_release);
+  return map;
+}
+
+DevicePagemap::~DevicePagemap() {
+  while (registered()) {
+    if (unregister(std::chrono::milliseconds(1000)).is_ok()) break;
+    std::fprintf(stderr, "uhmm: page map destroyed with %llu device pages in use; waiting\n",
+                 static_cast<unsigned long long>(pages_in_use()));
+  }
+  if (range_owned_) release_mem_region(range_);
+}
+
+Status DevicePagemap::unregister(std::chrono::milliseconds patience) {
+  if (!registered()) return Status::ok();
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  for (;;) {
+    const auto in_use = in_use_.load(std::memory_order_acquire);
+    if (in_use == 0) break;
+    if (std::chrono::steady_clock::now() >= deadline)
+      return Status::error(EBUSY, std::to_string(in_use) + " device pages still in use");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  PfnRegistry::instance().remove(this);
+  registered_.store(false, std::memory_order_release);
+  return Status::ok();
+}
+
+DevicePage* DevicePagemap::page(DevicePfn pfn) {
+  if (!range_.contains(pfn)) return nullptr;
+  return &pages_[pfn - range_.first];
+}
+
+DevicePage* DevicePagemap::page_from_pfn(DevicePfn pfn) { return PfnRegistry::instance().lookup(pfn); }
+
+void DevicePagemap::page_became_free(DevicePage& page) {
+  page.clear_mapping();
+  if (ops_.page_free) ops_.page_free(page);
+  in_use_.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+}  // namespace uhmm

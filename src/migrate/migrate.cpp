@@ -1,0 +1,531 @@
+// migrate: migrate_vma_* and migrate_device_*.  The phases, and who owns
+// what between them, are described once in docs/migration.md.
+#include "uhmm/migrate.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/assert.hpp"
+#include "mm/address_space_impl.hpp"
+
+namespace uhmm {
+
+using mm::PageEntry;
+using mm::PageState;
+
+namespace {
+
+bool entry_valid(std::uint64_t e) { return e & MIGRATE_PFN_VALID; }
+bool entry_migrating(std::uint64_t e) { return e & MIGRATE_PFN_MIGRATE; }
+VirtAddr system_page_address(std::uint64_t e) { return VirtAddr{migrate_pfn_to_pfn(e) << kPageShift}; }
+bool is_system_entry(std::uint64_t e) { return entry_valid(e) && !is_device_pfn(migrate_pfn_to_pfn(e)); }
+bool is_device_entry(std::uint64_t e) { return entry_valid(e) && is_device_pfn(migrate_pfn_to_pfn(e)); }
+
+// Installs pages into managed memory, moving staging slots in runs: one
+// UFFDIO_MOVE per run of consecutive slots and consecutive addresses.
+class Installer {
+ public:
+  explicit Installer(AddressSpace::Impl& as) : as_(as) {}
+  void add(VirtAddr slot, VirtAddr managed) {
+    if (!runs_.empty()) {
+      Run& r = runs_.back();
+      if (r.slot + r.pages * kPageSize == slot && r.managed + r.pages * kPageSize == managed) {
+        ++r.pages;
+        return;
+      }
+    }
+    runs_.push_back(Run{slot, managed, 1});
+  }
+  // Moves everything; falls back to copying for pages MOVE refuses, so the
+  // data always lands.  The slots end up empty (moved) or are given back
+  // ready (copied).
+  void run() {
+    for (const Run& r : runs_) {
+      std::size_t done = 0;
+      while (done < r.pages) {
+        const VirtAddr slot = r.slot + done * kPageSize;
+        const VirtAddr dst = r.managed + done * kPageSize;
+        const platform::PartialResult res = as_.move_in(slot, dst, r.pages - done);
+        const std::size_t moved = res.bytes_done / kPageSize;
+        as_.staging.give_back_empty(slot, moved);
+        done += moved;
+        if (res.error == 0) break;
+        // One page could not move: a SIGBUS marker is in the way (clear it
+        // and try again) or the kernel refuses; copy it instead.
+        const VirtAddr bad_slot = r.slot + done * kPageSize;
+        const VirtAddr bad_dst = r.managed + done * kPageSize;
+        as_.clear_poison(bad_dst);
+        if (as_.move_in(bad_slot, bad_dst, 1).error == 0) {
+          as_.staging.give_back_empty(bad_slot, 1);
+        } else {
+          const platform::PartialResult c = as_.uffd.copy(bad_dst, bad_slot.ptr(), kPageSize, true);
+          UHMM_CHECK(c.error == 0 || c.error == EEXIST, "cannot install a page in managed memory");
+          as_.staging.give_back_ready(bad_slot, 1);
+        }
+        ++done;
+      }
+    }
+    runs_.clear();
+  }
+
+ private:
+  struct Run {
+    VirtAddr slot;
+    VirtAddr managed;
+    std::size_t pages;
+  };
+  AddressSpace::Impl& as_;
+  std::vector<Run> runs_;
+};
+
+// Gives back a destination the migration did not use.
+void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
+  if (!entry_valid(d)) return;
+  if (is_device_entry(d)) {
+    DevicePage* page = DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(d)});
+    if (page != nullptr) {
+      page->unlock();
+      page->put();
+    }
+  } else if (as != nullptr && as->staging.contains(system_page_address(d))) {
+    as->staging.give_back_ready(system_page_address(d), 1);
+  }
+}
+
+// Installs a driver's device page at a locked entry (value kept locked).
+void install_device_page(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, std::uint64_t d) {
+  DevicePage* page = DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(d)});
+  UHMM_CHECK(page != nullptr, "destination device pfn has no page map");
+  page->set_mapping(as.self, addr);
+  mm::update_locked_entry(slot, PageEntry::device_private(page, d & MIGRATE_PFN_WRITE));
+  page->unlock();  // the entry keeps the reference zone_device_page_init took
+}
+
+// Releases a device page that left its entry: the migration's reference and
+// the entry's reference go; page_free runs when nobody else holds it.
+void release_old_device_page(DevicePage* page, DevicePage* fault_page) {
+  page->clear_mapping();
+  if (page != fault_page) page->unlock();
+  page->put();  // the migration's reference (setup)
+  page->put();  // the entry's reference
+}
+
+}  // namespace
+
+DevicePage* migrate_pfn_to_device_page(std::uint64_t entry) {
+  if (!is_device_entry(entry)) return nullptr;
+  return DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(entry)});
+}
+
+void* migrate_pfn_to_host(std::uint64_t entry) {
+  if (!is_system_entry(entry)) return nullptr;
+  return system_page_address(entry).ptr();
+}
+
+Status alloc_system_pages(AddressSpace& as, std::span<std::uint64_t> pfns_out) {
+  std::vector<mm::SlotRun> runs;
+  UHMM_TRY(as.impl().staging.take_ready(pfns_out.size(), runs));
+  std::size_t i = 0;
+  for (const mm::SlotRun& r : runs)
+    for (std::size_t k = 0; k < r.pages; ++k) pfns_out[i++] = (r.start + k * kPageSize).value >> kPageShift;
+  return Status::ok();
+}
+
+void free_system_pages(AddressSpace& as, std::span<const std::uint64_t> pfns) {
+  for (std::uint64_t pfn : pfns) {
+    const VirtAddr a{pfn << kPageShift};
+    if (as.impl().staging.contains(a)) as.impl().staging.give_back_ready(a, 1);
+  }
+}
+
+// ---- migrate_vma -----------------------------------------------------------
+
+Status migrate_vma_setup(MigrateVma& m) {
+  if (m.address_space == nullptr) return Status::error(EINVAL, "no address space");
+  if (m.src == nullptr || m.dst == nullptr) return Status::error(EINVAL, "src and dst arrays are required");
+  if (!m.start.page_aligned() || !m.end.page_aligned()) return Status::error(EINVAL, "range not page aligned");
+  if (m.end <= m.start) return Status::error(EINVAL, "empty range");
+  constexpr std::uint32_t kSelectAny =
+      MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+  if ((m.flags & kSelectAny) == 0) return Status::error(EINVAL, "no selection flag");
+  if (m.fault_page != nullptr &&
+      (!m.fault_page->is_locked() || m.fault_page->pagemap().type() != PagemapType::kPrivate))
+    return Status::error(EINVAL, "fault_page must be a locked device-private page");
+  if (m.internal_pin != nullptr) return Status::error(EINVAL, "setup called twice without finalize");
+
+  AddressSpace::Impl& as = m.address_space->impl();
+  mm::RegionPin pin = as.pin_region(m.start, m.end);
+  if (!pin) return Status::error(EINVAL, "range not inside one managed range");
+  const bool want_system = (m.flags & MIGRATE_VMA_SELECT_SYSTEM) && !pin->closing.load();
+  const bool want_private = m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+  const bool writable = pin->info.prot & PROT_WRITE;
+
+  const std::uint64_t n = (m.end - m.start) / kPageSize;
+  m.npages = n;
+  m.cpages = 0;
+  std::fill_n(m.src, n, 0);
+  std::fill_n(m.dst, n, 0);
+
+  // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
+  std::vector<std::uint64_t> system_pages;  // indices still to move out
+  for (std::uint64_t i = 0; i < n; ++i) {
+    const VirtAddr addr = m.start + i * kPageSize;
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
+    PageEntry before;
+    if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kNone &&
+        !PageEntry{slot->load(std::memory_order_acquire)}.locked()) {
+      if (want_system) {
+        m.src[i] = MIGRATE_PFN_MIGRATE;  // a hole; locked only in migrate_vma_pages
+        as.stats.add(Counter::migrate_holes);
+      }
+      continue;
+    }
+    if (!mm::try_lock_entry(*slot, &before)) {
+      as.stats.add(Counter::migrate_skipped_locked);
+      continue;
+    }
+    switch (before.state()) {
+      case PageState::kNone:
+        as.unlock_and_wake(*slot, before, addr);
+        if (want_system) {
+          m.src[i] = MIGRATE_PFN_MIGRATE;
+          as.stats.add(Counter::migrate_holes);
+        }
+        break;
+      case PageState::kSystem:
+        if (want_system) {
+          system_pages.push_back(i);
+        } else {
+          as.unlock_and_wake(*slot, before, addr);
+        }
+        break;
+      case PageState::kDevicePrivate: {
+        DevicePage* page = before.device_page();
+        const bool mine = want_private && page->pagemap().type() == PagemapType::kPrivate &&
+                          page->pagemap().owner() == m.pgmap_owner;
+        if (!mine || (page != m.fault_page && !page->trylock())) {
+          if (mine) as.stats.add(Counter::migrate_skipped_locked);
+          as.unlock_and_wake(*slot, before, addr);
+          break;
+        }
+        page->get();  // the migration's reference, dropped at finalize
+        m.src[i] = migrate_pfn(page->pfn()) | MIGRATE_PFN_MIGRATE |
+                   (before.device_writable() ? MIGRATE_PFN_WRITE : 0);
+        break;
+      }
+    }
+  }
+
+  // Pass 2: take the system pages away from the CPU, in runs.
+  if (!system_pages.empty()) {
+    std::vector<mm::SlotRun> slots;
+    if (!as.staging.take_empty(system_pages.size(), slots).is_ok()) {
+      for (std::uint64_t i : system_pages) {
+        const VirtAddr addr = m.start + i * kPageSize;
+        as.unlock_and_wake(*as.table.slot(addr.vpn(), false), PageEntry::system(), addr);
+      }
+      system_pages.clear();
+    }
+    std::size_t run_index = 0, run_offset = 0, k = 0;
+    while (k < system_pages.size()) {
+      // A group: consecutive indices and consecutive slots.
+      const VirtAddr slot0 = slots[run_index].start + run_offset * kPageSize;
+      std::size_t len = 1;
+      while (k + len < system_pages.size() && system_pages[k + len] == system_pages[k] + len &&
+             run_offset + len < slots[run_index].pages)
+        ++len;
+      const VirtAddr addr0 = m.start + system_pages[k] * kPageSize;
+      std::size_t done = 0;
+      while (done < len) {
+        const platform::PartialResult r =
+            as.move_out(addr0 + done * kPageSize, slot0 + done * kPageSize, len - done);
+        const std::size_t moved = r.bytes_done / kPageSize;
+        for (std::size_t j = 0; j < moved; ++j) {
+          const std::uint64_t i = system_pages[k + done + j];
+          m.src[i] = migrate_pfn((slot0 + (done + j) * kPageSize).value >> kPageShift) | MIGRATE_PFN_MIGRATE |
+                     (writable ? MIGRATE_PFN_WRITE : 0);
+        }
+        if (addr0.huge_aligned() && slot0.huge_aligned() && done == 0)
+          as.stats.add(Counter::thp_migration_success, moved / kPagesPerHugePage);
+        done += moved;
+        if (r.error == 0) break;
+        // The page at `done` did not move.
+        const std::uint64_t i = system_pages[k + done];
+        const VirtAddr addr = m.start + i * kPageSize;
+        mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+        as.staging.give_back_empty(slot0 + done * kPageSize, 1);
+        if (r.error == ENOENT) {
+          // Not populated after all: a hole.
+          as.unlock_and_wake(*slot, PageEntry::none(), addr);
+          m.src[i] = MIGRATE_PFN_MIGRATE;
+          as.stats.add(Counter::migrate_holes);
+        } else {
+          // EBUSY: pinned, or shared with a forked child.  Stays where it is.
+          as.unlock_and_wake(*slot, PageEntry::system(), addr);
+          as.stats.add(Counter::migrate_skipped_pinned);
+        }
+        ++done;
+      }
+      k += len;
+      run_offset += len;
+      if (run_index < slots.size() && run_offset == slots[run_index].pages) {
+        ++run_index;
+        run_offset = 0;
+      }
+    }
+  }
+
+  for (std::uint64_t i = 0; i < n; ++i)
+    if (entry_migrating(m.src[i])) ++m.cpages;
+  m.internal_pin = new mm::RegionPin(std::move(pin));
+  return Status::ok();
+}
+
+void migrate_vma_pages(MigrateVma& m) {
+  if (m.internal_pin == nullptr) return;  // setup failed or was not called
+  AddressSpace::Impl& as = m.address_space->impl();
+  for (std::uint64_t i = 0; i < m.npages; ++i) {
+    if (!entry_migrating(m.src[i])) continue;
+    const std::uint64_t d = m.dst[i];
+    bool ok = entry_valid(d);
+    if (ok && is_system_entry(d)) ok = as.staging.contains(system_page_address(d));
+    if (ok && is_device_entry(d)) ok = migrate_pfn_to_device_page(d) != nullptr;
+    if (ok && !entry_valid(m.src[i])) {
+      // A hole is filled only if it is still unpopulated.
+      const VirtAddr addr = m.start + i * kPageSize;
+      mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
+      PageEntry before;
+      if (!mm::try_lock_entry(*slot, &before)) {
+        ok = false;
+      } else if (before.state() != PageState::kNone) {
+        as.unlock_and_wake(*slot, before, addr);
+        ok = false;
+      }
+    }
+    if (!ok) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
+  }
+  // FIXME(issue 3): fire the MIGRATE invalidation (with pgmap_owner) to
+  // interval notifiers here, once mirroring exists.
+}
+
+void migrate_vma_finalize(MigrateVma& m) {
+  if (m.internal_pin == nullptr) return;
+  AddressSpace::Impl& as = m.address_space->impl();
+  Installer installer(as);
+  struct Unlock {
+    mm::EntrySlot* slot;
+    VirtAddr addr;
+    PageEntry value;  // for device installs: the value already stored
+    bool keep_current;
+  };
+  std::vector<Unlock> unlocks;
+  std::vector<DevicePage*> old_device_pages;
+  std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
+
+  for (std::uint64_t i = 0; i < m.npages; ++i) {
+    const std::uint64_t s = m.src[i];
+    const std::uint64_t d = m.dst[i];
+    const VirtAddr addr = m.start + i * kPageSize;
+    const bool migrating = entry_migrating(s);
+    if (!entry_valid(s)) {
+      if (!migrating) {  // a hole that stays a hole (never locked)
+        release_unused_dst(&as, d);
+        continue;
+      }
+    }
+    if (s == 0) {
+      release_unused_dst(&as, d);
+      continue;
+    }
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
+    if (migrating) {
+      ++success;
+      if (is_device_entry(d)) {
+        install_device_page(as, *slot, addr, d);
+        unlocks.push_back({slot, addr, {}, true});
+        ++to_device;
+      } else {
+        installer.add(system_page_address(d), addr);
+        unlocks.push_back({slot, addr, PageEntry::system(), false});
+        ++to_ram;
+      }
+      if (is_system_entry(s)) as.staging.give_back_ready(system_page_address(s), 1);
+      if (is_device_entry(s)) old_device_pages.push_back(migrate_pfn_to_device_page(s));
+    } else {
+      ++fail;
+      release_unused_dst(&as, d);
+      if (is_system_entry(s)) {
+        installer.add(system_page_address(s), addr);  // put the old page back
+        unlocks.push_back({slot, addr, PageEntry::system(), false});
+      } else {
+        DevicePage* page = migrate_pfn_to_device_page(s);
+        if (page != m.fault_page) page->unlock();
+        page->put();
+        unlocks.push_back({slot, addr, {}, true});
+      }
+    }
+  }
+  installer.run();
+  for (const Unlock& u : unlocks) {
+    const PageEntry value = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)}.settled()
+                                           : u.value;
+    as.unlock_and_wake(*u.slot, value.without(PageEntry::kLocked), u.addr);
+  }
+  for (DevicePage* page : old_device_pages) release_old_device_page(page, m.fault_page);
+
+  as.stats.add(Counter::pgmigrate_success, success);
+  as.stats.add(Counter::pgmigrate_fail, fail);
+  as.stats.add(Counter::pgmigrate_to_device, to_device);
+  as.stats.add(Counter::pgmigrate_to_ram, to_ram);
+  delete static_cast<mm::RegionPin*>(m.internal_pin);
+  m.internal_pin = nullptr;
+}
+
+// ---- migrate_device --------------------------------------------------------
+
+namespace {
+
+Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
+  *src_entry = 0;
+  DevicePage* page = DevicePagemap::page_from_pfn(pfn);
+  if (page == nullptr) return Status::error(EINVAL, "pfn outside every registered page map");
+  if (!page->try_get()) return Status::ok();  // free
+  if (!page->trylock()) {
+    page->put();
+    return Status::ok();
+  }
+  const DevicePage::Mapping where = page->mapping();
+  if (where.address_space == nullptr) {
+    page->unlock();
+    page->put();
+    return Status::ok();
+  }
+  AddressSpace::Impl& as = where.address_space->impl();
+  mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
+  PageEntry before;
+  if (slot == nullptr || !mm::try_lock_entry(*slot, &before)) {
+    page->unlock();
+    page->put();
+    return Status::ok();
+  }
+  if (before.state() != PageState::kDevicePrivate || before.device_page() != page) {
+    as.unlock_and_wake(*slot, before, where.address);
+    page->unlock();
+    page->put();
+    return Status::ok();
+  }
+  *src_entry = migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (before.device_writable() ? MIGRATE_PFN_WRITE : 0);
+  return Status::ok();
+}
+
+}  // namespace
+
+Status migrate_device_range(std::uint64_t* src, DevicePfn start, PageCount npages) {
+  if (src == nullptr || npages.value == 0) return Status::error(EINVAL, "empty range or no src array");
+  DevicePage* first = DevicePagemap::page_from_pfn(start);
+  DevicePage* last = DevicePagemap::page_from_pfn(start + (npages.value - 1));
+  if (first == nullptr || last == nullptr || &first->pagemap() != &last->pagemap())
+    return Status::error(EINVAL, "range not inside one registered page map");
+  for (std::uint64_t i = 0; i < npages.value; ++i) UHMM_TRY(collect_device_page(&src[i], start + i));
+  return Status::ok();
+}
+
+Status migrate_device_pfns(std::uint64_t* src, std::span<const DevicePfn> pfns) {
+  if (src == nullptr || pfns.empty()) return Status::error(EINVAL, "empty list or no src array");
+  for (std::size_t i = 0; i < pfns.size(); ++i) {
+    if (DevicePagemap::page_from_pfn(pfns[i]) == nullptr) return Status::error(EINVAL, "unknown pfn");
+  }
+  for (std::size_t i = 0; i < pfns.size(); ++i) UHMM_TRY(collect_device_page(&src[i], pfns[i]));
+  return Status::ok();
+}
+
+void migrate_device_pages(std::uint64_t* src, std::uint64_t* dst, PageCount npages) {
+  for (std::uint64_t i = 0; i < npages.value; ++i) {
+    if (!entry_migrating(src[i])) continue;
+    DevicePage* page = migrate_pfn_to_device_page(src[i]);
+    const DevicePage::Mapping where = page->mapping();
+    bool ok = is_system_entry(dst[i]) && where.address_space != nullptr &&
+              where.address_space->impl().staging.contains(system_page_address(dst[i]));
+    ok = ok || is_device_entry(dst[i]);
+    if (!ok) src[i] &= ~MIGRATE_PFN_MIGRATE;
+  }
+}
+
+void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount npages) {
+  for (std::uint64_t i = 0; i < npages.value; ++i) {
+    if (!entry_valid(src[i])) {
+      DevicePage* page = migrate_pfn_to_device_page(dst[i]);
+      if (page != nullptr) release_unused_dst(nullptr, dst[i]);
+      continue;
+    }
+    DevicePage* page = migrate_pfn_to_device_page(src[i]);
+    const DevicePage::Mapping where = page->mapping();
+    AddressSpace::Impl& as = where.address_space->impl();
+    mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
+    if (entry_migrating(src[i])) {
+      if (is_device_entry(dst[i])) {
+        install_device_page(as, *slot, where.address, dst[i]);
+        as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
+      } else {
+        Installer installer(as);
+        installer.add(system_page_address(dst[i]), where.address);
+        installer.run();
+        as.unlock_and_wake(*slot, PageEntry::system(), where.address);
+        as.stats.add(Counter::pgmigrate_to_ram);
+      }
+      as.stats.add(Counter::pgmigrate_success);
+      release_old_device_page(page, nullptr);
+    } else {
+      release_unused_dst(&as, dst[i]);
+      as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
+      page->unlock();
+      page->put();
+      as.stats.add(Counter::pgmigrate_fail);
+    }
+  }
+}
+
+// ---- ScopedMigrateVma ------------------------------------------------------
+
+ScopedMigrateVma::ScopedMigrateVma(AddressSpace& as, VirtAddr start, VirtAddr end, const void* owner,
+                                   std::uint32_t flags, DevicePage* fault_page) {
+  const std::size_t n = end > start ? (end - start) / kPageSize : 0;
+  src_.assign(n, 0);
+  dst_.assign(n, 0);
+  args_.address_space = &as;
+  args_.start = start;
+  args_.end = end;
+  args_.src = src_.data();
+  args_.dst = dst_.data();
+  args_.pgmap_owner = owner;
+  args_.flags = flags;
+  args_.fault_page = fault_page;
+}
+
+ScopedMigrateVma::~ScopedMigrateVma() {
+  if (phase_ == Phase::kSetUp) pages();
+  if (phase_ == Phase::kPages) finalize();
+}
+
+Status ScopedMigrateVma::setup() {
+  UHMM_CHECK(phase_ == Phase::kNew, "setup out of order");
+  Status s = migrate_vma_setup(args_);
+  phase_ = s.is_ok() ? Phase::kSetUp : Phase::kFinalized;
+  return s;
+}
+
+void ScopedMigrateVma::pages() {
+  UHMM_CHECK(phase_ == Phase::kSetUp, "pages out of order");
+  migrate_vma_pages(args_);
+  phase_ = Phase::kPages;
+}
+
+void ScopedMigrateVma::finalize() {
+  if (phase_ == Phase::kSetUp) pages();
+  UHMM_CHECK(phase_ == Phase::kPages, "finalize out of order");
+  migrate_vma_finalize(args_);
+  phase_ = Phase::kFinalized;
+}
+
+}  // namespace uhmm

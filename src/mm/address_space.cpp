@@ -1,0 +1,310 @@
+// mm: AddressSpace, regions, the CPU side of moving pages.
+// Layer rules and locks: src/mm/README.md.  The CPU fault path is in
+// fault_service.cpp; the story is docs/walkthrough-cpu-fault.md.
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "core/assert.hpp"
+#include "mm/address_space_impl.hpp"
+#include "uhmm/device_memory.hpp"
+
+namespace uhmm {
+
+using mm::PageEntry;
+using mm::PageState;
+
+// ---- Impl ------------------------------------------------------------------
+
+Status AddressSpace::Impl::init() {
+  auto u = platform::Uffd::open(platform::kFeatureMove | platform::kFeaturePoison, /*nonblocking=*/true);
+  if (!u) return u.status();
+  uffd = std::move(*u);
+  UHMM_TRY(staging.init(options.staging_reserve_bytes, options.staging_keep_bytes));
+  auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
+  if (!zero) return zero.status();
+  zero_source = *zero;
+  return start_fault_service();
+}
+
+AddressSpace::Impl::~Impl() {
+  stop_fault_service();
+  if (zero_source.value != 0) (void)platform::unmap(zero_source, kHugePageSize);
+}
+
+mm::RegionPin AddressSpace::Impl::pin_region(VirtAddr start, VirtAddr end) const {
+  ReaderLock lock(regions_mutex);
+  auto it = regions.upper_bound(start.value);
+  if (it == regions.begin()) return {};
+  --it;
+  const auto& region = it->second;
+  if (!region->contains(start) || end > region->info.end()) return {};
+  region->users.fetch_add(1, std::memory_order_acq_rel);
+  return mm::RegionPin(region);
+}
+
+platform::PartialResult AddressSpace::Impl::move_out(VirtAddr managed, VirtAddr slot, std::size_t pages) {
+  // Issued on the staging uffd: the destination must be registered with it.
+  return staging.uffd().move(slot, managed, pages * kPageSize, 0);
+}
+
+platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr managed, std::size_t pages) {
+  return uffd.move(managed, slot, pages * kPageSize, 0);
+}
+
+void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) { (void)uffd.wake(start, pages * kPageSize); }
+
+void AddressSpace::Impl::clear_poison(VirtAddr addr) {
+  // MADV_DONTNEED zaps the poison marker; no REMOVE events are requested on
+  // the managed uffd, so this never waits for an event reader.
+  (void)platform::advise(addr, kPageSize, MADV_DONTNEED);
+}
+
+void AddressSpace::Impl::unlock_and_wake(mm::EntrySlot& slot, PageEntry after, VirtAddr addr) {
+  if (mm::unlock_entry(slot, after)) wake(addr, 1);
+}
+
+void AddressSpace::Impl::evict_device_pages(VirtAddr start, VirtAddr end) {
+  std::vector<Vpn> device_vpns;
+  table.for_each_populated(start.vpn(), (end - start) / kPageSize, [&](Vpn v, PageEntry e) {
+    if (e.state() == PageState::kDevicePrivate) device_vpns.push_back(v);
+  });
+  for (Vpn v : device_vpns) {
+    mm::EntrySlot* slot = table.slot(v, false);
+    for (int attempt = 0; slot != nullptr && attempt < 1000; ++attempt) {
+      PageEntry e{slot->load(std::memory_order_acquire)};
+      if (e.state() != PageState::kDevicePrivate) break;
+      if (e.locked()) {
+        std::this_thread::yield();
+        continue;
+      }
+      DevicePage* page = e.device_page();
+      if (!page->try_get()) continue;
+      page->lock();
+      FaultOutcome outcome = FaultOutcome::kOk;
+      if (PageEntry{slot->load(std::memory_order_acquire)}.settled() == e.settled())
+        outcome = page->pagemap().ops().migrate_to_ram(CpuFault{self, VirtAddr::from_vpn(v), false, page});
+      page->unlock();
+      page->put();
+      if (outcome != FaultOutcome::kOk) break;  // teardown drops it; the device failed
+    }
+  }
+}
+
+void AddressSpace::Impl::teardown_region(mm::Region& region) {
+  while (region.users.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  const VirtAddr start = region.info.start;
+  const std::uint64_t npages = region.info.length / kPageSize;
+  std::vector<Vpn> populated;
+  table.for_each_populated(start.vpn(), npages, [&](Vpn v, PageEntry) { populated.push_back(v); });
+  for (Vpn v : populated) {
+    mm::EntrySlot* slot = table.slot(v, false);
+    PageEntry before;
+    while (!mm::try_lock_entry(*slot, &before)) std::this_thread::yield();
+    if (before.state() == PageState::kDevicePrivate) {
+      DevicePage* page = before.device_page();
+      page->clear_mapping();
+      page->put();
+    }
+    (void)mm::unlock_entry(*slot, PageEntry::none());
+  }
+  (void)uffd.unregister_range(start, region.info.length);
+  if (!region.info.adopted) {
+    (void)platform::unmap(start, region.info.length);
+  } else {
+    // Device-resident pages that could not come back are holes now; wake
+    // anything still asleep on the range so it re-faults normally.
+    wake(start, npages);
+  }
+}
+
+// ---- AddressSpace ----------------------------------------------------------
+
+AddressSpace::AddressSpace(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) { impl_->self = this; }
+
+Result<std::unique_ptr<AddressSpace>> AddressSpace::create(AddressSpaceOptions options) {
+  auto impl = std::make_unique<Impl>(options);
+  std::unique_ptr<AddressSpace> as(new AddressSpace(std::move(impl)));
+  if (Status s = as->impl_->init(); !s) return s;
+  return as;
+}
+
+AddressSpace::~AddressSpace() {
+  std::vector<std::uintptr_t> starts;
+  {
+    ReaderLock lock(impl_->regions_mutex);
+    for (const auto& [start, region] : impl_->regions) starts.push_back(start);
+  }
+  for (std::uintptr_t s : starts) (void)unmap(VirtAddr{s});
+  impl_->stop_fault_service();
+}
+
+static Status check_length(std::size_t length) {
+  if (length == 0) return Status::error(EINVAL, "zero length");
+  if (length % kPageSize != 0) return Status::error(EINVAL, "length not a multiple of the page size");
+  return Status::ok();
+}
+
+Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
+  UHMM_TRY(check_length(length));
+  if (prot != (PROT_READ | PROT_WRITE))
+    return Status::error(EINVAL, "managed mappings are read-write (other protections: issue 3)");
+  const std::size_t align = length >= kHugePageSize ? kHugePageSize : kPageSize;
+  auto addr = platform::map_anonymous_aligned(length, align, prot, /*noreserve=*/true);
+  if (!addr) return addr.status();
+  if (impl_->options.transparent_huge_pages && length >= kHugePageSize)
+    (void)platform::advise(*addr, length, MADV_HUGEPAGE);
+  if (Status s = impl_->uffd.register_range(*addr, length, UFFDIO_REGISTER_MODE_MISSING); !s) {
+    (void)platform::unmap(*addr, length);
+    return s;
+  }
+  auto region = std::make_shared<mm::Region>();
+  region->info = RegionInfo{*addr, length, RegionKind::kPrivateAnonymous, prot, false};
+  WriterLock lock(impl_->regions_mutex);
+  impl_->regions.emplace(addr->value, std::move(region));
+  return *addr;
+}
+
+Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
+  UHMM_TRY(check_length(length));
+  if (!start.page_aligned()) return Status::error(EINVAL, "start not page aligned");
+  if (start.value + length < start.value) return Status::error(EINVAL, "range wraps around");
+  int prot = 0;
+  if (!platform::is_private_anonymous_mapping(start, length, &prot))
+    return Status::error(EINVAL, "not one private anonymous mapping");
+  if (prot != (PROT_READ | PROT_WRITE)) return Status::error(EINVAL, "adopted mappings must be read-write");
+  WriterLock lock(impl_->regions_mutex);
+  auto next = impl_->regions.lower_bound(start.value);
+  if (next != impl_->regions.end() && next->first < start.value + length)
+    return Status::error(EBUSY, "overlaps a managed range");
+  if (next != impl_->regions.begin() && std::prev(next)->second->info.end() > start)
+    return Status::error(EBUSY, "overlaps a managed range");
+  // Learn which pages the application already populated.
+  std::vector<unsigned char> resident(length / kPageSize);
+  UHMM_TRY(platform::resident_pages(start, length, resident.data()));
+  for (std::size_t i = 0; i < resident.size(); ++i) {
+    if (resident[i] & 1) impl_->table.slot(start.vpn() + i, true)->store(PageEntry::system().bits());
+  }
+  UHMM_TRY(impl_->uffd.register_range(start, length, UFFDIO_REGISTER_MODE_MISSING));
+  auto region = std::make_shared<mm::Region>();
+  region->info = RegionInfo{start, length, RegionKind::kPrivateAnonymous, prot, true};
+  impl_->regions.emplace(start.value, std::move(region));
+  return Status::ok();
+}
+
+Status AddressSpace::unmap(VirtAddr start) {
+  std::shared_ptr<mm::Region> region;
+  {
+    ReaderLock lock(impl_->regions_mutex);
+    auto it = impl_->regions.find(start.value);
+    if (it == impl_->regions.end()) return Status::error(EINVAL, "no managed range starts here");
+    region = it->second;
+  }
+  if (region->closing.exchange(true)) return Status::error(EBUSY, "range already being unmapped");
+  if (region->info.adopted) impl_->evict_device_pages(region->info.start, region->info.end());
+  {
+    WriterLock lock(impl_->regions_mutex);
+    impl_->regions.erase(start.value);
+  }
+  impl_->teardown_region(*region);
+  return Status::ok();
+}
+
+std::optional<RegionInfo> AddressSpace::find_region(VirtAddr addr) const {
+  ReaderLock lock(impl_->regions_mutex);
+  auto it = impl_->regions.upper_bound(addr.value);
+  if (it == impl_->regions.begin()) return std::nullopt;
+  --it;
+  if (!it->second->contains(addr)) return std::nullopt;
+  return it->second->info;
+}
+
+PageInfo AddressSpace::page_info(VirtAddr addr) const {
+  const PageEntry e = impl_->table.load(addr.vpn());
+  PageInfo info;
+  info.state = e.state();
+  info.locked = e.locked();
+  info.writable = e.device_writable();
+  info.poisoned = e.poisoned();
+  if (e.state() == PageState::kDevicePrivate) info.device_page = e.device_page();
+  return info;
+}
+
+Status AddressSpace::read(VirtAddr src, std::span<std::byte> out) const {
+  if (out.empty()) return Status::ok();
+  struct iovec local {
+    out.data(), out.size()
+  };
+  struct iovec remote {
+    src.ptr(), out.size()
+  };
+  const ssize_t n = ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(out.size()))
+    return Status::error(EFAULT, "read of managed memory failed: " + platform::errno_text(errno));
+  return Status::ok();
+}
+
+Status AddressSpace::write(VirtAddr dst, std::span<const std::byte> in) const {
+  if (in.empty()) return Status::ok();
+  struct iovec local {
+    const_cast<std::byte*>(in.data()), in.size()
+  };
+  struct iovec remote {
+    dst.ptr(), in.size()
+  };
+  const ssize_t n = ::process_vm_writev(::getpid(), &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(in.size()))
+    return Status::error(EFAULT, "write of managed memory failed: " + platform::errno_text(errno));
+  return Status::ok();
+}
+
+Stats& AddressSpace::stats() { return impl_->stats; }
+const Stats& AddressSpace::stats() const { return impl_->stats; }
+
+std::size_t AddressSpace::overhead_bytes() const {
+  return impl_->table.bytes() + impl_->staging.ready_pages() * kPageSize;
+}
+
+Status AddressSpace::check_invariants() const {
+  std::vector<std::shared_ptr<mm::Region>> regions;
+  {
+    ReaderLock lock(impl_->regions_mutex);
+    for (const auto& [s, r] : impl_->regions) regions.push_back(r);
+  }
+  if (impl_->staging.taken_pages() != 0)
+    return Status::error(EINVAL, "staging pages still taken with no migration running");
+  for (const auto& r : regions) {
+    Status bad;
+    impl_->table.for_each_populated(r->info.start.vpn(), r->info.length / kPageSize, [&](Vpn v, PageEntry e) {
+      if (!bad.is_ok()) return;
+      const VirtAddr a = VirtAddr::from_vpn(v);
+      if (e.locked()) {
+        bad = Status::error(EINVAL, "entry locked with no migration running");
+        return;
+      }
+      if (e.state() == PageState::kDevicePrivate) {
+        DevicePage* page = e.device_page();
+        if (page == nullptr) {
+          bad = Status::error(EINVAL, "device entry without a page");
+          return;
+        }
+        if (page->refcount() == 0) bad = Status::error(EINVAL, "device entry names a free page");
+        const auto m = page->mapping();
+        if (m.address_space != this || m.address != a)
+          bad = Status::error(EINVAL, "device page reverse map disagrees with the page table");
+        if (page->is_locked()) bad = Status::error(EINVAL, "device page locked with no migration running");
+        if (e.device_writable() && !(r->info.prot & PROT_WRITE))
+          bad = Status::error(EINVAL, "writable device entry in a read-only range");
+      }
+    });
+    if (!bad.is_ok()) return bad;
+  }
+  return Status::ok();
+}
+
+}  // namespace uhmm

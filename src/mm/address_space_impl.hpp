@@ -1,0 +1,114 @@
+// mm/address_space_impl.hpp: AddressSpace internals shared with the layers
+// above (migrate, devices).  Not a public header.
+//
+// Locks owned here (order: docs/locking.md): regions_mutex (rank kRegions),
+// page-table entry locks (bit locks, never waited on while holding a mutex),
+// the staging pool's mutex.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "core/sync.hpp"
+#include "mm/page_table.hpp"
+#include "mm/staging_pool.hpp"
+#include "platform/uffd.hpp"
+#include "uhmm/address_space.hpp"
+
+namespace uhmm {
+
+namespace mm {
+
+/// A managed range (the kernel's vm_area_struct).
+struct Region {
+  RegionInfo info;
+  /// Migrations and faults in flight inside the region; unmap waits for 0.
+  std::atomic<int> users{0};
+  /// Set once unmap starts: no new migration to a device may begin.
+  std::atomic<bool> closing{false};
+
+  bool contains(VirtAddr a) const { return a >= info.start && a < info.end(); }
+};
+
+/// Holds a region use for the duration of an operation.
+class RegionPin {
+ public:
+  RegionPin() = default;
+  explicit RegionPin(std::shared_ptr<Region> r) : region_(std::move(r)) {}
+  RegionPin(RegionPin&& o) noexcept : region_(std::move(o.region_)) {}
+  RegionPin& operator=(RegionPin&& o) noexcept {
+    reset();
+    region_ = std::move(o.region_);
+    return *this;
+  }
+  ~RegionPin() { reset(); }
+  void reset() {
+    if (region_) region_->users.fetch_sub(1, std::memory_order_acq_rel);
+    region_.reset();
+  }
+  explicit operator bool() const { return region_ != nullptr; }
+  Region* operator->() const { return region_.get(); }
+  Region& operator*() const { return *region_; }
+
+ private:
+  std::shared_ptr<Region> region_;
+};
+
+}  // namespace mm
+
+struct AddressSpace::Impl {
+  explicit Impl(AddressSpaceOptions opts) : options(opts) {}
+  ~Impl();
+
+  AddressSpace* self = nullptr;
+  AddressSpaceOptions options;
+  platform::Uffd uffd;  // managed ranges: MISSING mode, kernel-mode faults served
+  mm::StagingPool staging;
+  mm::PageTable table;
+  Stats stats;
+  VirtAddr zero_source;  // kHugePageSize of zeros, never written
+
+  mutable SharedMutex regions_mutex{LockRank::kRegions};
+  std::map<std::uintptr_t, std::shared_ptr<mm::Region>> regions UHMM_GUARDED_BY(regions_mutex);
+
+  // Fault service.
+  int stop_fd = -1;
+  std::vector<std::thread> fault_threads;
+
+  Status init();
+
+  /// Pins the region holding all of [start, end); null if none does.
+  mm::RegionPin pin_region(VirtAddr start, VirtAddr end) const;
+
+  /// Moves `pages` pages from the managed range into staging slots.
+  platform::PartialResult move_out(VirtAddr managed, VirtAddr staging_slot, std::size_t pages);
+  /// Moves populated staging slots into the managed range (wakes waiters).
+  platform::PartialResult move_in(VirtAddr staging_slot, VirtAddr managed, std::size_t pages);
+  /// Wakes CPU accesses asleep on the range.
+  void wake(VirtAddr start, std::size_t pages);
+  /// Removes a SIGBUS marker so a page can be installed again.
+  void clear_poison(VirtAddr addr);
+
+  /// Unlocks an entry and wakes a fault asleep on it.
+  void unlock_and_wake(mm::EntrySlot& slot, mm::PageEntry after, VirtAddr addr);
+
+  // Fault service (mm/fault_service.cpp).
+  Status start_fault_service();
+  void stop_fault_service();
+  void fault_thread_main(unsigned index);
+  void handle_fault(VirtAddr addr, bool write);
+  /// Zero-fills never-populated pages around `addr`; false if the faulting
+  /// entry was locked meanwhile (the caller re-evaluates).
+  bool resolve_missing(mm::Region& region, VirtAddr addr);
+
+  /// Tears a region down (after removal from `regions`).
+  void teardown_region(mm::Region& region);
+  /// Brings every device page of a range back through its page map's
+  /// migrate_to_ram; used before giving an adopted range back.
+  void evict_device_pages(VirtAddr start, VirtAddr end);
+};
+
+}  // namespace uhmm

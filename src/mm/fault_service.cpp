@@ -1,0 +1,238 @@
+// mm: the fault service.  Threads that read the managed userfaultfd and
+// resolve each CPU fault: zero-fill for never-populated pages, the page
+// map's migrate_to_ram for device pages, a nap for pages under migration
+// (the migration wakes them when it unlocks the entry).
+// The full story, layer by layer: docs/walkthrough-cpu-fault.md.
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+#include "core/assert.hpp"
+#include "mm/address_space_impl.hpp"
+#include "uhmm/device_memory.hpp"
+
+namespace uhmm {
+
+using mm::PageEntry;
+using mm::PageState;
+
+Status AddressSpace::Impl::start_fault_service() {
+  stop_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (stop_fd < 0) return Status::error(errno, "eventfd: " + platform::errno_text(errno));
+  unsigned n = options.fault_threads;
+  const unsigned cpus = std::thread::hardware_concurrency();
+  if (n == 0) n = cpus < 2 ? 2 : cpus;
+  for (unsigned i = 0; i < n; ++i) fault_threads.emplace_back([this, i] { fault_thread_main(i); });
+  return Status::ok();
+}
+
+void AddressSpace::Impl::stop_fault_service() {
+  if (stop_fd < 0) return;
+  const std::uint64_t one = 1;
+  (void)!::write(stop_fd, &one, sizeof one);
+  for (auto& t : fault_threads) t.join();
+  fault_threads.clear();
+  ::close(stop_fd);
+  stop_fd = -1;
+}
+
+void AddressSpace::Impl::fault_thread_main(unsigned index) {
+  // One thread per CPU, each kept on its CPU: every poller wakes on a fault,
+  // and the one on the faulting thread's CPU runs first, as soon as the
+  // faulting thread sleeps (the cheapest hand-off, platform-costs.md).
+  const unsigned cpus = std::thread::hardware_concurrency();
+  if (cpus > 1 && index < cpus) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(index, &set);
+    (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  }
+  struct pollfd fds[2] = {{uffd.fd(), POLLIN, 0}, {stop_fd, POLLIN, 0}};
+  for (;;) {
+    const int rc = ::poll(fds, 2, -1);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      std::fprintf(stderr, "uhmm: fault service poll failed: %s\n", platform::errno_text(errno).c_str());
+      return;
+    }
+    if (fds[1].revents & POLLIN) return;
+    if (!(fds[0].revents & POLLIN)) continue;
+    struct uffd_msg msgs[16];
+    const ssize_t got = ::read(uffd.fd(), msgs, sizeof msgs);
+    if (got <= 0) continue;  // another thread took it (EAGAIN)
+    const auto count = static_cast<std::size_t>(got) / sizeof(struct uffd_msg);
+    for (std::size_t i = 0; i < count; ++i) {
+      if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+      const VirtAddr addr = VirtAddr{static_cast<std::uintptr_t>(msgs[i].arg.pagefault.address)}.page_down();
+      const bool write = msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE;
+      try {
+        handle_fault(addr, write);
+      } catch (const std::exception& e) {
+        // Never let a library thread take the process down; the access
+        // cannot complete, so it ends like a device failure.
+        std::fprintf(stderr, "uhmm: fault at %#lx failed: %s\n", static_cast<unsigned long>(addr.value), e.what());
+        (void)uffd.poison(addr, kPageSize);
+      } catch (...) {
+        std::fprintf(stderr, "uhmm: fault at %#lx failed\n", static_cast<unsigned long>(addr.value));
+        (void)uffd.poison(addr, kPageSize);
+      }
+    }
+  }
+}
+
+void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
+  const auto started = std::chrono::steady_clock::now();
+  stats.add(Counter::uffd_faults);
+  mm::RegionPin region = pin_region(addr, addr + kPageSize);
+  if (!region) {
+    // The range stopped being managed while the fault was queued: the
+    // access re-faults normally once woken.
+    wake(addr, 1);
+    return;
+  }
+  mm::EntrySlot* slot = table.slot(addr.vpn(), true);
+  bool device_fault = false;
+  for (unsigned attempt = 0;; ++attempt) {
+    if (attempt > 64) std::this_thread::yield();  // a device that keeps declining
+    PageEntry e{slot->load(std::memory_order_acquire)};
+    if (e.locked()) {
+      // A migration owns the page: sleep until it unlocks and wakes us.
+      std::uint64_t expected = e.bits();
+      if (slot->compare_exchange_strong(expected, e.with(PageEntry::kWaiters).bits(), std::memory_order_acq_rel)) {
+        stats.add(Counter::faults_parked);
+        return;
+      }
+      continue;
+    }
+    if (e.state() != PageState::kDevicePrivate) {
+      if (resolve_missing(*region, addr)) break;
+      continue;
+    }
+    if (e.poisoned()) {
+      (void)uffd.poison(addr, kPageSize);  // still broken: SIGBUS again
+      return;
+    }
+    DevicePage* page = e.device_page();
+    if (!page->try_get()) continue;  // freed under us: look again
+    page->lock();
+    if (PageEntry{slot->load(std::memory_order_acquire)}.settled() != e.settled()) {
+      page->unlock();
+      page->put();
+      continue;
+    }
+    device_fault = true;
+    stats.add(Counter::device_private_faults);
+    const FaultOutcome outcome = page->pagemap().ops().migrate_to_ram(CpuFault{self, addr, write, page});
+    page->unlock();
+    page->put();
+    if (outcome != FaultOutcome::kOk) {
+      stats.add(Counter::migrate_to_ram_fail);
+      PageEntry before;
+      if (mm::try_lock_entry(*slot, &before)) {
+        const bool still_device = before.state() == PageState::kDevicePrivate;
+        if (still_device) (void)uffd.poison(addr, kPageSize);
+        (void)mm::unlock_entry(*slot, still_device ? before.with(PageEntry::kPoisoned) : before);
+        if (still_device) return;
+      }
+      continue;  // the page moved meanwhile: serve the fault again
+    }
+    // migrate_to_ram brought it back (MOVE woke the access) or declined
+    // because someone else holds it: look again.
+    if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kSystem) break;
+  }
+  if (device_fault) stats.fault_latency().record(std::chrono::steady_clock::now() - started);
+}
+
+namespace {
+// Runs of at least this many never-populated pages are filled from staging.
+constexpr std::size_t kHugePageFillThreshold = 64;
+}  // namespace
+
+bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
+  mm::EntrySlot* slot = table.slot(addr.vpn(), true);
+  PageEntry before;
+  if (!mm::try_lock_entry(*slot, &before)) return false;
+  if (before.state() == PageState::kDevicePrivate) {
+    (void)mm::unlock_entry(*slot, before);
+    return false;
+  }
+  // Fault-around: lock never-populated neighbours in the same 2 MiB block.
+  const std::size_t around = options.hole_fault_around_pages;
+  VirtAddr block = addr.huge_down();
+  VirtAddr lo_limit = block < region.info.start ? region.info.start : block;
+  VirtAddr hi_limit = block + kHugePageSize;
+  if (hi_limit > region.info.end()) hi_limit = region.info.end();
+  VirtAddr lo = addr;
+  VirtAddr hi = addr + kPageSize;
+  auto grab = [&](VirtAddr a) {
+    mm::EntrySlot* s = table.slot(a.vpn(), true);
+    PageEntry b;
+    if (PageEntry{s->load(std::memory_order_acquire)}.state() != PageState::kNone) return false;
+    if (!mm::try_lock_entry(*s, &b)) return false;
+    if (b.state() != PageState::kNone) {
+      (void)mm::unlock_entry(*s, b);
+      return false;
+    }
+    return true;
+  };
+  while ((hi - lo) / kPageSize < around && hi < hi_limit && grab(hi)) hi = hi + kPageSize;
+  while ((hi - lo) / kPageSize < around && lo > lo_limit && grab(VirtAddr{lo.value - kPageSize}))
+    lo = VirtAddr{lo.value - kPageSize};
+
+  VirtAddr cur = lo;
+  // A big run of never-populated pages is filled by moving in fresh staging
+  // pages the kernel zeroed (a whole aligned block arrives as one huge page);
+  // cheaper than copying zeros, and the range stays huge-page backed.
+  const std::size_t run = (hi - lo) / kPageSize;
+  if (run >= kHugePageFillThreshold && before.state() == PageState::kNone) {
+    std::vector<mm::SlotRun> slots;
+    if (staging.take_empty(run, slots).is_ok()) {
+      bool populated = true;
+      for (const mm::SlotRun& r : slots)
+        populated = populated && platform::advise(r.start, r.pages * kPageSize, MADV_POPULATE_WRITE).is_ok();
+      for (const mm::SlotRun& r : slots) {
+        std::size_t moved = 0;
+        if (populated) {
+          const platform::PartialResult m = move_in(r.start, cur, r.pages);
+          moved = m.bytes_done / kPageSize;
+          staging.give_back_empty(r.start, moved);
+          cur = cur + moved * kPageSize;
+          if (m.error != 0) populated = false;  // the rest is copied below
+        }
+        if (populated) continue;
+        staging.give_back_ready(r.start + moved * kPageSize, r.pages - moved);
+      }
+    }
+  }
+  // Fill the rest of [lo, hi) with zeros; a page that turns out present (the
+  // kernel says EEXIST) is simply kept.
+  while (cur < hi) {
+    const platform::PartialResult r = uffd.copy(cur, zero_source.ptr(), hi - cur, /*wake=*/false);
+    cur = cur + r.bytes_done;
+    if (r.error == 0) break;
+    if (r.error == EEXIST) {
+      cur = cur + kPageSize;
+      continue;
+    }
+    // Out of memory or the range vanished: leave the rest to re-fault.
+    std::fprintf(stderr, "uhmm: zero-fill at %#lx failed: %s\n", static_cast<unsigned long>(cur.value),
+                 platform::errno_text(r.error).c_str());
+    break;
+  }
+  for (VirtAddr a = lo; a < hi; a = a + kPageSize) {
+    const bool filled = a < cur;
+    (void)mm::unlock_entry(*table.slot(a.vpn(), false), filled ? PageEntry::system() : PageEntry::none());
+  }
+  stats.add(Counter::hole_faults);
+  wake(lo, (hi - lo) / kPageSize);
+  return true;
+}
+
+}  // namespace uhmm

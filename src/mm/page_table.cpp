@@ -1,0 +1,93 @@
+#include "mm/page_table.hpp"
+
+#include <cstdlib>
+#include <new>
+
+#include "core/assert.hpp"
+
+namespace uhmm::mm {
+
+PageTable::~PageTable() {
+  for (unsigned i = 0; i < kFanout; ++i) {
+    if (void* c = root_.child[i].load(std::memory_order_relaxed)) free_node(c, 1);
+  }
+}
+
+void PageTable::free_node(void* node, unsigned level) {
+  if (level < kLevels - 1) {
+    auto* n = static_cast<Node*>(node);
+    for (unsigned i = 0; i < kFanout; ++i) {
+      if (void* c = n->child[i].load(std::memory_order_relaxed)) free_node(c, level + 1);
+    }
+  }
+  std::free(node);
+}
+
+EntrySlot* PageTable::slot(Vpn vpn, bool create) {
+  Node* node = &root_;
+  for (unsigned level = 0; level < kLevels - 1; ++level) {
+    std::atomic<void*>& ref = node->child[index_at(vpn, level)];
+    void* child = ref.load(std::memory_order_acquire);
+    if (child == nullptr) {
+      if (!create) return nullptr;
+      // Zeroed memory is a valid Node and a valid Leaf (all entries none).
+      void* fresh = std::calloc(1, kNodeBytes);
+      UHMM_CHECK(fresh != nullptr, "out of memory for page-table nodes");
+      if (ref.compare_exchange_strong(child, fresh, std::memory_order_acq_rel)) {
+        child = fresh;
+        nodes_.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        std::free(fresh);  // another thread won; `child` holds its node
+      }
+    }
+    if (level == kLevels - 2) return &static_cast<Leaf*>(child)->entry[index_at(vpn, kLevels - 1)];
+    node = static_cast<Node*>(child);
+  }
+  return nullptr;  // unreachable
+}
+
+const PageTable::Leaf* PageTable::find_leaf(Vpn vpn) const {
+  const Node* node = &root_;
+  for (unsigned level = 0; level < kLevels - 1; ++level) {
+    void* child = node->child[index_at(vpn, level)].load(std::memory_order_acquire);
+    if (child == nullptr) return nullptr;
+    if (level == kLevels - 2) return static_cast<const Leaf*>(child);
+    node = static_cast<const Node*>(child);
+  }
+  return nullptr;
+}
+
+PageEntry PageTable::load(Vpn vpn) const {
+  const Leaf* leaf = find_leaf(vpn);
+  if (leaf == nullptr) return PageEntry::none();
+  return PageEntry{leaf->entry[index_at(vpn, kLevels - 1)].load(std::memory_order_acquire)};
+}
+
+bool try_lock_entry(EntrySlot& slot, PageEntry* before) {
+  std::uint64_t cur = slot.load(std::memory_order_acquire);
+  while (!(cur & PageEntry::kLocked)) {
+    if (slot.compare_exchange_weak(cur, cur | PageEntry::kLocked, std::memory_order_acq_rel)) {
+      *before = PageEntry{cur};
+      return true;
+    }
+  }
+  return false;
+}
+
+bool unlock_entry(EntrySlot& slot, PageEntry after) {
+  UHMM_DCHECK(!after.locked(), "unlock_entry with a locked value");
+  const std::uint64_t old = slot.exchange(after.without(PageEntry::kWaiters).bits(), std::memory_order_acq_rel);
+  UHMM_DCHECK(old & PageEntry::kLocked, "unlock_entry on an unlocked entry");
+  return old & PageEntry::kWaiters;
+}
+
+void update_locked_entry(EntrySlot& slot, PageEntry value) {
+  std::uint64_t cur = slot.load(std::memory_order_acquire);
+  for (;;) {
+    UHMM_DCHECK(cur & PageEntry::kLocked, "update_locked_entry on an unlocked entry");
+    const std::uint64_t next = value.bits() | PageEntry::kLocked | (cur & PageEntry::kWaiters);
+    if (slot.compare_exchange_weak(cur, next, std::memory_order_acq_rel)) return;
+  }
+}
+
+}  // namespace uhmm::mm

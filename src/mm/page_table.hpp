@@ -1,0 +1,141 @@
+// mm/page_table.hpp: the software page table beside the kernel's.
+//
+// A radix tree indexed by virtual page number, four levels of 512 like the
+// hardware's, allocated lazily: reserving a huge range and touching nothing
+// allocates nothing.  Nodes are never freed before the table dies (a page
+// table of a 1 TiB range fully populated costs 0.2 % of it).
+//
+// Each page has one 64-bit PageEntry word.  Its states and every legal
+// transition are drawn in docs/page-states.md; transitions go through
+// PageTable::transition()/lock()/unlock() only, never by storing the word.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "uhmm/address_space.hpp"
+#include "uhmm/types.hpp"
+
+namespace uhmm {
+class DevicePage;
+}
+
+namespace uhmm::mm {
+
+using PageState = PageInfo::State;
+
+/// The value of one page-table entry.
+///   bits 0-1   state (PageState)
+///   bit  2     locked: a migration or a fault owns the entry; CPU faults wait
+///   bit  3     device write: the device entry is writable
+///   bit  4     waiters: a CPU fault is asleep on this page; wake it on unlock
+///   bit  5     poisoned: a failed migrate_to_ram left a SIGBUS marker
+///   bits 16-63 DevicePage* (device-private state only)
+class PageEntry {
+ public:
+  static constexpr std::uint64_t kStateMask = 0x3;
+  static constexpr std::uint64_t kLocked = 1u << 2;
+  static constexpr std::uint64_t kDeviceWrite = 1u << 3;
+  static constexpr std::uint64_t kWaiters = 1u << 4;
+  static constexpr std::uint64_t kPoisoned = 1u << 5;
+  static constexpr unsigned kPointerShift = 16;
+
+  constexpr PageEntry() = default;
+  constexpr explicit PageEntry(std::uint64_t bits) : bits_(bits) {}
+
+  static PageEntry none() { return PageEntry{static_cast<std::uint64_t>(PageState::kNone)}; }
+  static PageEntry system() { return PageEntry{static_cast<std::uint64_t>(PageState::kSystem)}; }
+  static PageEntry device_private(DevicePage* page, bool writable) {
+    return PageEntry{(reinterpret_cast<std::uint64_t>(page) << kPointerShift) |
+                     (writable ? kDeviceWrite : 0) | static_cast<std::uint64_t>(PageState::kDevicePrivate)};
+  }
+
+  PageState state() const { return static_cast<PageState>(bits_ & kStateMask); }
+  bool locked() const { return bits_ & kLocked; }
+  bool device_writable() const { return bits_ & kDeviceWrite; }
+  bool has_waiters() const { return bits_ & kWaiters; }
+  bool poisoned() const { return bits_ & kPoisoned; }
+  DevicePage* device_page() const { return reinterpret_cast<DevicePage*>(bits_ >> kPointerShift); }
+  std::uint64_t bits() const { return bits_; }
+
+  PageEntry with(std::uint64_t flag) const { return PageEntry{bits_ | flag}; }
+  PageEntry without(std::uint64_t flag) const { return PageEntry{bits_ & ~flag}; }
+  /// The entry with lock-time bits (locked, waiters) cleared.
+  PageEntry settled() const { return without(kLocked | kWaiters); }
+
+  friend bool operator==(PageEntry a, PageEntry b) { return a.bits_ == b.bits_; }
+
+ private:
+  std::uint64_t bits_ = 0;
+};
+
+using EntrySlot = std::atomic<std::uint64_t>;
+
+class PageTable {
+ public:
+  PageTable() = default;
+  ~PageTable();
+  PageTable(const PageTable&) = delete;
+  PageTable& operator=(const PageTable&) = delete;
+
+  /// The slot of `vpn`; nullptr when `create` is false and no leaf exists.
+  EntrySlot* slot(Vpn vpn, bool create);
+  PageEntry load(Vpn vpn) const;
+
+  /// Bytes of page-table nodes allocated.
+  std::size_t bytes() const { return nodes_.load(std::memory_order_relaxed) * kNodeBytes; }
+
+  /// Calls fn(vpn, entry) for every entry not in state none, in order, within
+  /// [first, first + count).
+  template <class Fn>
+  void for_each_populated(Vpn first, std::uint64_t count, Fn&& fn) const;
+
+ private:
+  static constexpr unsigned kBits = 9;
+  static constexpr unsigned kFanout = 1u << kBits;
+  static constexpr unsigned kLevels = 4;
+  static constexpr std::size_t kNodeBytes = kFanout * sizeof(void*);
+
+  struct Node {
+    std::atomic<void*> child[kFanout];
+  };
+  struct Leaf {
+    EntrySlot entry[kFanout];
+  };
+  static unsigned index_at(Vpn vpn, unsigned level) {
+    return static_cast<unsigned>((vpn.value >> (kBits * (kLevels - 1 - level))) & (kFanout - 1));
+  }
+  void free_node(void* node, unsigned level);
+  const Leaf* find_leaf(Vpn vpn) const;
+
+  Node root_{};
+  std::atomic<std::size_t> nodes_{0};
+};
+
+/// Tries to lock the entry; on success returns true and the entry as it was.
+bool try_lock_entry(EntrySlot& slot, PageEntry* before);
+/// Unlocks by storing `after` (must not carry kLocked); returns whether a CPU
+/// fault was waiting, in which case the caller must wake the page.
+[[nodiscard]] bool unlock_entry(EntrySlot& slot, PageEntry after);
+/// Replaces a locked entry's value while keeping it locked.
+void update_locked_entry(EntrySlot& slot, PageEntry value);
+
+template <class Fn>
+void PageTable::for_each_populated(Vpn first, std::uint64_t count, Fn&& fn) const {
+  std::uint64_t v = first.value;
+  const std::uint64_t end = first.value + count;
+  while (v < end) {
+    const Leaf* leaf = find_leaf(Vpn{v});
+    const std::uint64_t leaf_end = (v | (kFanout - 1)) + 1;
+    const std::uint64_t stop = leaf_end < end ? leaf_end : end;
+    if (leaf != nullptr) {
+      for (std::uint64_t i = v; i < stop; ++i) {
+        PageEntry e{leaf->entry[i & (kFanout - 1)].load(std::memory_order_acquire)};
+        if (e.state() != PageState::kNone || e.locked()) fn(Vpn{i}, e);
+      }
+    }
+    v = stop;
+  }
+}
+
+}  // namespace uhmm::mm

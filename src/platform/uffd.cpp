@@ -1,0 +1,267 @@
+#include "platform/uffd.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace uhmm::platform {
+
+namespace {
+constexpr unsigned long kUserfaultfdIocNew = _IO(0xAA, 0x00);
+
+int open_raw(int flags, std::string* why) {
+  int fd = static_cast<int>(::syscall(SYS_userfaultfd, flags));
+  if (fd >= 0) return fd;
+  const int syscall_errno = errno;
+  int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  if (dev >= 0) {
+    fd = ::ioctl(dev, kUserfaultfdIocNew, flags);
+    const int e = errno;
+    ::close(dev);
+    if (fd >= 0) return fd;
+    *why = "userfaultfd(2): " + errno_text(syscall_errno) + "; /dev/userfaultfd ioctl: " + errno_text(e);
+    errno = e;
+    return -1;
+  }
+  *why = "userfaultfd(2): " + errno_text(syscall_errno) + "; /dev/userfaultfd: " + errno_text(errno);
+  errno = syscall_errno;
+  return -1;
+}
+}  // namespace
+
+std::string errno_text(int err) { return errno_name(err) + " (" + std::strerror(err) + ")"; }
+
+Uffd::~Uffd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Uffd& Uffd::operator=(Uffd&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.fd_;
+    features_ = other.features_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+Result<Uffd> Uffd::open(std::uint64_t features, bool nonblocking) {
+  std::string why;
+  const int fd = open_raw(O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0), &why);
+  if (fd < 0) {
+    return Status::error(EPERM,
+                         "cannot open a userfaultfd that serves kernel-mode faults (" + why +
+                             "); run as root, or give access to /dev/userfaultfd");
+  }
+  Uffd u;
+  u.fd_ = fd;
+  struct uffdio_api api {};
+  api.api = UFFD_API;
+  api.features = features;
+  if (::ioctl(fd, UFFDIO_API, &api) != 0) {
+    const int e = errno;
+    // Ask again with no features to learn what the kernel offers.
+    std::string missing;
+    Uffd probe;
+    std::string ignored;
+    probe.fd_ = open_raw(O_CLOEXEC, &ignored);
+    if (probe.fd_ >= 0) {
+      struct uffdio_api all {};
+      all.api = UFFD_API;
+      if (::ioctl(probe.fd_, UFFDIO_API, &all) == 0) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(features & ~all.features));
+        missing = std::string(", missing feature bits ") + buf;
+      }
+    }
+    return Status::error(ENOSYS, "userfaultfd API handshake failed: " + errno_text(e) + missing +
+                                     " (uhmm needs Linux >= 6.8 for UFFDIO_MOVE)");
+  }
+  u.features_ = api.features;
+  return u;
+}
+
+Status Uffd::register_range(VirtAddr start, std::size_t len, std::uint64_t mode) {
+  struct uffdio_register reg {};
+  reg.range.start = start.value;
+  reg.range.len = len;
+  reg.mode = mode;
+  if (::ioctl(fd_, UFFDIO_REGISTER, &reg) != 0) {
+    const int e = errno;
+    return Status::error(e == EBUSY ? EBUSY : EINVAL, "UFFDIO_REGISTER: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+Status Uffd::unregister_range(VirtAddr start, std::size_t len) {
+  struct uffdio_range r {};
+  r.start = start.value;
+  r.len = len;
+  if (::ioctl(fd_, UFFDIO_UNREGISTER, &r) != 0) {
+    const int e = errno;
+    return Status::error(e, "UFFDIO_UNREGISTER: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+PartialResult Uffd::move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint64_t mode) {
+  PartialResult r;
+  while (r.bytes_done < len) {
+    UffdioMove m{};
+    m.dst = dst.value + r.bytes_done;
+    m.src = src.value + r.bytes_done;
+    m.len = len - r.bytes_done;
+    m.mode = mode;
+    const int rc = ::ioctl(fd_, kUffdioMove, &m);
+    const int e = rc == 0 ? 0 : errno;
+    if (m.move > 0) r.bytes_done += static_cast<std::size_t>(m.move);
+    if (rc == 0 && m.move <= 0) {  // nothing moved but no error: treat as done
+      r.bytes_done = len;
+      break;
+    }
+    if (rc != 0) {
+      if (e == EAGAIN) continue;
+      r.error = e;
+      return r;
+    }
+  }
+  return r;
+}
+
+PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wake) {
+  PartialResult r;
+  while (r.bytes_done < len) {
+    struct uffdio_copy c {};
+    c.dst = dst.value + r.bytes_done;
+    c.src = reinterpret_cast<std::uintptr_t>(src) + r.bytes_done;
+    c.len = len - r.bytes_done;
+    c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
+    const int rc = ::ioctl(fd_, UFFDIO_COPY, &c);
+    const int e = rc == 0 ? 0 : errno;
+    if (c.copy > 0) r.bytes_done += static_cast<std::size_t>(c.copy);
+    if (rc != 0) {
+      if (e == EAGAIN) continue;
+      r.error = e;
+      return r;
+    }
+  }
+  return r;
+}
+
+Status Uffd::zeropage(VirtAddr dst, std::size_t len, bool wake) {
+  struct uffdio_zeropage z {};
+  z.range.start = dst.value;
+  z.range.len = len;
+  z.mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE;
+  if (::ioctl(fd_, UFFDIO_ZEROPAGE, &z) != 0) {
+    const int e = errno;
+    return Status::error(e, "UFFDIO_ZEROPAGE: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+Status Uffd::poison(VirtAddr dst, std::size_t len) {
+  UffdioPoison p{};
+  p.range.start = dst.value;
+  p.range.len = len;
+  p.mode = 0;
+  if (::ioctl(fd_, kUffdioPoison, &p) != 0) {
+    const int e = errno;
+    return Status::error(e, "UFFDIO_POISON: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+Status Uffd::wake(VirtAddr start, std::size_t len) {
+  struct uffdio_range r {};
+  r.start = start.value;
+  r.len = len;
+  if (::ioctl(fd_, UFFDIO_WAKE, &r) != 0) {
+    const int e = errno;
+    return Status::error(e, "UFFDIO_WAKE: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+Result<VirtAddr> map_anonymous(std::size_t len, int prot, bool noreserve) {
+  void* p = ::mmap(nullptr, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | (noreserve ? MAP_NORESERVE : 0), -1, 0);
+  if (p == MAP_FAILED) {
+    const int e = errno;
+    return Status::error(e == ENOMEM ? ENOMEM : e, "mmap: " + errno_text(e));
+  }
+  return VirtAddr::of(p);
+}
+
+Result<VirtAddr> map_anonymous_aligned(std::size_t len, std::size_t align, int prot, bool noreserve) {
+  auto raw = map_anonymous(len + align, prot, noreserve);
+  if (!raw) return raw.status();
+  const std::uintptr_t base = raw->value;
+  const std::uintptr_t aligned = (base + align - 1) & ~(align - 1);
+  if (aligned > base) ::munmap(reinterpret_cast<void*>(base), aligned - base);
+  const std::uintptr_t tail = base + len + align - (aligned + len);
+  if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + len), tail);
+  return VirtAddr{aligned};
+}
+
+Status unmap(VirtAddr start, std::size_t len) {
+  if (::munmap(start.ptr(), len) != 0) {
+    const int e = errno;
+    return Status::error(e, "munmap: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+Status advise(VirtAddr start, std::size_t len, int advice) {
+  if (::madvise(start.ptr(), len, advice) != 0) {
+    const int e = errno;
+    return Status::error(e, "madvise: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+bool is_private_anonymous_mapping(VirtAddr start, std::size_t len, int* prot_out) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    std::istringstream in(line);
+    std::string range, perms, offset, dev, inode_s, path;
+    in >> range >> perms >> offset >> dev >> inode_s;
+    std::getline(in, path);
+    const auto dash = range.find('-');
+    const std::uintptr_t lo = std::stoull(range.substr(0, dash), nullptr, 16);
+    const std::uintptr_t hi = std::stoull(range.substr(dash + 1), nullptr, 16);
+    if (start.value < lo || start.value >= hi) continue;
+    // Found the mapping holding start: it must cover the whole range.
+    if (start.value + len > hi) return false;
+    if (perms.size() < 4 || perms[3] != 'p') return false;
+    if (inode_s != "0") return false;
+    const auto first = path.find_first_not_of(' ');
+    const std::string name = first == std::string::npos ? "" : path.substr(first);
+    if (!name.empty() && name != "[heap]" && name.rfind("[anon:", 0) != 0) return false;
+    int prot = 0;
+    if (perms[0] == 'r') prot |= 1;
+    if (perms[1] == 'w') prot |= 2;
+    if (perms[2] == 'x') prot |= 4;
+    if (prot_out) *prot_out = prot;
+    return true;
+  }
+  return false;
+}
+
+Status resident_pages(VirtAddr start, std::size_t len, unsigned char* out) {
+  if (::mincore(start.ptr(), len, out) != 0) {
+    const int e = errno;
+    return Status::error(e, "mincore: " + errno_text(e));
+  }
+  return Status::ok();
+}
+
+}  // namespace uhmm::platform

@@ -1,0 +1,98 @@
+// platform/uffd.hpp: userfaultfd and memory-mapping syscalls, nothing else.
+//
+// Debian 12's UAPI headers predate UFFDIO_MOVE and UFFDIO_POISON; their
+// values (from the 6.8 UAPI) are defined here and the kernel's support is
+// probed at run time.
+#pragma once
+
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "uhmm/status.hpp"
+#include "uhmm/types.hpp"
+
+namespace uhmm::platform {
+
+// Feature bits newer than the installed headers.
+inline constexpr std::uint64_t kFeaturePoison = std::uint64_t{1} << 14;
+inline constexpr std::uint64_t kFeatureWpAsync = std::uint64_t{1} << 15;
+inline constexpr std::uint64_t kFeatureMove = std::uint64_t{1} << 16;
+
+struct UffdioMove {
+  std::uint64_t dst;
+  std::uint64_t src;
+  std::uint64_t len;
+  std::uint64_t mode;
+  std::int64_t move;
+};
+struct UffdioPoison {
+  struct uffdio_range range;
+  std::uint64_t mode;
+  std::int64_t updated;
+};
+inline constexpr unsigned long kUffdioMove = _IOWR(UFFDIO, 0x05, UffdioMove);
+inline constexpr unsigned long kUffdioPoison = _IOWR(UFFDIO, 0x08, UffdioPoison);
+inline constexpr std::uint64_t kMoveModeDontWake = 1u << 0;
+inline constexpr std::uint64_t kMoveModeAllowSrcHoles = 1u << 1;
+
+/// The outcome of a range operation that may stop part way (MOVE, COPY).
+struct PartialResult {
+  std::size_t bytes_done = 0;  // bytes completed before `error`
+  int error = 0;               // 0 when the whole range completed
+};
+
+/// An owned userfaultfd.
+class Uffd {
+ public:
+  Uffd() = default;
+  ~Uffd();
+  Uffd(Uffd&& other) noexcept : fd_(other.fd_), features_(other.features_) { other.fd_ = -1; }
+  Uffd& operator=(Uffd&& other) noexcept;
+  Uffd(const Uffd&) = delete;
+  Uffd& operator=(const Uffd&) = delete;
+
+  /// Opens a userfaultfd that also serves kernel-mode faults (syscalls on
+  /// managed buffers), trying the syscall and then /dev/userfaultfd, and
+  /// negotiates `features` (every bit must be supported).
+  static Result<Uffd> open(std::uint64_t features, bool nonblocking);
+
+  int fd() const { return fd_; }
+  std::uint64_t features() const { return features_; }
+
+  Status register_range(VirtAddr start, std::size_t len, std::uint64_t mode);
+  Status unregister_range(VirtAddr start, std::size_t len);
+
+  /// UFFDIO_MOVE, continuing after EAGAIN; stops at the first other error.
+  PartialResult move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint64_t mode);
+  /// UFFDIO_COPY, continuing after EAGAIN.
+  PartialResult copy(VirtAddr dst, const void* src, std::size_t len, bool wake);
+  Status zeropage(VirtAddr dst, std::size_t len, bool wake);
+  Status poison(VirtAddr dst, std::size_t len);
+  Status wake(VirtAddr start, std::size_t len);
+
+ private:
+  int fd_ = -1;
+  std::uint64_t features_ = 0;
+};
+
+/// Maps anonymous private memory, PROT_READ|PROT_WRITE unless told otherwise.
+Result<VirtAddr> map_anonymous(std::size_t len, int prot, bool noreserve);
+/// Same, aligned to `align` (a power of two).
+Result<VirtAddr> map_anonymous_aligned(std::size_t len, std::size_t align, int prot, bool noreserve);
+Status unmap(VirtAddr start, std::size_t len);
+Status advise(VirtAddr start, std::size_t len, int advice);
+
+/// True if [start, start+len) is covered by exactly one private anonymous
+/// mapping with the given protection (from /proc/self/maps).
+bool is_private_anonymous_mapping(VirtAddr start, std::size_t len, int* prot_out);
+
+/// Calls mincore() and reports residency per page into `out` (1 = resident).
+Status resident_pages(VirtAddr start, std::size_t len, unsigned char* out);
+
+std::string errno_text(int err);
+
+}  // namespace uhmm::platform
