@@ -1,0 +1,44 @@
+// Helpers shared by the devmem tests.
+#pragma once
+
+#include <atomic>
+#include <memory>
+
+#include "uhmm/device_memory.hpp"
+
+namespace uhmm::testing_devmem {
+
+/// Counts page_free calls (per map).
+struct FreeCounter {
+  std::atomic<int> calls{0};
+  std::atomic<DevicePage*> last{nullptr};
+  std::atomic<std::uint32_t> refcount_seen{~0u};
+};
+
+inline const int kOwnerA = 0;
+inline const int kOwnerB = 0;
+
+/// A complete, valid config: every op set, an owner.
+inline PagemapConfig valid_config(PagemapType type, std::uint64_t npages, FreeCounter* counter = nullptr) {
+  PagemapConfig c;
+  c.type = type;
+  c.npages = PageCount{npages};
+  c.owner = &kOwnerA;
+  c.ops.page_free = [counter](DevicePage& p) {
+    if (counter == nullptr) return;
+    counter->refcount_seen.store(p.refcount());
+    counter->last.store(&p);
+    counter->calls.fetch_add(1);
+  };
+  c.ops.migrate_to_ram = [](const CpuFault&) { return FaultOutcome::kSigbus; };
+  return c;
+}
+
+/// Explicit ranges live far above anything request_free_mem_region hands
+/// out in these tests, one window per test so that tests never collide.
+inline DevicePfnRange explicit_range(unsigned window, std::uint64_t offset, std::uint64_t count) {
+  const std::uint64_t base = kDevicePfnBase + (std::uint64_t{1} << 36) + std::uint64_t{window} * (1u << 20);
+  return DevicePfnRange{DevicePfn{base + offset}, PageCount{count}};
+}
+
+}  // namespace uhmm::testing_devmem

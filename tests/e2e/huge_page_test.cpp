@@ -1,0 +1,83 @@
+// 2 MiB units: a transparent huge page migrates whole and comes back whole.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "uhmm/uhmm.hpp"
+
+namespace uhmm {
+namespace {
+
+// AnonHugePages of the mapping that holds `addr`, in KiB.
+std::size_t anon_huge_kib(const void* addr) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  while (std::getline(smaps, line)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) == 2 && line.find(':') > line.find('-')) {
+      inside = a >= lo && a < hi;
+      continue;
+    }
+    if (inside && line.rfind("AnonHugePages:", 0) == 0) {
+      std::istringstream in(line.substr(14));
+      std::size_t kib = 0;
+      in >> kib;
+      return kib;
+    }
+  }
+  return 0;
+}
+
+bool thp_available() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string s;
+  std::getline(f, s);
+  return s.find("[never]") == std::string::npos;
+}
+
+TEST(HugePages, AdoptedHugePagesRoundTripWhole) {
+  if (!thp_available()) GTEST_SKIP() << "transparent huge pages disabled";
+  auto as = std::move(*AddressSpace::create());
+  sim::SimDeviceOptions o;
+  o.memory_bytes = 16 << 20;
+  o.warm_memory = false;
+  auto dev = std::move(*sim::SimDevice::create(o));
+  // The application's own 2 MiB-aligned memory, backed by huge pages.
+  const std::size_t len = 4 << 20;
+  void* raw = mmap(nullptr, len + kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(raw, MAP_FAILED);
+  auto* p = reinterpret_cast<std::uint32_t*>((reinterpret_cast<std::uintptr_t>(raw) + kHugePageSize - 1) &
+                                             ~(kHugePageSize - 1));
+  ASSERT_EQ(madvise(p, len, MADV_HUGEPAGE), 0);
+  for (std::size_t i = 0; i < len / 4; ++i) p[i] = static_cast<std::uint32_t>(i * 2654435761u);
+  const std::size_t huge_before = anon_huge_kib(p);
+  if (huge_before == 0) GTEST_SKIP() << "the kernel gave no huge page (memory fragmented?)";
+  const VirtAddr base = VirtAddr::of(p);
+  ASSERT_TRUE(as->adopt(base, len).is_ok());
+  const auto thp_before = as->stats().get(Counter::thp_migration_success);
+
+  auto rep = dev->migrate_to_device(*as, base, len);
+  ASSERT_TRUE(rep.is_ok());
+  EXPECT_EQ(rep->pages_migrated, len / kPageSize);
+  EXPECT_EQ(anon_huge_kib(p), 0u);  // nothing of the range is left on the CPU
+  EXPECT_EQ(as->stats().get(Counter::thp_migration_success) - thp_before, len / kHugePageSize);
+  auto back = dev->migrate_to_system(*as, base, len);
+  ASSERT_TRUE(back.is_ok());
+  EXPECT_EQ(back->pages_migrated, len / kPageSize);
+  // The 2 MiB units came back as huge pages, not split into 4 KiB pages.
+  EXPECT_EQ(anon_huge_kib(p), huge_before);
+  for (std::size_t i = 0; i < len / 4; ++i) ASSERT_EQ(p[i], static_cast<std::uint32_t>(i * 2654435761u)) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+  ASSERT_TRUE(as->unmap(base).is_ok());
+  munmap(raw, len + kHugePageSize);
+}
+
+}  // namespace
+}  // namespace uhmm
