@@ -93,8 +93,9 @@ class AddressSpace {
   /// multiple of the page size).  Reserving is cheap: nothing is populated.
   Result<VirtAddr> map(std::size_t length, int prot = PROT_READ | PROT_WRITE);
   /// Adopts an existing private anonymous mapping [start, start+length) the
-  /// application made itself.  EINVAL if unaligned, empty, not one private
-  /// anonymous writable mapping, or overlapping a managed range.
+  /// application made itself.  EINVAL if unaligned, empty, or not one
+  /// private anonymous read-write mapping; EBUSY if it overlaps a managed
+  /// range.
   Status adopt(VirtAddr start, std::size_t length);
   /// Ends management of the region starting at `start`: device pages are
   /// migrated back first (adopted regions keep their data), then the range

@@ -1,6 +1,8 @@
 // devmem: device page maps, device page descriptors, the device pfn space.
 // Layer rules and locks: src/devmem/README.md.
+#include <algorithm>
 #include <map>
+#include <vector>
 #include <thread>
 
 #include "core/assert.hpp"
@@ -23,9 +25,13 @@ class PfnRegistry {
 
   Result<DevicePfnRange> reserve(PageCount npages) {
     MutexLock lock(mutex_);
-    // First fit above kDevicePfnBase in the gaps between reservations.
+    // First fit above kDevicePfnBase in the gaps between reservations and
+    // registered maps (a map may have been given an explicit range).
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> used(reserved_.begin(), reserved_.end());
+    for (const auto& [first, map] : maps_) used.emplace_back(first, map->range().count.value);
+    std::sort(used.begin(), used.end());
     std::uint64_t candidate = kDevicePfnBase;
-    for (const auto& [first, count] : reserved_) {
+    for (const auto& [first, count] : used) {
       if (candidate + npages.value <= first) break;
       candidate = std::max(candidate, first + count);
     }

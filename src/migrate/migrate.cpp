@@ -3,6 +3,7 @@
 #include "uhmm/migrate.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -27,7 +28,10 @@ bool is_device_entry(std::uint64_t e) { return entry_valid(e) && is_device_pfn(m
 class Installer {
  public:
   explicit Installer(AddressSpace::Impl& as) : as_(as) {}
-  void add(VirtAddr slot, VirtAddr managed) {
+  /// `entry` is the destination's (locked) page-table entry: a poisoned one
+  /// still has a SIGBUS marker in the kernel's table, cleared here first.
+  void add(VirtAddr slot, VirtAddr managed, const mm::EntrySlot& entry) {
+    if (PageEntry{entry.load(std::memory_order_acquire)}.poisoned()) as_.clear_poison(managed);
     if (!runs_.empty()) {
       Run& r = runs_.back();
       if (r.slot + r.pages * kPageSize == slot && r.managed + r.pages * kPageSize == managed) {
@@ -37,35 +41,44 @@ class Installer {
     }
     runs_.push_back(Run{slot, managed, 1});
   }
-  // Moves everything; falls back to copying for pages MOVE refuses, so the
-  // data always lands.  The slots end up empty (moved) or are given back
-  // ready (copied).
+  // Moves everything without waking anyone; falls back to copying for pages
+  // MOVE refuses, so the data always lands.  The slots end up empty (moved)
+  // or are given back ready (copied).  Call wake() once the entries are
+  // settled: an access must not resume before its entry is unlocked.
   void run() {
     for (const Run& r : runs_) {
       std::size_t done = 0;
       while (done < r.pages) {
         const VirtAddr slot = r.slot + done * kPageSize;
         const VirtAddr dst = r.managed + done * kPageSize;
-        const platform::PartialResult res = as_.move_in(slot, dst, r.pages - done);
+        const platform::PartialResult res = as_.move_in(slot, dst, r.pages - done, /*wake=*/false);
         const std::size_t moved = res.bytes_done / kPageSize;
         as_.staging.give_back_empty(slot, moved);
         done += moved;
         if (res.error == 0) break;
-        // One page could not move: a SIGBUS marker is in the way (clear it
-        // and try again) or the kernel refuses; copy it instead.
+        // The kernel refused one page (move_in already verified that it
+        // really did not move: the slot still holds the data).  The locked
+        // entry makes our data the page's content, so whatever is in the
+        // way goes; then copy if moving still fails.
         const VirtAddr bad_slot = r.slot + done * kPageSize;
         const VirtAddr bad_dst = r.managed + done * kPageSize;
+        std::fprintf(stderr, "uhmm: UFFDIO_MOVE into %#lx failed (%s); copying instead\n",
+                     static_cast<unsigned long>(bad_dst.value), platform::errno_text(res.error).c_str());
         as_.clear_poison(bad_dst);
-        if (as_.move_in(bad_slot, bad_dst, 1).error == 0) {
+        if (as_.move_in(bad_slot, bad_dst, 1, /*wake=*/false).error == 0) {
           as_.staging.give_back_empty(bad_slot, 1);
         } else {
-          const platform::PartialResult c = as_.uffd.copy(bad_dst, bad_slot.ptr(), kPageSize, true);
-          UHMM_CHECK(c.error == 0 || c.error == EEXIST, "cannot install a page in managed memory");
+          const platform::PartialResult c = as_.uffd.copy(bad_dst, bad_slot.ptr(), kPageSize, /*wake=*/false);
+          UHMM_CHECK(c.error == 0, "cannot install a page in managed memory");
           as_.staging.give_back_ready(bad_slot, 1);
         }
         ++done;
       }
     }
+  }
+
+  void wake() {
+    for (const Run& r : runs_) as_.wake(r.managed, r.pages);
     runs_.clear();
   }
 
@@ -254,7 +267,13 @@ Status migrate_vma_setup(MigrateVma& m) {
         const std::uint64_t i = system_pages[k + done];
         const VirtAddr addr = m.start + i * kPageSize;
         mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-        as.staging.give_back_empty(slot0 + done * kPageSize, 1);
+        // A slot the kernel found occupied (EEXIST) holds a page: keep the
+        // pool's books right.
+        if (r.error == EEXIST) {
+          as.staging.give_back_ready(slot0 + done * kPageSize, 1);
+        } else {
+          as.staging.give_back_empty(slot0 + done * kPageSize, 1);
+        }
         if (r.error == ENOENT) {
           // Not populated after all: a hole.
           as.unlock_and_wake(*slot, PageEntry::none(), addr);
@@ -346,7 +365,7 @@ void migrate_vma_finalize(MigrateVma& m) {
         unlocks.push_back({slot, addr, {}, true});
         ++to_device;
       } else {
-        installer.add(system_page_address(d), addr);
+        installer.add(system_page_address(d), addr, *slot);
         unlocks.push_back({slot, addr, PageEntry::system(), false});
         ++to_ram;
       }
@@ -356,7 +375,7 @@ void migrate_vma_finalize(MigrateVma& m) {
       ++fail;
       release_unused_dst(&as, d);
       if (is_system_entry(s)) {
-        installer.add(system_page_address(s), addr);  // put the old page back
+        installer.add(system_page_address(s), addr, *slot);  // put the old page back
         unlocks.push_back({slot, addr, PageEntry::system(), false});
       } else {
         DevicePage* page = migrate_pfn_to_device_page(s);
@@ -367,12 +386,22 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
   }
   installer.run();
+  // From migrate_to_ram, the fault path wakes the range itself once it has
+  // dropped its own hold on the device page: the access resumes only when
+  // the fault is completely done, as in the kernel, where the faulting
+  // thread runs migrate_to_ram itself.
+  const bool wake_now = m.fault_page == nullptr;
   for (const Unlock& u : unlocks) {
     const PageEntry value = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)}.settled()
                                            : u.value;
-    as.unlock_and_wake(*u.slot, value.without(PageEntry::kLocked), u.addr);
+    if (wake_now) {
+      as.unlock_and_wake(*u.slot, value.without(PageEntry::kLocked), u.addr);
+    } else {
+      (void)mm::unlock_entry(*u.slot, value.without(PageEntry::kLocked));
+    }
   }
   for (DevicePage* page : old_device_pages) release_old_device_page(page, m.fault_page);
+  if (wake_now) installer.wake();
 
   as.stats.add(Counter::pgmigrate_success, success);
   as.stats.add(Counter::pgmigrate_fail, fail);
@@ -469,9 +498,10 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
         as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
       } else {
         Installer installer(as);
-        installer.add(system_page_address(dst[i]), where.address);
+        installer.add(system_page_address(dst[i]), where.address, *slot);
         installer.run();
         as.unlock_and_wake(*slot, PageEntry::system(), where.address);
+        installer.wake();
         as.stats.add(Counter::pgmigrate_to_ram);
       }
       as.stats.add(Counter::pgmigrate_success);

@@ -48,13 +48,49 @@ mm::RegionPin AddressSpace::Impl::pin_region(VirtAddr start, VirtAddr end) const
   return mm::RegionPin(region);
 }
 
-platform::PartialResult AddressSpace::Impl::move_out(VirtAddr managed, VirtAddr slot, std::size_t pages) {
-  // Issued on the staging uffd: the destination must be registered with it.
-  return staging.uffd().move(slot, managed, pages * kPageSize, 0);
+namespace {
+bool resident(VirtAddr page) {
+  unsigned char v = 0;
+  return platform::resident_pages(page, kPageSize, &v).is_ok() && (v & 1);
 }
 
-platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr managed, std::size_t pages) {
-  return uffd.move(managed, slot, pages * kPageSize, 0);
+// UFFDIO_MOVE, trusting only what the page tables say when it reports an
+// error: on this kernel a move out of a huge page that other threads are
+// splitting at the same time can report EEXIST for a page it did move
+// (seen on 6.18; regression test CpuAccessTest.ConcurrentFaultsNeverInstallAZeroPage).
+// A page counts as moved when its source is empty and its destination
+// present; both sides of every uhmm move are owned by the caller (entry
+// locked, staging slot taken), so nobody else can have filled either.
+platform::PartialResult move_verified(platform::Uffd& uffd, VirtAddr dst, VirtAddr src, std::size_t pages,
+                                      std::uint64_t mode) {
+  platform::PartialResult total;
+  const std::size_t bytes = pages * kPageSize;
+  while (total.bytes_done < bytes) {
+    const platform::PartialResult r =
+        uffd.move(dst + total.bytes_done, src + total.bytes_done, bytes - total.bytes_done, mode);
+    total.bytes_done += r.bytes_done;
+    if (r.error == 0) return total;
+    const VirtAddr failed_src = src + total.bytes_done;
+    const VirtAddr failed_dst = dst + total.bytes_done;
+    if (!resident(failed_src) && resident(failed_dst)) {
+      total.bytes_done += kPageSize;  // it did move
+      continue;
+    }
+    total.error = r.error;
+    return total;
+  }
+  return total;
+}
+}  // namespace
+
+platform::PartialResult AddressSpace::Impl::move_out(VirtAddr managed, VirtAddr slot, std::size_t pages) {
+  // Issued on the staging uffd: the destination must be registered with it.
+  return move_verified(staging.uffd(), slot, managed, pages, 0);
+}
+
+platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr managed, std::size_t pages,
+                                                    bool wake_waiters) {
+  return move_verified(uffd, managed, slot, pages, wake_waiters ? 0 : platform::kMoveModeDontWake);
 }
 
 void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) { (void)uffd.wake(start, pages * kPageSize); }
@@ -91,6 +127,7 @@ void AddressSpace::Impl::evict_device_pages(VirtAddr start, VirtAddr end) {
         outcome = page->pagemap().ops().migrate_to_ram(CpuFault{self, VirtAddr::from_vpn(v), false, page});
       page->unlock();
       page->put();
+      wake(start, (end - start) / kPageSize);  // finalize leaves waking to fault paths
       if (outcome != FaultOutcome::kOk) break;  // teardown drops it; the device failed
     }
   }

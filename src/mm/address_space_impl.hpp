@@ -85,8 +85,10 @@ struct AddressSpace::Impl {
 
   /// Moves `pages` pages from the managed range into staging slots.
   platform::PartialResult move_out(VirtAddr managed, VirtAddr staging_slot, std::size_t pages);
-  /// Moves populated staging slots into the managed range (wakes waiters).
-  platform::PartialResult move_in(VirtAddr staging_slot, VirtAddr managed, std::size_t pages);
+  /// Moves populated staging slots into the managed range; `wake` also
+  /// wakes accesses asleep on it (callers that still have entries to settle
+  /// pass false and wake afterwards).
+  platform::PartialResult move_in(VirtAddr staging_slot, VirtAddr managed, std::size_t pages, bool wake);
   /// Wakes CPU accesses asleep on the range.
   void wake(VirtAddr start, std::size_t pages);
   /// Removes a SIGBUS marker so a page can be installed again.
@@ -100,6 +102,8 @@ struct AddressSpace::Impl {
   void stop_fault_service();
   void fault_thread_main(unsigned index);
   void handle_fault(VirtAddr addr, bool write);
+  /// Makes the access at `addr` end in SIGBUS (EFAULT for a syscall).
+  void poison_or_wake(VirtAddr addr);
   /// Zero-fills never-populated pages around `addr`; false if the faulting
   /// entry was locked meanwhile (the caller re-evaluates).
   bool resolve_missing(mm::Region& region, VirtAddr addr);

@@ -78,10 +78,10 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
         // Never let a library thread take the process down; the access
         // cannot complete, so it ends like a device failure.
         std::fprintf(stderr, "uhmm: fault at %#lx failed: %s\n", static_cast<unsigned long>(addr.value), e.what());
-        (void)uffd.poison(addr, kPageSize);
+        poison_or_wake(addr);
       } catch (...) {
         std::fprintf(stderr, "uhmm: fault at %#lx failed\n", static_cast<unsigned long>(addr.value));
-        (void)uffd.poison(addr, kPageSize);
+        poison_or_wake(addr);
       }
     }
   }
@@ -116,7 +116,7 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
       continue;
     }
     if (e.poisoned()) {
-      (void)uffd.poison(addr, kPageSize);  // still broken: SIGBUS again
+      poison_or_wake(addr);  // still broken: SIGBUS again
       return;
     }
     DevicePage* page = e.device_page();
@@ -137,12 +137,20 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
       PageEntry before;
       if (mm::try_lock_entry(*slot, &before)) {
         const bool still_device = before.state() == PageState::kDevicePrivate;
-        if (still_device) (void)uffd.poison(addr, kPageSize);
+        if (still_device) poison_or_wake(addr);
         (void)mm::unlock_entry(*slot, still_device ? before.with(PageEntry::kPoisoned) : before);
-        if (still_device) return;
+        if (still_device) {
+          // Other pages of the driver's window may have come back.
+          wake(region->info.start, region->info.length / kPageSize);
+          return;
+        }
       }
       continue;  // the page moved meanwhile: serve the fault again
     }
+    // migrate_vma_finalize leaves waking to us when called for a fault: wake
+    // everything the driver may have brought back (its window lies within
+    // the region), now that the fault is completely done.
+    wake(region->info.start, region->info.length / kPageSize);
     // migrate_to_ram brought it back (MOVE woke the access) or declined
     // because someone else holds it: look again.
     if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kSystem) break;
@@ -150,10 +158,12 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
   if (device_fault) stats.fault_latency().record(std::chrono::steady_clock::now() - started);
 }
 
-namespace {
-// Runs of at least this many never-populated pages are filled from staging.
-constexpr std::size_t kHugePageFillThreshold = 64;
-}  // namespace
+void AddressSpace::Impl::poison_or_wake(VirtAddr addr) {
+  // UFFDIO_POISON wakes the access, which then gets SIGBUS.  A marker that
+  // is already there (EEXIST) does not wake: wake by hand, and the access
+  // hits the marker.
+  if (!uffd.poison(addr, kPageSize).is_ok()) wake(addr, 1);
+}
 
 bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
@@ -163,8 +173,12 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
     (void)mm::unlock_entry(*slot, before);
     return false;
   }
-  // Fault-around: lock never-populated neighbours in the same 2 MiB block.
-  const std::size_t around = options.hole_fault_around_pages;
+  // A page the table calls present is either present already (another
+  // thread's fault won the race: spurious) or was dropped by the kernel;
+  // either way only this page is looked at.  Fault-around is for holes:
+  // lock never-populated neighbours in the same 2 MiB block.
+  const bool was_hole = before.state() == PageState::kNone;
+  const std::size_t around = was_hole ? options.hole_fault_around_pages : 1;
   VirtAddr block = addr.huge_down();
   VirtAddr lo_limit = block < region.info.start ? region.info.start : block;
   VirtAddr hi_limit = block + kHugePageSize;
@@ -187,37 +201,15 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
     lo = VirtAddr{lo.value - kPageSize};
 
   VirtAddr cur = lo;
-  // A big run of never-populated pages is filled by moving in fresh staging
-  // pages the kernel zeroed (a whole aligned block arrives as one huge page);
-  // cheaper than copying zeros, and the range stays huge-page backed.
-  const std::size_t run = (hi - lo) / kPageSize;
-  if (run >= kHugePageFillThreshold && before.state() == PageState::kNone) {
-    std::vector<mm::SlotRun> slots;
-    if (staging.take_empty(run, slots).is_ok()) {
-      bool populated = true;
-      for (const mm::SlotRun& r : slots)
-        populated = populated && platform::advise(r.start, r.pages * kPageSize, MADV_POPULATE_WRITE).is_ok();
-      for (const mm::SlotRun& r : slots) {
-        std::size_t moved = 0;
-        if (populated) {
-          const platform::PartialResult m = move_in(r.start, cur, r.pages);
-          moved = m.bytes_done / kPageSize;
-          staging.give_back_empty(r.start, moved);
-          cur = cur + moved * kPageSize;
-          if (m.error != 0) populated = false;  // the rest is copied below
-        }
-        if (populated) continue;
-        staging.give_back_ready(r.start + moved * kPageSize, r.pages - moved);
-      }
-    }
-  }
-  // Fill the rest of [lo, hi) with zeros; a page that turns out present (the
+  // Fill [lo, hi) with zeros; a page that turns out present (the
   // kernel says EEXIST) is simply kept.
+  bool already_present = false;
   while (cur < hi) {
     const platform::PartialResult r = uffd.copy(cur, zero_source.ptr(), hi - cur, /*wake=*/false);
     cur = cur + r.bytes_done;
     if (r.error == 0) break;
     if (r.error == EEXIST) {
+      if (cur == addr) already_present = true;
       cur = cur + kPageSize;
       continue;
     }
@@ -230,7 +222,8 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
     const bool filled = a < cur;
     (void)mm::unlock_entry(*table.slot(a.vpn(), false), filled ? PageEntry::system() : PageEntry::none());
   }
-  stats.add(Counter::hole_faults);
+  stats.add(already_present ? Counter::faults_spurious : Counter::hole_faults);
+  // Wake only now, with every entry settled and the staging pages returned.
   wake(lo, (hi - lo) / kPageSize);
   return true;
 }

@@ -85,8 +85,8 @@ class PageTable {
   /// Bytes of page-table nodes allocated.
   std::size_t bytes() const { return nodes_.load(std::memory_order_relaxed) * kNodeBytes; }
 
-  /// Calls fn(vpn, entry) for every entry not in state none, in order, within
-  /// [first, first + count).
+  /// Calls fn(vpn, entry) for every entry that is not an unlocked none entry
+  /// (so locked holes are visited too), in order, within [first, first + count).
   template <class Fn>
   void for_each_populated(Vpn first, std::uint64_t count, Fn&& fn) const;
 

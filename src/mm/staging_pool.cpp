@@ -22,8 +22,12 @@ Status StagingPool::init(std::size_t reserve_bytes, std::size_t keep_bytes) {
   base_ = *base;
   reserve_bytes_ = reserve_bytes;
   keep_pages_ = keep_bytes / kPageSize;
-  // Huge pages in staging let a whole 2 MiB unit move as one entry.
-  (void)platform::advise(base_, reserve_bytes_, MADV_HUGEPAGE);
+  // No transparent huge pages of its own: touching one staging slot must
+  // populate that slot alone, or the pool's idea of which slots are empty
+  // would be wrong.  A huge page moved in whole from a managed range (an
+  // aligned 2 MiB move into an unused aligned block) stays huge all the
+  // same, and moves back whole.
+  (void)platform::advise(base_, reserve_bytes_, MADV_NOHUGEPAGE);
   UHMM_TRY(uffd_.register_range(base_, reserve_bytes_, UFFDIO_REGISTER_MODE_WP));
   MutexLock lock(mutex_);
   fresh_ = base_.value;
