@@ -52,9 +52,12 @@ struct AddressSpaceOptions {
   /// Populated staging memory kept warm for migrations back; beyond this,
   /// freed staging pages are returned to the kernel.
   std::size_t staging_keep_bytes = std::size_t{512} << 20;
-  /// Ask for transparent huge pages (MADV_HUGEPAGE) on regions uhmm maps,
-  /// so that 2 MiB units migrate whole.
-  bool transparent_huge_pages = true;
+  /// Ask for transparent huge pages (MADV_HUGEPAGE) on regions uhmm maps.
+  /// Off by default: uhmm fills holes page by page, and for an empty 2 MiB
+  /// unit of such a range the kernel allocates and zeroes a huge page on
+  /// every fault before it reports the fault to uhmm, then throws it away.
+  /// Huge pages the application brings (adopt) migrate whole either way.
+  bool transparent_huge_pages = false;
   /// A fault on a never-populated page zero-fills up to this many pages
   /// around it (within its aligned 2 MiB block and its region).
   std::size_t hole_fault_around_pages = kPagesPerHugePage;

@@ -40,7 +40,7 @@ struct SimDeviceOptions {
   bool warm_memory = true;
   /// Transfers smaller than this are copied by the calling thread: a
   /// hand-off to a DMA worker costs more than it saves.
-  std::size_t inline_copy_bytes = std::size_t{256} << 10;
+  std::size_t inline_copy_bytes = std::size_t{4} << 20;
   /// Pages migrate_to_ram brings back around a faulting page (within its
   /// aligned 2 MiB block and region).  1 disables fault-around.
   std::size_t fault_around_pages = kPagesPerHugePage;

@@ -1,0 +1,226 @@
+// bench_fault_latency: latency of a CPU read that faults ONE 4 KiB device
+// page back to system memory, against a raw userfaultfd round trip resolved
+// by the faulting thread itself (the floor on this platform).
+//
+// Each iteration takes one sample of each, interleaved:
+//   raw      an anonymous page registered (MISSING) with a userfaultfd opened
+//            with UFFD_FEATURE_SIGBUS; the first read raises SIGBUS and the
+//            handler UFFDIO_COPYs a 4 KiB page in; the page is then dropped
+//            (MADV_DONTNEED) so it can fault again later.
+//   uhmm     one page of a managed range migrated to the simulated device
+//            (fault_around_pages = 1; not timed), then one timed read.
+// Both are timed with steady_clock around a single volatile load.  The
+// counters give p50 and p99 of each (microseconds) and
+//   p50_x_raw = uhmm p50 / raw p50      (target <= 2)
+// plus uhmm's own service-time histogram (fault service's view) for
+// comparison.
+//
+// Environment: UHMM_BENCH_SAMPLES (default 20000), UHMM_BENCH_PAGES (pages
+// cycled through per side, default 1024), UHMM_BENCH_FAULT_THREADS
+// (AddressSpaceOptions::fault_threads; unset: the library's default).
+#include <benchmark/benchmark.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "bench_util.hpp"
+#include "uhmm/uhmm.hpp"
+
+namespace uhmm::bench {
+namespace {
+
+// ---- raw userfaultfd, resolved in the faulting thread's SIGBUS handler ----
+
+int g_raw_fd = -1;
+std::uintptr_t g_raw_lo = 0, g_raw_hi = 0;
+const unsigned char* g_raw_src = nullptr;
+
+void raw_sigbus(int sig, siginfo_t* si, void*) {
+  const auto a = reinterpret_cast<std::uintptr_t>(si->si_addr);
+  if (a < g_raw_lo || a >= g_raw_hi) {
+    // Not ours: let the default action happen on the re-fault.
+    signal(sig, SIG_DFL);
+    return;
+  }
+  const int saved = errno;
+  struct uffdio_copy c;
+  c.dst = a & ~(std::uintptr_t{kPageSize} - 1);
+  c.src = reinterpret_cast<std::uintptr_t>(g_raw_src);
+  c.len = kPageSize;
+  c.mode = 0;
+  c.copy = 0;
+  if (::ioctl(g_raw_fd, UFFDIO_COPY, &c) != 0 && errno != EEXIST) {
+    static const char msg[] = "bench_fault_latency: UFFDIO_COPY in SIGBUS handler failed\n";
+    (void)!::write(2, msg, sizeof msg - 1);
+    _exit(4);
+  }
+  errno = saved;
+}
+
+struct RawUffd {
+  explicit RawUffd(std::size_t npages) : len(npages * kPageSize) {
+    fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+    if (fd < 0) die("userfaultfd");
+    struct uffdio_api api;
+    std::memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_SIGBUS;
+    if (::ioctl(fd, UFFDIO_API, &api) != 0) die("UFFDIO_API(SIGBUS)");
+    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) die("mmap");
+    region = static_cast<unsigned char*>(p);
+    (void)::madvise(region, len, MADV_NOHUGEPAGE);
+    struct uffdio_register reg;
+    std::memset(&reg, 0, sizeof reg);
+    reg.range.start = reinterpret_cast<std::uintptr_t>(region);
+    reg.range.len = len;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) die("UFFDIO_REGISTER");
+    void* s = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (s == MAP_FAILED) die("mmap");
+    src = static_cast<unsigned char*>(s);
+    for (std::size_t i = 0; i < kPageSize / 8; ++i) reinterpret_cast<std::uint64_t*>(src)[i] = 0xabcdef01u + i;
+
+    g_raw_fd = fd;
+    g_raw_lo = reinterpret_cast<std::uintptr_t>(region);
+    g_raw_hi = g_raw_lo + len;
+    g_raw_src = src;
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = raw_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    if (::sigaction(SIGBUS, &sa, &old_action) != 0) die("sigaction");
+  }
+  ~RawUffd() {
+    (void)::sigaction(SIGBUS, &old_action, nullptr);
+    g_raw_lo = g_raw_hi = 0;
+    ::munmap(region, len);
+    ::munmap(src, kPageSize);
+    ::close(fd);
+  }
+  RawUffd(const RawUffd&) = delete;
+  RawUffd& operator=(const RawUffd&) = delete;
+
+  [[noreturn]] static void die(const char* what) {
+    std::fprintf(stderr, "bench_fault_latency: %s: %s\n", what, std::strerror(errno));
+    std::exit(3);
+  }
+
+  // One timed first read of a fresh page; the page is dropped afterwards.
+  double sample(std::size_t page, std::uint64_t* value) {
+    auto* p = reinterpret_cast<volatile std::uint64_t*>(region + page * kPageSize);
+    const auto t0 = Clock::now();
+    const std::uint64_t v = *p;
+    const auto t1 = Clock::now();
+    *value = v;
+    (void)::madvise(region + page * kPageSize, kPageSize, MADV_DONTNEED);
+    return std::chrono::duration<double, std::micro>(t1 - t0).count();
+  }
+
+  std::size_t len;
+  int fd = -1;
+  unsigned char* region = nullptr;
+  unsigned char* src = nullptr;
+  struct sigaction old_action;
+};
+
+// ---- the benchmark -------------------------------------------------------
+
+void BM_FaultLatency(benchmark::State& state) {
+  const std::size_t pages = env_count("UHMM_BENCH_PAGES", 1024);
+  const std::size_t len = pages * kPageSize;
+
+  AddressSpaceOptions aopt;
+  // 0 (the library's default): one fault-service thread per CPU.
+  aopt.fault_threads = static_cast<unsigned>(env_count("UHMM_BENCH_FAULT_THREADS", 0));
+  auto as = check(AddressSpace::create(aopt), "AddressSpace::create");
+  sim::SimDeviceOptions dopt;
+  dopt.memory_bytes = len + kHugePageSize;
+  dopt.warm_memory = true;
+  dopt.fault_around_pages = 1;  // exactly one page comes back per fault
+  auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
+  const VirtAddr base = check(as->map(len), "map");
+  auto* words = base.as<std::uint64_t>();
+  auto expected = [](std::size_t page) { return 0x1234567800000000ull + page; };
+  for (std::size_t p = 0; p < pages; ++p) words[p * (kPageSize / 8)] = expected(p);
+
+  RawUffd raw(pages);
+
+  // Warm-up pass over every page on both sides, not timed.
+  std::uint64_t v = 0;
+  for (std::size_t p = 0; p < pages; ++p) {
+    (void)raw.sample(p, &v);
+    check(dev->migrate_to_device(*as, base + p * kPageSize, kPageSize), "warm-up migrate_to_device");
+    v = *reinterpret_cast<volatile std::uint64_t*>(words + p * (kPageSize / 8));
+  }
+  as->stats().reset();
+
+  std::vector<double> raw_us, uhmm_us;
+  raw_us.reserve(static_cast<std::size_t>(state.max_iterations));
+  uhmm_us.reserve(static_cast<std::size_t>(state.max_iterations));
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const std::size_t p = i++ % pages;
+
+    raw_us.push_back(raw.sample(p, &v));
+    if (v != 0xabcdef01u) {
+      state.SkipWithError("raw userfaultfd page has the wrong data");
+      break;
+    }
+
+    const VirtAddr page = base + p * kPageSize;
+    auto rep = dev->migrate_to_device(*as, page, kPageSize);
+    if (!rep.is_ok() || rep->pages_migrated != 1) {
+      // A page still in transit from the previous fault (finalize runs
+      // after the access is woken): not a sample.
+      state.SkipWithError(rep.is_ok() ? "page did not move to the device" : rep.status().to_string().c_str());
+      break;
+    }
+    auto* w = reinterpret_cast<volatile std::uint64_t*>(page.as<std::uint64_t>());
+    const auto t0 = Clock::now();
+    const std::uint64_t got = *w;
+    const auto t1 = Clock::now();
+    const double us = std::chrono::duration<double, std::micro>(t1 - t0).count();
+    uhmm_us.push_back(us);
+    state.SetIterationTime(us * 1e-6);
+    if (got != expected(p)) {
+      state.SkipWithError("device page came back with the wrong data");
+      break;
+    }
+  }
+  if (uhmm_us.empty()) return;
+
+  const double raw_p50 = percentile(raw_us, 0.50), raw_p99 = percentile(raw_us, 0.99);
+  const double p50 = percentile(uhmm_us, 0.50), p99 = percentile(uhmm_us, 0.99);
+  const auto& h = as->stats().fault_latency();
+  state.counters["p50_us"] = p50;
+  state.counters["p99_us"] = p99;
+  state.counters["raw_p50_us"] = raw_p50;
+  state.counters["raw_p99_us"] = raw_p99;
+  state.counters["p50_x_raw"] = p50 / raw_p50;
+  state.counters["p99_x_raw"] = p99 / raw_p99;
+  state.counters["svc_p50_us"] = static_cast<double>(h.quantile(0.5).count()) / 1e3;
+  state.counters["svc_p99_us"] = static_cast<double>(h.quantile(0.99).count()) / 1e3;
+  state.counters["faults"] = static_cast<double>(as->stats().get(Counter::device_private_faults));
+}
+
+BENCHMARK(BM_FaultLatency)
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond)
+    ->Iterations(static_cast<benchmark::IterationCount>(env_count("UHMM_BENCH_SAMPLES", 20000)));
+
+}  // namespace
+}  // namespace uhmm::bench
+
+BENCHMARK_MAIN();

@@ -1,0 +1,152 @@
+// bench_fault_readback: fault-driven sequential read-back of a device-resident
+// buffer, against explicit migrate_to_system of the same bytes, measured
+// interleaved in the same iteration.
+//
+// Each iteration (the order of the two halves alternates between iterations):
+//   migrate_to_device (not timed)
+//   baseline: migrate_to_system of the whole buffer (timed)
+//   migrate_to_device (not timed)
+//   subject:  sequential CPU read of the whole buffer with a checksum; each
+//             first access to a device page faults (the sim brings back the
+//             aligned 2 MiB block around it) (timed)
+// Counters:
+//   fault_read_GBps, explicit_GBps      GB/s of each
+//   fault_x_explicit = fault_read_GBps / explicit_GBps   (target >= 0.8)
+//   fault_x_explicit_read: the same against explicit migrate_to_system
+//             followed by the same checksum read (both end with the data
+//             read by the CPU; informational)
+//
+// Environment: UHMM_BENCH_BYTES (default 256MiB, rounded up to 2 MiB),
+//              UHMM_BENCH_FAULT_THREADS (AddressSpaceOptions::fault_threads;
+//              unset: the library's default),
+//              UHMM_BENCH_ITERS (default 10).
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <thread>
+
+#include "bench_util.hpp"
+#include "uhmm/uhmm.hpp"
+
+namespace uhmm::bench {
+namespace {
+
+std::size_t bench_bytes() {
+  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
+  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
+}
+
+std::uint64_t pattern(std::size_t i) { return i * 0x9E3779B97F4A7C15ull; }
+
+// Reads every word (a real read, not one load per page).
+std::uint64_t checksum(const std::uint64_t* w, std::size_t nwords) {
+  std::uint64_t a = 0, b = 0;
+  for (std::size_t i = 0; i < nwords; i += 2) {
+    a += w[i];
+    b ^= w[i + 1];
+  }
+  return a + b;
+}
+
+// Waits until the device holds no page of ours: finalize of the last
+// fault-around block may still run after the reader has been woken.
+bool settle(sim::SimDevice& dev, std::uint64_t total_pages) {
+  for (int i = 0; i < 20000; ++i) {
+    if (dev.free_pages() == total_pages) return true;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  return false;
+}
+
+void BM_FaultReadback(benchmark::State& state) {
+  const std::size_t bytes = bench_bytes();
+  const std::uint64_t npages = bytes / kPageSize;
+  const std::size_t nwords = bytes / 8;
+
+  AddressSpaceOptions aopt;
+  // 0 (the library's default): one fault-service thread per CPU.
+  aopt.fault_threads = static_cast<unsigned>(env_count("UHMM_BENCH_FAULT_THREADS", 0));
+  auto as = check(AddressSpace::create(aopt), "AddressSpace::create");
+  sim::SimDeviceOptions dopt;
+  dopt.memory_bytes = bytes + kHugePageSize;
+  dopt.warm_memory = true;
+  auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
+  const std::uint64_t dev_pages = dev->free_pages();
+  const VirtAddr base = check(as->map(bytes), "map");
+  auto* words = base.as<std::uint64_t>();
+  for (std::size_t i = 0; i < nwords; ++i) words[i] = pattern(i);
+  const std::uint64_t want = checksum(words, nwords);
+
+  auto to_device = [&]() -> bool {
+    auto r = dev->migrate_to_device(*as, base, bytes);
+    return r.is_ok() && r->pages_migrated == npages;
+  };
+
+  // Warm-up: one round each way, not timed.
+  check(dev->migrate_to_device(*as, base, bytes), "warm-up migrate_to_device");
+  if (checksum(words, nwords) != want || !settle(*dev, dev_pages)) {
+    state.SkipWithError("warm-up read-back failed");
+    return;
+  }
+
+  double t_explicit = 0, t_explicit_read = 0, t_fault = 0;
+  std::uint64_t n = 0;
+  for (auto _ : state) {
+    for (int half = 0; half < 2; ++half) {
+      const bool explicit_half = (half == 0) == (n % 2 == 0);
+      if (!to_device()) {
+        state.SkipWithError("not every page moved to the device");
+        return;
+      }
+      if (explicit_half) {
+        const auto t0 = Clock::now();
+        auto r = dev->migrate_to_system(*as, base, bytes);
+        const double t_mig = seconds_since(t0);
+        const std::uint64_t sum = checksum(words, nwords);
+        t_explicit_read += seconds_since(t0);
+        t_explicit += t_mig;
+        if (!r.is_ok() || r->pages_migrated != npages || sum != want) {
+          state.SkipWithError("explicit migrate_to_system failed or lost data");
+          return;
+        }
+      } else {
+        const auto t0 = Clock::now();
+        const std::uint64_t sum = checksum(words, nwords);
+        const double t = seconds_since(t0);
+        t_fault += t;
+        state.SetIterationTime(t);
+        if (sum != want) {
+          state.SkipWithError("fault-driven read-back returned wrong data");
+          return;
+        }
+        if (!settle(*dev, dev_pages)) {
+          state.SkipWithError("device pages still in use long after the read-back");
+          return;
+        }
+      }
+    }
+    ++n;
+  }
+  if (n == 0) return;
+
+  const double gb = static_cast<double>(bytes) * static_cast<double>(n) / 1e9;
+  state.counters["MiB"] = static_cast<double>(bytes >> 20);
+  state.counters["fault_read_GBps"] = gb / t_fault;
+  state.counters["explicit_GBps"] = gb / t_explicit;
+  state.counters["explicit_read_GBps"] = gb / t_explicit_read;
+  state.counters["fault_x_explicit"] = t_explicit / t_fault;
+  state.counters["fault_x_explicit_read"] = t_explicit_read / t_fault;
+  state.counters["faults_per_iter"] =
+      static_cast<double>(as->stats().get(Counter::device_private_faults)) / static_cast<double>(n + 1);
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes * n));
+}
+
+BENCHMARK(BM_FaultReadback)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(static_cast<benchmark::IterationCount>(env_count("UHMM_BENCH_ITERS", 10)));
+
+}  // namespace
+}  // namespace uhmm::bench
+
+BENCHMARK_MAIN();

@@ -1,0 +1,109 @@
+// bench/bench_util.hpp: small helpers shared by the benchmark programs
+// (environment overrides, size parsing, percentiles, failing loudly).
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "uhmm/status.hpp"
+
+namespace uhmm::bench {
+
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+/// "256MiB", "2M", "1GiB", "4096", "64KiB" -> bytes (binary units; KB/MB/GB
+/// are decimal).  0 on a malformed string.
+inline std::size_t parse_size(std::string_view s) {
+  std::size_t i = 0;
+  std::uint64_t v = 0;
+  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
+    v = v * 10 + static_cast<std::uint64_t>(s[i] - '0');
+    ++i;
+  }
+  if (i == 0) return 0;
+  std::string unit;
+  for (; i < s.size(); ++i) unit += static_cast<char>(std::tolower(static_cast<unsigned char>(s[i])));
+  if (unit.empty() || unit == "b") return v;
+  if (unit == "k" || unit == "kib") return v << 10;
+  if (unit == "m" || unit == "mib") return v << 20;
+  if (unit == "g" || unit == "gib") return v << 30;
+  if (unit == "kb") return v * 1000;
+  if (unit == "mb") return v * 1000 * 1000;
+  if (unit == "gb") return v * 1000 * 1000 * 1000;
+  return 0;
+}
+
+/// A size from the environment variable `name`, or `fallback`.
+inline std::size_t env_size(const char* name, std::size_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  const std::size_t s = parse_size(v);
+  if (s == 0) {
+    std::fprintf(stderr, "%s=%s: not a size (e.g. 256MiB)\n", name, v);
+    std::exit(2);
+  }
+  return s;
+}
+
+/// A count from the environment variable `name`, or `fallback`.
+inline std::uint64_t env_count(const char* name, std::uint64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(v, &end, 10);
+  if (end == v || *end != '\0') {
+    std::fprintf(stderr, "%s=%s: not a count\n", name, v);
+    std::exit(2);
+  }
+  return n;
+}
+
+/// Aborts the benchmark run with a clear message when a library call fails.
+inline void check(const Status& s, const char* what) {
+  if (!s.is_ok()) {
+    std::fprintf(stderr, "bench: %s failed: %s\n", what, s.to_string().c_str());
+    std::exit(3);
+  }
+}
+template <class T>
+T check(Result<T> r, const char* what) {
+  check(r.status(), what);
+  return std::move(r).value();
+}
+
+/// Quantile q in [0,1] of `v` (sorted in place), nearest rank.
+inline double percentile(std::vector<double>& v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  std::size_t k = static_cast<std::size_t>(q * static_cast<double>(v.size()));
+  if (k >= v.size()) k = v.size() - 1;
+  return v[k];
+}
+
+/// memcpy in `chunk`-byte pieces (the copy bandwidth baseline).
+inline void chunked_memcpy(void* dst, const void* src, std::size_t len, std::size_t chunk) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  for (std::size_t off = 0; off < len; off += chunk) {
+    const std::size_t n = std::min(chunk, len - off);
+    std::memcpy(d + off, s + off, n);
+  }
+  benchmark::ClobberMemory();
+}
+
+}  // namespace uhmm::bench
