@@ -62,6 +62,15 @@ class Installer {
           continue;
         }
       }
+      // Whole aligned blocks: every page of them is absent and locked by
+      // this migration, so their page tables can go and huge pages move in
+      // whole.
+      if ((r.managed.value & (kHugePageSize - 1)) == (r.slot.value & (kHugePageSize - 1))) {
+        const VirtAddr end = r.managed + r.pages * kPageSize;
+        for (VirtAddr b{(r.managed.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
+             b = b + kHugePageSize)
+          as_.as_empty_block(b);
+      }
       std::size_t done = 0;
       while (done < r.pages) {
         const VirtAddr slot = r.slot + done * kPageSize;
@@ -152,9 +161,18 @@ void* migrate_pfn_to_host(std::uint64_t entry) {
 }
 
 Status alloc_system_pages(AddressSpace& as, std::span<std::uint64_t> pfns_out) {
-  std::vector<mm::SlotRun> runs;
-  UHMM_TRY(as.impl().staging.take_ready(pfns_out.size(), runs));
   std::size_t i = 0;
+  // Whole 2 MiB blocks first: copies into huge pages are faster, and a block
+  // that lands on an aligned managed block moves in as one entry.
+  VirtAddr block;
+  while (pfns_out.size() - i >= kPagesPerHugePage && as.impl().staging.take_block(true, &block).is_ok()) {
+    for (std::size_t k = 0; k < kPagesPerHugePage; ++k) pfns_out[i++] = (block + k * kPageSize).value >> kPageShift;
+  }
+  std::vector<mm::SlotRun> runs;
+  if (Status s = as.impl().staging.take_ready(pfns_out.size() - i, runs); !s) {
+    free_system_pages(as, pfns_out.first(i));
+    return s;
+  }
   for (const mm::SlotRun& r : runs)
     for (std::size_t k = 0; k < r.pages; ++k) pfns_out[i++] = (r.start + k * kPageSize).value >> kPageShift;
   return Status::ok();
@@ -245,68 +263,103 @@ Status migrate_vma_setup(MigrateVma& m) {
     }
   }
 
-  // Pass 2: take the system pages away from the CPU, in runs.
-  if (!system_pages.empty()) {
-    std::vector<mm::SlotRun> slots;
-    if (!as.staging.take_empty(system_pages.size(), slots).is_ok()) {
-      for (std::uint64_t i : system_pages) {
-        const VirtAddr addr = m.start + i * kPageSize;
-        as.unlock_and_wake(*as.table.slot(addr.vpn(), false), PageEntry::system(), addr);
-      }
-      system_pages.clear();
-    }
-    std::size_t run_index = 0, run_offset = 0, k = 0;
-    while (k < system_pages.size()) {
-      // A group: consecutive indices and consecutive slots.
-      const VirtAddr slot0 = slots[run_index].start + run_offset * kPageSize;
+  // Pass 2: take the system pages away from the CPU, in pieces of
+  // consecutive pages moving into consecutive staging slots.  A whole
+  // aligned 2 MiB block gets a block of the staging pool's huge lane, so a
+  // huge page moves as one entry and stays huge.
+  struct Piece {
+    std::size_t k;  // first index into system_pages
+    std::size_t len;
+    VirtAddr slot;
+  };
+  std::vector<Piece> pieces;
+  {
+    std::vector<std::pair<std::size_t, std::size_t>> small;  // (k, len) needing 4 KiB slots
+    std::size_t small_pages = 0;
+    for (std::size_t k = 0; k < system_pages.size();) {
       std::size_t len = 1;
-      while (k + len < system_pages.size() && system_pages[k + len] == system_pages[k] + len &&
-             run_offset + len < slots[run_index].pages)
-        ++len;
-      const VirtAddr addr0 = m.start + system_pages[k] * kPageSize;
-      std::size_t done = 0;
-      while (done < len) {
-        const platform::PartialResult r =
-            as.move_out(addr0 + done * kPageSize, slot0 + done * kPageSize, len - done);
-        const std::size_t moved = r.bytes_done / kPageSize;
-        for (std::size_t j = 0; j < moved; ++j) {
-          const std::uint64_t i = system_pages[k + done + j];
-          m.src[i] = migrate_pfn((slot0 + (done + j) * kPageSize).value >> kPageShift) | MIGRATE_PFN_MIGRATE |
-                     (writable ? MIGRATE_PFN_WRITE : 0);
+      while (k + len < system_pages.size() && system_pages[k + len] == system_pages[k] + len) ++len;
+      for (std::size_t pos = k; pos < k + len;) {
+        const VirtAddr a = m.start + system_pages[pos] * kPageSize;
+        VirtAddr block;
+        if (a.huge_aligned() && k + len - pos >= kPagesPerHugePage && as.staging.take_block(false, &block).is_ok()) {
+          pieces.push_back(Piece{pos, kPagesPerHugePage, block});
+          pos += kPagesPerHugePage;
+          continue;
         }
-        if (addr0.huge_aligned() && slot0.huge_aligned() && done == 0)
-          as.stats.add(Counter::thp_migration_success, moved / kPagesPerHugePage);
-        done += moved;
-        if (r.error == 0) break;
-        // The page at `done` did not move.
-        const std::uint64_t i = system_pages[k + done];
-        const VirtAddr addr = m.start + i * kPageSize;
-        mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-        // A slot the kernel found occupied (EEXIST) holds a page: keep the
-        // pool's books right.
-        if (r.error == EEXIST) {
-          as.staging.give_back_ready(slot0 + done * kPageSize, 1);
-        } else {
-          as.staging.give_back_empty(slot0 + done * kPageSize, 1);
-        }
-        if (r.error == ENOENT) {
-          // Not populated after all: a hole.
-          as.unlock_and_wake(*slot, PageEntry::none(), addr);
-          m.src[i] = MIGRATE_PFN_MIGRATE;
-          as.stats.add(Counter::migrate_holes);
-        } else {
-          // EBUSY: pinned, or shared with a forked child.  Stays where it is.
-          as.unlock_and_wake(*slot, PageEntry::system(), addr);
-          as.stats.add(Counter::migrate_skipped_pinned);
-        }
-        ++done;
+        const std::size_t to_boundary = ((a.huge_down() + kHugePageSize) - a) / kPageSize;
+        const std::size_t n_small = std::min(k + len - pos, to_boundary);
+        small.emplace_back(pos, n_small);
+        small_pages += n_small;
+        pos += n_small;
       }
       k += len;
-      run_offset += len;
-      if (run_index < slots.size() && run_offset == slots[run_index].pages) {
-        ++run_index;
-        run_offset = 0;
+    }
+    std::vector<mm::SlotRun> runs;
+    if (small_pages > 0 && as.staging.take_empty(small_pages, runs).is_ok()) {
+      std::size_t r = 0, used = 0;
+      for (auto [k, len] : small) {
+        while (len > 0) {
+          const std::size_t n_here = std::min(len, runs[r].pages - used);
+          pieces.push_back(Piece{k, n_here, runs[r].start + used * kPageSize});
+          k += n_here;
+          len -= n_here;
+          used += n_here;
+          if (used == runs[r].pages) {
+            ++r;
+            used = 0;
+          }
+        }
       }
+    } else {
+      // No staging memory: these pages stay where they are.
+      for (auto [k, len] : small) {
+        for (std::size_t j = k; j < k + len; ++j) {
+          const VirtAddr addr = m.start + system_pages[j] * kPageSize;
+          as.unlock_and_wake(*as.table.slot(addr.vpn(), false), PageEntry::system(), addr);
+        }
+      }
+    }
+  }
+  for (const Piece& piece : pieces) {
+    const std::size_t k = piece.k;
+    const std::size_t len = piece.len;
+    const VirtAddr slot0 = piece.slot;
+    const VirtAddr addr0 = m.start + system_pages[k] * kPageSize;
+    std::size_t done = 0;
+    while (done < len) {
+      const platform::PartialResult r = as.move_out(addr0 + done * kPageSize, slot0 + done * kPageSize, len - done);
+      const std::size_t moved = r.bytes_done / kPageSize;
+      for (std::size_t j = 0; j < moved; ++j) {
+        const std::uint64_t i = system_pages[k + done + j];
+        m.src[i] = migrate_pfn((slot0 + (done + j) * kPageSize).value >> kPageShift) | MIGRATE_PFN_MIGRATE |
+                   (writable ? MIGRATE_PFN_WRITE : 0);
+      }
+      if (len == kPagesPerHugePage && moved == kPagesPerHugePage) as.stats.add(Counter::thp_migration_success);
+      done += moved;
+      if (r.error == 0) break;
+      // The page at `done` did not move.
+      const std::uint64_t i = system_pages[k + done];
+      const VirtAddr addr = m.start + i * kPageSize;
+      mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+      // A slot the kernel found occupied (EEXIST) holds a page: keep the
+      // pool's books right.
+      if (r.error == EEXIST) {
+        as.staging.give_back_ready(slot0 + done * kPageSize, 1);
+      } else {
+        as.staging.give_back_empty(slot0 + done * kPageSize, 1);
+      }
+      if (r.error == ENOENT) {
+        // Not populated after all: a hole.
+        as.unlock_and_wake(*slot, PageEntry::none(), addr);
+        m.src[i] = MIGRATE_PFN_MIGRATE;
+        as.stats.add(Counter::migrate_holes);
+      } else {
+        // EBUSY: pinned, or shared with a forked child.  Stays where it is.
+        as.unlock_and_wake(*slot, PageEntry::system(), addr);
+        as.stats.add(Counter::migrate_skipped_pinned);
+      }
+      ++done;
     }
   }
 

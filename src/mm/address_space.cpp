@@ -95,6 +95,13 @@ platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr mana
 
 void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) { (void)uffd.wake(start, pages * kPageSize); }
 
+void AddressSpace::Impl::as_empty_block(VirtAddr block) {
+  // With CONFIG_PT_RECLAIM (Linux >= 6.14) MADV_DONTNEED frees the empty
+  // page table, so a huge page can then move in as one entry; elsewhere it
+  // changes nothing.  No REMOVE events are requested on the managed uffd.
+  (void)platform::advise(block, kHugePageSize, MADV_DONTNEED);
+}
+
 void AddressSpace::Impl::clear_poison(VirtAddr addr) {
   // MADV_DONTNEED zaps the poison marker; no REMOVE events are requested on
   // the managed uffd, so this never waits for an event reader.

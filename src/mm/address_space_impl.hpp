@@ -93,6 +93,9 @@ struct AddressSpace::Impl {
   void wake(VirtAddr start, std::size_t pages);
   /// Removes a SIGBUS marker so a page can be installed again.
   void clear_poison(VirtAddr addr);
+  /// Drops the page table of an aligned 2 MiB managed block whose every page
+  /// is absent and locked by the caller, so that a huge page can move in whole.
+  void as_empty_block(VirtAddr block);
 
   /// Unlocks an entry and wakes a fault asleep on it.
   void unlock_and_wake(mm::EntrySlot& slot, mm::PageEntry after, VirtAddr addr);

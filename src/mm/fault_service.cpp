@@ -201,6 +201,22 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
     lo = VirtAddr{lo.value - kPageSize};
 
   VirtAddr cur = lo;
+  // A whole aligned 2 MiB hole is filled with a huge page: the kernel zeroes
+  // a block of the staging pool's huge lane, and one move installs it.
+  VirtAddr fill_block;
+  if (was_hole && lo.huge_aligned() && hi - lo == kHugePageSize && staging.take_block(false, &fill_block).is_ok()) {
+    std::size_t moved = 0;
+    // The faulting access made the kernel allocate an (empty) page table
+    // for the block; a huge page can only move in whole once it is gone.
+    // Every page of the block is a locked hole, so there is nothing to lose.
+    if (!region.info.adopted) as_empty_block(lo);
+    if (platform::advise(fill_block, kHugePageSize, MADV_POPULATE_WRITE).is_ok()) {
+      moved = move_in(fill_block, lo, kPagesPerHugePage, /*wake=*/false).bytes_done / kPageSize;
+    }
+    staging.give_back_empty(fill_block, moved);
+    staging.give_back_ready(fill_block + moved * kPageSize, kPagesPerHugePage - moved);
+    cur = cur + moved * kPageSize;  // the rest, if any, is copied below
+  }
   // Fill [lo, hi) with zeros; a page that turns out present (the
   // kernel says EEXIST) is simply kept.
   bool already_present = false;

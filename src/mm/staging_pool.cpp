@@ -22,15 +22,15 @@ Status StagingPool::init(std::size_t reserve_bytes, std::size_t keep_bytes) {
   base_ = *base;
   reserve_bytes_ = reserve_bytes;
   keep_pages_ = keep_bytes / kPageSize;
-  // No transparent huge pages of its own: touching one staging slot must
-  // populate that slot alone, or the pool's idea of which slots are empty
-  // would be wrong.  A huge page moved in whole from a managed range (an
-  // aligned 2 MiB move into an unused aligned block) stays huge all the
-  // same, and moves back whole.
-  (void)platform::advise(base_, reserve_bytes_, MADV_NOHUGEPAGE);
+  huge_base_ = base_;
+  huge_bytes_ = (reserve_bytes_ / 2) & ~(kHugePageSize - 1);
+  small_base_ = base_ + huge_bytes_;
+  (void)platform::advise(huge_base_, huge_bytes_, MADV_HUGEPAGE);
+  (void)platform::advise(small_base_, reserve_bytes_ - huge_bytes_, MADV_NOHUGEPAGE);
   UHMM_TRY(uffd_.register_range(base_, reserve_bytes_, UFFDIO_REGISTER_MODE_WP));
   MutexLock lock(mutex_);
-  fresh_ = base_.value;
+  fresh_ = small_base_.value;
+  fresh_huge_ = huge_base_.value;
   return Status::ok();
 }
 
@@ -92,7 +92,7 @@ std::size_t StagingPool::take_from(RunMap& runs, std::size_t pages, std::vector<
 }
 
 std::size_t StagingPool::take_fresh(std::size_t pages, std::vector<SlotRun>& out) {
-  const std::uintptr_t limit = base_.value + reserve_bytes_;
+  const std::uintptr_t limit = base_.value + reserve_bytes_;  // the small lane's end
   const std::size_t avail = (limit - fresh_) / kPageSize;
   const std::size_t n = std::min(avail, pages);
   if (n == 0) return 0;
@@ -167,8 +167,81 @@ Status StagingPool::take_ready(std::size_t pages, std::vector<SlotRun>& out) {
   return Status::ok();
 }
 
+Status StagingPool::take_block(bool ready, VirtAddr* block) {
+  bool populate = false;
+  {
+    MutexLock lock(mutex_);
+    std::uintptr_t b = 0;
+    if (ready && !huge_ready_.empty()) {
+      b = huge_ready_.back();
+      huge_ready_.pop_back();
+      ready_pages_ -= kPagesPerHugePage;
+    } else if (!huge_empty_.empty()) {
+      b = huge_empty_.back();
+      huge_empty_.pop_back();
+      populate = ready;
+    } else if (fresh_huge_ + kHugePageSize <= huge_base_.value + huge_bytes_) {
+      b = fresh_huge_;
+      fresh_huge_ += kHugePageSize;
+      populate = ready;
+    } else {
+      return Status::error(ENOMEM, "no free staging block");
+    }
+    huge_out_[b] = BlockReturn{};
+    taken_pages_ += kPagesPerHugePage;
+    *block = VirtAddr{b};
+  }
+  if (populate) {
+    if (Status s = platform::advise(*block, kHugePageSize, MADV_POPULATE_WRITE); !s) {
+      for (std::size_t i = 0; i < kPagesPerHugePage; ++i) *(*block + i * kPageSize).as<volatile char>() = 0;
+    }
+  }
+  return Status::ok();
+}
+
+void StagingPool::give_back_huge(VirtAddr start, std::size_t pages, bool ready) {
+  // A run may span blocks handed out next to each other: account per block.
+  while (pages > 0) {
+    const VirtAddr block_end = start.huge_down() + kHugePageSize;
+    const std::size_t here = std::min(pages, (block_end - start) / kPageSize);
+    give_back_to_block(start, here, ready);
+    start = start + here * kPageSize;
+    pages -= here;
+  }
+}
+
+void StagingPool::give_back_to_block(VirtAddr start, std::size_t pages, bool ready) {
+  const std::uintptr_t b = start.huge_down().value;
+  bool drop = false;
+  {
+    MutexLock lock(mutex_);
+    auto it = huge_out_.find(b);
+    UHMM_CHECK(it != huge_out_.end(), "staging block given back but not taken");
+    (ready ? it->second.ready : it->second.empty) += pages;
+    UHMM_DCHECK(taken_pages_ >= pages, "staging accounting");
+    taken_pages_ -= pages;
+    const BlockReturn back = it->second;
+    if (back.empty + back.ready < kPagesPerHugePage) return;
+    huge_out_.erase(it);
+    if (back.empty == kPagesPerHugePage) {
+      huge_empty_.push_back(b);
+      return;
+    }
+    if (back.ready == kPagesPerHugePage && ready_pages_ + kPagesPerHugePage <= keep_pages_) {
+      huge_ready_.push_back(b);
+      ready_pages_ += kPagesPerHugePage;
+      return;
+    }
+    drop = true;  // mixed, or over the keep limit: make the whole block empty
+  }
+  if (drop) (void)platform::advise(VirtAddr{b}, kHugePageSize, MADV_DONTNEED);
+  MutexLock lock(mutex_);
+  huge_empty_.push_back(b);
+}
+
 void StagingPool::give_back_empty(VirtAddr start, std::size_t pages) {
   if (pages == 0) return;
+  if (in_huge_lane(start)) return give_back_huge(start, pages, false);
   MutexLock lock(mutex_);
   UHMM_DCHECK(taken_pages_ >= pages, "staging accounting");
   taken_pages_ -= pages;
@@ -177,6 +250,7 @@ void StagingPool::give_back_empty(VirtAddr start, std::size_t pages) {
 
 void StagingPool::give_back_ready(VirtAddr start, std::size_t pages) {
   if (pages == 0) return;
+  if (in_huge_lane(start)) return give_back_huge(start, pages, true);
   bool drop = false;
   {
     MutexLock lock(mutex_);

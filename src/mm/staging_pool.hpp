@@ -14,7 +14,18 @@
 // to the migration that took them until given back.  Ready pages beyond the
 // keep limit are returned to the kernel.
 //
-// Concurrency: thread safe; one mutex (rank kStaging) guards the free runs.
+// Two lanes share the reservation:
+//   * the small lane (MADV_NOHUGEPAGE) hands out runs of 4 KiB slots; touching
+//     one slot populates that slot alone, so the pool's books stay right;
+//   * the huge lane (MADV_HUGEPAGE) hands out whole 2 MiB-aligned blocks only.
+//     A huge page moved out of a managed range lands in an empty block as one
+//     entry, a block populated whole is one huge page, and moving it into an
+//     aligned managed block keeps it huge: copies run between huge pages
+//     (on a VM, ~40 % faster than through 4 KiB pages) and a move costs one
+//     TLB flush instead of 512.  Parts of a block may come back separately;
+//     the block returns to its free list once all of it is back.
+//
+// Concurrency: thread safe; one mutex (rank kStaging) guards the free lists.
 #pragma once
 
 #include <cstddef>
@@ -48,6 +59,10 @@ class StagingPool {
   Status take_empty(std::size_t pages, std::vector<SlotRun>& out);
   /// Appends runs totalling `pages` populated slots (contents undefined).
   Status take_ready(std::size_t pages, std::vector<SlotRun>& out);
+  /// A whole 2 MiB-aligned block from the huge lane: empty (a MOVE
+  /// destination that can take a huge page whole) or, with `ready`,
+  /// populated (a huge page when the kernel has one).  ENOMEM when none.
+  Status take_block(bool ready, VirtAddr* block);
   /// The slots hold no page any more.
   void give_back_empty(VirtAddr start, std::size_t pages);
   /// The slots hold pages nobody uses.
@@ -62,10 +77,16 @@ class StagingPool {
   static void insert_run(RunMap& runs, std::uintptr_t start, std::size_t pages);
   static std::size_t take_from(RunMap& runs, std::size_t pages, std::vector<SlotRun>& out);
   std::size_t take_fresh(std::size_t pages, std::vector<SlotRun>& out) UHMM_REQUIRES(mutex_);
+  bool in_huge_lane(VirtAddr a) const { return a >= huge_base_ && a < huge_base_ + huge_bytes_; }
+  void give_back_huge(VirtAddr start, std::size_t pages, bool ready);
+  void give_back_to_block(VirtAddr start, std::size_t pages, bool ready);
 
   platform::Uffd uffd_;
-  VirtAddr base_;
+  VirtAddr base_;  // the whole reservation: huge lane first, then small lane
   std::size_t reserve_bytes_ = 0;
+  VirtAddr huge_base_;
+  std::size_t huge_bytes_ = 0;
+  VirtAddr small_base_;
   std::size_t keep_pages_ = 0;
 
   mutable Mutex mutex_{LockRank::kStaging};
@@ -74,6 +95,16 @@ class StagingPool {
   RunMap ready_ UHMM_GUARDED_BY(mutex_);
   std::size_t ready_pages_ UHMM_GUARDED_BY(mutex_) = 0;
   std::size_t taken_pages_ UHMM_GUARDED_BY(mutex_) = 0;
+  // Huge lane.
+  std::uintptr_t fresh_huge_ UHMM_GUARDED_BY(mutex_) = 0;
+  std::vector<std::uintptr_t> huge_empty_ UHMM_GUARDED_BY(mutex_);
+  std::vector<std::uintptr_t> huge_ready_ UHMM_GUARDED_BY(mutex_);
+  struct BlockReturn {
+    std::size_t empty = 0;
+    std::size_t ready = 0;
+  };
+  // Blocks handed out, with what has come back of them so far.
+  std::map<std::uintptr_t, BlockReturn> huge_out_ UHMM_GUARDED_BY(mutex_);
 };
 
 }  // namespace uhmm::mm

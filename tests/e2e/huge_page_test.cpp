@@ -79,5 +79,36 @@ TEST(HugePages, AdoptedHugePagesRoundTripWhole) {
   munmap(raw, len + kHugePageSize);
 }
 
+// A whole aligned 2 MiB hole is filled with one huge page (where the kernel
+// can drop the empty page table the fault left: CONFIG_PT_RECLAIM), and the
+// unit then migrates and faults back whole.
+TEST(HugePages, WholeBlockHoleFaultFillsAHugePageThatStaysHuge) {
+  if (!thp_available()) GTEST_SKIP() << "transparent huge pages disabled";
+  auto as = std::move(*AddressSpace::create());
+  sim::SimDeviceOptions o;
+  o.memory_bytes = 16 << 20;
+  o.warm_memory = false;
+  auto dev = std::move(*sim::SimDevice::create(o));
+  const std::size_t len = 4 << 20;
+  auto base = as->map(len);
+  ASSERT_TRUE(base.is_ok());
+  auto* p = base->as<std::uint64_t>();
+  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i ^ 0x5555;
+  EXPECT_EQ(as->stats().get(Counter::hole_faults), len / kHugePageSize);  // one fault per block
+  const std::size_t huge = anon_huge_kib(p);
+  if (huge == 0) GTEST_SKIP() << "no huge page (no CONFIG_PT_RECLAIM, or memory fragmented)";
+  EXPECT_EQ(huge, len / 1024);
+
+  ASSERT_TRUE(dev->migrate_to_device(*as, *base, len).is_ok());
+  EXPECT_EQ(anon_huge_kib(p), 0u);
+  // Fault the first block back: it returns whole, as a huge page.
+  EXPECT_EQ(p[5], 5u ^ 0x5555);
+  EXPECT_EQ(anon_huge_kib(p), kHugePageSize / 1024);
+  ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+  EXPECT_EQ(anon_huge_kib(p), len / 1024);
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i ^ 0x5555) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
 }  // namespace
 }  // namespace uhmm
