@@ -267,5 +267,82 @@ TEST_F(StagingPoolTest, ConcurrentTakesNeverShareSlots) {
   EXPECT_LE(pool.ready_pages(), kKeepPages);
 }
 
+// The huge lane: whole 2 MiB blocks, taken back in parts.
+struct StagingHugeLaneTest : ::testing::Test {
+  // 8 MiB: a huge lane of 4 MiB (two blocks) and a small lane of 4 MiB.
+  void SetUp() override {
+    Status s = pool.init(std::size_t{8} << 20, std::size_t{4} << 20);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+  }
+  StagingPool pool;
+};
+
+TEST_F(StagingHugeLaneTest, BlocksAreAlignedDistinctAndRunOut) {
+  VirtAddr a, b, c;
+  ASSERT_TRUE(pool.take_block(false, &a).is_ok());
+  ASSERT_TRUE(pool.take_block(false, &b).is_ok());
+  EXPECT_TRUE(a.huge_aligned());
+  EXPECT_TRUE(b.huge_aligned());
+  EXPECT_NE(a, b);
+  EXPECT_EQ(pool.taken_pages(), 2 * kPagesPerHugePage);
+  EXPECT_EQ(pool.take_block(false, &c).code(), ENOMEM);
+  EXPECT_EQ(resident(SlotRun{a, kPagesPerHugePage}), 0u);  // empty blocks hold no page
+  pool.give_back_empty(a, kPagesPerHugePage);
+  pool.give_back_empty(b, kPagesPerHugePage);
+  EXPECT_EQ(pool.taken_pages(), 0u);
+  ASSERT_TRUE(pool.take_block(false, &c).is_ok());  // reusable
+  pool.give_back_empty(c, kPagesPerHugePage);
+}
+
+TEST_F(StagingHugeLaneTest, ReadyBlockIsPopulatedAndComesBackReady) {
+  VirtAddr a;
+  ASSERT_TRUE(pool.take_block(true, &a).is_ok());
+  EXPECT_EQ(resident(SlotRun{a, kPagesPerHugePage}), kPagesPerHugePage);
+  std::memset(a.ptr(), 0x3c, kHugePageSize);  // writable
+  pool.give_back_ready(a, kPagesPerHugePage);
+  EXPECT_EQ(pool.ready_pages(), kPagesPerHugePage);
+  VirtAddr again;
+  ASSERT_TRUE(pool.take_block(true, &again).is_ok());
+  EXPECT_EQ(again, a);  // the warm block is reused first
+  EXPECT_EQ(*a.as<unsigned char>(), 0x3c);
+  pool.give_back_ready(again, kPagesPerHugePage);
+}
+
+TEST_F(StagingHugeLaneTest, PartsComeBackAndAMixedBlockIsEmptied) {
+  VirtAddr a;
+  ASSERT_TRUE(pool.take_block(true, &a).is_ok());
+  // Part of the block moved away (empty), part is still populated (ready),
+  // returned in pieces and out of order.
+  pool.give_back_ready(a + 100 * kPageSize, 412);
+  EXPECT_EQ(pool.taken_pages(), 100u);
+  pool.give_back_empty(a, 100);
+  EXPECT_EQ(pool.taken_pages(), 0u);
+  EXPECT_EQ(pool.ready_pages(), 0u);  // a mixed block is not kept warm...
+  EXPECT_EQ(resident(SlotRun{a, kPagesPerHugePage}), 0u);  // ...it is emptied whole
+  VirtAddr b;
+  ASSERT_TRUE(pool.take_block(false, &b).is_ok());
+  EXPECT_EQ(b, a);
+  pool.give_back_empty(b, kPagesPerHugePage);
+}
+
+TEST_F(StagingHugeLaneTest, ARunAcrossTwoAdjacentBlocksIsAccountedPerBlock) {
+  VirtAddr a, b;
+  ASSERT_TRUE(pool.take_block(false, &a).is_ok());
+  ASSERT_TRUE(pool.take_block(false, &b).is_ok());
+  const VirtAddr lo = std::min(a, b);
+  const VirtAddr hi = std::max(a, b);
+  ASSERT_EQ(hi, lo + kHugePageSize) << "fresh blocks are handed out in order";
+  pool.give_back_empty(lo + 256 * kPageSize, 512);  // the second half of one, the first half of the other
+  EXPECT_EQ(pool.taken_pages(), 512u);
+  pool.give_back_empty(lo, 256);
+  pool.give_back_empty(hi + 256 * kPageSize, 256);
+  EXPECT_EQ(pool.taken_pages(), 0u);
+  VirtAddr c, d;
+  ASSERT_TRUE(pool.take_block(false, &c).is_ok());
+  ASSERT_TRUE(pool.take_block(false, &d).is_ok());
+  pool.give_back_empty(c, kPagesPerHugePage);
+  pool.give_back_empty(d, kPagesPerHugePage);
+}
+
 }  // namespace
 }  // namespace uhmm::mm
