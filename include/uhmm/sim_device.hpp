@@ -132,6 +132,8 @@ class SimDevice {
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
                                       bool to_device);
+  template <class OnDevice, class OnCpu>
+  Status access(AddressSpace& as, VirtAddr addr, std::size_t bytes, OnDevice&& on_device, OnCpu&& on_cpu);
   void copy_to_device(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, MigrateReport& r);
   bool copy_to_system(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, bool may_skip,
                       AddressSpace& as);

@@ -279,32 +279,31 @@ PageInfo AddressSpace::page_info(VirtAddr addr) const {
   return info;
 }
 
-Status AddressSpace::read(VirtAddr src, std::span<std::byte> out) const {
-  if (out.empty()) return Status::ok();
+namespace {
+// One process_vm_readv/writev on this process: a kernel-mode access, so
+// device-resident pages fault back like for any syscall.
+template <class Syscall>
+Status copy_self(Syscall&& call, void* local_buf, VirtAddr remote_addr, std::size_t len, const char* what) {
+  if (len == 0) return Status::ok();
   struct iovec local {
-    out.data(), out.size()
+    local_buf, len
   };
   struct iovec remote {
-    src.ptr(), out.size()
+    remote_addr.ptr(), len
   };
-  const ssize_t n = ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
-  if (n != static_cast<ssize_t>(out.size()))
-    return Status::error(EFAULT, "read of managed memory failed: " + platform::errno_text(errno));
+  const ssize_t n = call(::getpid(), &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(len))
+    return Status::error(EFAULT, std::string(what) + " of managed memory failed: " + platform::errno_text(errno));
   return Status::ok();
+}
+}  // namespace
+
+Status AddressSpace::read(VirtAddr src, std::span<std::byte> out) const {
+  return copy_self(::process_vm_readv, out.data(), src, out.size(), "read");
 }
 
 Status AddressSpace::write(VirtAddr dst, std::span<const std::byte> in) const {
-  if (in.empty()) return Status::ok();
-  struct iovec local {
-    const_cast<std::byte*>(in.data()), in.size()
-  };
-  struct iovec remote {
-    dst.ptr(), in.size()
-  };
-  const ssize_t n = ::process_vm_writev(::getpid(), &local, 1, &remote, 1, 0);
-  if (n != static_cast<ssize_t>(in.size()))
-    return Status::error(EFAULT, "write of managed memory failed: " + platform::errno_text(errno));
-  return Status::ok();
+  return copy_self(::process_vm_writev, const_cast<std::byte*>(in.data()), dst, in.size(), "write");
 }
 
 Stats& AddressSpace::stats() { return impl_->stats; }

@@ -42,13 +42,20 @@ bool thp_available() {
   return s.find("[never]") == std::string::npos;
 }
 
-TEST(HugePages, AdoptedHugePagesRoundTripWhole) {
-  if (!thp_available()) GTEST_SKIP() << "transparent huge pages disabled";
-  auto as = std::move(*AddressSpace::create());
-  sim::SimDeviceOptions o;
-  o.memory_bytes = 16 << 20;
-  o.warm_memory = false;
-  auto dev = std::move(*sim::SimDevice::create(o));
+struct HugePages : ::testing::Test {
+  void SetUp() override {
+    if (!thp_available()) GTEST_SKIP() << "transparent huge pages disabled";
+    as = std::move(*AddressSpace::create());
+    sim::SimDeviceOptions o;
+    o.memory_bytes = 16 << 20;
+    o.warm_memory = false;
+    dev = std::move(*sim::SimDevice::create(o));
+  }
+  std::unique_ptr<AddressSpace> as;
+  std::unique_ptr<sim::SimDevice> dev;
+};
+
+TEST_F(HugePages, AdoptedHugePagesRoundTripWhole) {
   // The application's own 2 MiB-aligned memory, backed by huge pages.
   const std::size_t len = 4 << 20;
   void* raw = mmap(nullptr, len + kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -82,13 +89,7 @@ TEST(HugePages, AdoptedHugePagesRoundTripWhole) {
 // A whole aligned 2 MiB hole is filled with one huge page (where the kernel
 // can drop the empty page table the fault left: CONFIG_PT_RECLAIM), and the
 // unit then migrates and faults back whole.
-TEST(HugePages, WholeBlockHoleFaultFillsAHugePageThatStaysHuge) {
-  if (!thp_available()) GTEST_SKIP() << "transparent huge pages disabled";
-  auto as = std::move(*AddressSpace::create());
-  sim::SimDeviceOptions o;
-  o.memory_bytes = 16 << 20;
-  o.warm_memory = false;
-  auto dev = std::move(*sim::SimDevice::create(o));
+TEST_F(HugePages, WholeBlockHoleFaultFillsAHugePageThatStaysHuge) {
   const std::size_t len = 4 << 20;
   auto base = as->map(len);
   ASSERT_TRUE(base.is_ok());

@@ -361,36 +361,39 @@ bool with_device_page(AddressSpace& as, VirtAddr addr, const void* owner, Fn&& f
 }
 }  // namespace
 
-Status SimDevice::device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out) {
-  if (!as.find_region(addr) || !as.find_region(addr + (out.empty() ? 0 : out.size() - 1)))
+// Walks [addr, addr + bytes) page piece by page piece: `on_device(page,
+// offset in page, offset in buffer, length)` for pages resident on this
+// device; `on_cpu(address, offset in buffer, length)` (fault-safe) otherwise.
+template <class OnDevice, class OnCpu>
+Status SimDevice::access(AddressSpace& as, VirtAddr addr, std::size_t bytes, OnDevice&& on_device, OnCpu&& on_cpu) {
+  if (!as.find_region(addr) || !as.find_region(addr + (bytes == 0 ? 0 : bytes - 1)))
     return Status::error(EFAULT, "range not managed");
   std::size_t done = 0;
-  while (done < out.size()) {
+  while (done < bytes) {
     const VirtAddr a = addr + done;
-    const std::size_t in_page = std::min(out.size() - done, kPageSize - (a.value & (kPageSize - 1)));
-    const bool on_device = with_device_page(as, a.page_down(), owner(), [&](DevicePage& page) {
-      std::memcpy(out.data() + done, page_memory(page) + (a.value & (kPageSize - 1)), in_page);
+    const std::size_t offset = a.value & (kPageSize - 1);
+    const std::size_t len = std::min(bytes - done, kPageSize - offset);
+    const bool resident = with_device_page(as, a.page_down(), owner(), [&](DevicePage& page) {
+      on_device(page_memory(page) + offset, done, len);
     });
-    if (!on_device) UHMM_TRY(as.read(a, out.subspan(done, in_page)));
-    done += in_page;
+    if (!resident) UHMM_TRY(on_cpu(a, done, len));
+    done += len;
   }
   return Status::ok();
 }
 
+Status SimDevice::device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out) {
+  return access(
+      as, addr, out.size(),
+      [&](const std::byte* device, std::size_t at, std::size_t len) { std::memcpy(out.data() + at, device, len); },
+      [&](VirtAddr a, std::size_t at, std::size_t len) { return as.read(a, out.subspan(at, len)); });
+}
+
 Status SimDevice::device_write(AddressSpace& as, VirtAddr addr, std::span<const std::byte> in) {
-  if (!as.find_region(addr) || !as.find_region(addr + (in.empty() ? 0 : in.size() - 1)))
-    return Status::error(EFAULT, "range not managed");
-  std::size_t done = 0;
-  while (done < in.size()) {
-    const VirtAddr a = addr + done;
-    const std::size_t in_page = std::min(in.size() - done, kPageSize - (a.value & (kPageSize - 1)));
-    const bool on_device = with_device_page(as, a.page_down(), owner(), [&](DevicePage& page) {
-      std::memcpy(page_memory(page) + (a.value & (kPageSize - 1)), in.data() + done, in_page);
-    });
-    if (!on_device) UHMM_TRY(as.write(a, in.subspan(done, in_page)));
-    done += in_page;
-  }
-  return Status::ok();
+  return access(
+      as, addr, in.size(),
+      [&](std::byte* device, std::size_t at, std::size_t len) { std::memcpy(device, in.data() + at, len); },
+      [&](VirtAddr a, std::size_t at, std::size_t len) { return as.write(a, in.subspan(at, len)); });
 }
 
 Status SimDevice::run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
