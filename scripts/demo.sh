@@ -9,6 +9,6 @@ cd "$ROOT"
 
 scripts/setup.sh >&2
 cmake --preset release >&2
-cmake --build --preset release -j2 --target uhmm >&2
+cmake --build --preset release -j2 --target uhmm_cli >&2
 
 exec "$ROOT/build/release/tools/uhmm/uhmm" demo "$@"
