@@ -46,6 +46,11 @@ struct SimDeviceOptions {
   std::size_t fault_around_pages = kPagesPerHugePage;
   /// Pages per migrate_vma call in migrate_to_device / migrate_to_system.
   std::size_t batch_pages = kPagesPerHugePage;
+  /// Sequential prefetch: when CPU faults walk the device-resident blocks of
+  /// a range in order (a fault in the block right after the last one
+  /// served), this many following 2 MiB blocks are migrated back in the
+  /// background while the CPU works on the current one.  0 disables.
+  std::size_t prefetch_blocks = 1;
 };
 
 /// Fault injection, for tests: each knob fires once per arming.
@@ -145,6 +150,8 @@ class SimDevice {
   std::size_t arena_bytes_ = 0;
   std::unique_ptr<DevicePagemap> pagemap_;
   std::unique_ptr<DmaEngine> dma_;
+  class Prefetcher;
+  std::unique_ptr<Prefetcher> prefetcher_;
   struct FreeList;
   std::unique_ptr<FreeList> free_list_;
 };

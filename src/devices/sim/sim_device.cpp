@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <condition_variable>
+#include <deque>
 #include <map>
 #include <thread>
 #include <vector>
@@ -13,6 +15,7 @@
 #include "core/assert.hpp"
 #include "core/sync.hpp"
 #include "devices/sim/dma_engine.hpp"
+#include "mm/address_space_impl.hpp"
 #include "platform/uffd.hpp"
 #include "uhmm/migrate.hpp"
 
@@ -87,6 +90,99 @@ struct SimDevice::FreeList {
   }
 };
 
+// ---- prefetch --------------------------------------------------------------
+
+// Sequential prefetch (see SimDeviceOptions::prefetch_blocks).  One worker
+// thread migrates queued blocks back with the ordinary explicit path.  Each
+// queued block holds a pin on its region, so the address space cannot tear
+// the region down under it: unmap waits for the pin, and the migration of a
+// region already being unmapped simply collects nothing.
+class SimDevice::Prefetcher {
+ public:
+  explicit Prefetcher(SimDevice& dev) : dev_(dev), thread_([this] { run(); }) {}
+  ~Prefetcher() { stop(); }
+  /// Ends the worker; later faults prefetch nothing.  Queued tasks are
+  /// dropped (their pins released).  The object stays usable by faults
+  /// still in flight, which is why the device stops it long before freeing it.
+  void stop() {
+    {
+      MutexLock lock(mutex_);
+      stopping_ = true;
+      queue_.clear();
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  Prefetcher(const Prefetcher&) = delete;
+  Prefetcher& operator=(const Prefetcher&) = delete;
+
+  /// Called from migrate_to_ram for the block it just served.
+  void on_fault(AddressSpace& as, VirtAddr block, const RegionInfo& region) {
+    const std::size_t depth = dev_.options_.prefetch_blocks;
+    if (depth == 0) return;
+    {
+      MutexLock lock(mutex_);
+      if (stopping_) return;
+      VirtAddr& last = last_block_[&as];
+      const bool sequential = last.value != 0 && block == last + kHugePageSize;
+      last = block;
+      if (!sequential) return;
+    }
+    std::vector<Task> tasks;
+    for (std::size_t k = 1; k <= depth; ++k) {
+      const VirtAddr next = block + k * kHugePageSize;
+      if (next + kHugePageSize > region.end()) break;
+      const PageInfo first = as.page_info(next);
+      if (first.state != PageInfo::State::kDevicePrivate || first.device_page == nullptr ||
+          first.device_page->pagemap().owner() != dev_.owner())
+        break;
+      mm::RegionPin pin = as.impl().pin_region(next, next + kHugePageSize);
+      if (!pin) break;
+      tasks.push_back(Task{&as, next, std::move(pin)});
+    }
+    if (tasks.empty()) return;
+    {
+      MutexLock lock(mutex_);
+      if (stopping_) return;  // `tasks` goes, and its pins with it
+      last_block_[&as] = tasks.back().block;  // the stream continues after what is prefetched
+      for (Task& t : tasks) queue_.push_back(std::move(t));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  struct Task {
+    AddressSpace* as = nullptr;
+    VirtAddr block;
+    mm::RegionPin pin;
+  };
+
+  void run() {
+    for (;;) {
+      Task task;
+      {
+        MutexLock lock(mutex_);
+        while (!stopping_ && queue_.empty()) cv_.wait(mutex_);
+        if (stopping_) return;
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      // Worker threads never crash the process: migrate_range reports
+      // errors as Status, and a failed prefetch only means a later fault.
+      if (!task.pin->closing.load(std::memory_order_acquire))
+        (void)dev_.migrate_range(*task.as, task.block, kHugePageSize, /*to_device=*/false);
+    }
+  }
+
+  SimDevice& dev_;
+  Mutex mutex_{LockRank::kLeaf};
+  std::condition_variable_any cv_;
+  bool stopping_ UHMM_GUARDED_BY(mutex_) = false;
+  std::deque<Task> queue_ UHMM_GUARDED_BY(mutex_);
+  std::map<AddressSpace*, VirtAddr> last_block_ UHMM_GUARDED_BY(mutex_);
+  std::thread thread_;
+};
+
 // ---- SimDevice -------------------------------------------------------------
 
 SimDevice::SimDevice(SimDeviceOptions options) : options_(options), free_list_(std::make_unique<FreeList>()) {}
@@ -123,10 +219,12 @@ Status SimDevice::init() {
     free_list_->free_pages = arena_bytes_ / kPageSize;
   }
   dma_ = std::make_unique<DmaEngine>(options_.dma_threads, options_.link, options_.inline_copy_bytes, faults_);
+  prefetcher_ = std::make_unique<Prefetcher>(*this);
   return Status::ok();
 }
 
 SimDevice::~SimDevice() {
+  if (prefetcher_) prefetcher_->stop();  // no background migration may race the eviction
   if (pagemap_) {
     faults_.disarm();
     for (int round = 0; round < 100 && pagemap_->pages_in_use() != 0; ++round) {
@@ -282,6 +380,9 @@ FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
       const VirtAddr block{fault.address.value / span * span};
       lo = std::max(block, region->start);
       hi = std::min(block + span, region->end());
+      // A sequential stream of faults: start bringing the next blocks back
+      // on the prefetch thread, in parallel with this one.
+      if (span == kHugePageSize) prefetcher_->on_fault(as, block, *region);
     }
   }
   ScopedMigrateVma mig(as, lo, hi, owner(), MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.page);

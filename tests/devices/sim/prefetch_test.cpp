@@ -1,0 +1,101 @@
+// Sequential prefetch: a stream of CPU faults over device-resident blocks
+// brings the next block back in the background; other access patterns do not.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
+
+#include "uhmm/uhmm.hpp"
+
+namespace uhmm::sim {
+namespace {
+
+constexpr std::size_t kBlocks = 6;
+constexpr std::size_t kLen = kBlocks * kHugePageSize;
+
+struct PrefetchTest : ::testing::TestWithParam<std::size_t> {
+  void SetUp() override {
+    as = std::move(*AddressSpace::create());
+    SimDeviceOptions o;
+    o.memory_bytes = kLen + kHugePageSize;
+    o.warm_memory = false;
+    o.prefetch_blocks = GetParam();
+    dev = std::move(*SimDevice::create(o));
+    base = *as->map(kLen);
+    for (std::size_t i = 0; i < kLen / 8; ++i) base.as<std::uint64_t>()[i] = i * 3 + 1;
+    ASSERT_TRUE(dev->migrate_to_device(*as, base, kLen).is_ok());
+  }
+  std::uint64_t read_word(std::size_t block, std::size_t word = 7) {
+    return (base + block * kHugePageSize).as<volatile std::uint64_t>()[word];
+  }
+  PageInfo::State state_of(std::size_t block) { return as->page_info(base + block * kHugePageSize).state; }
+  // Waits (bounded) until no page of the range is locked: background work done.
+  void settle() {
+    for (int i = 0; i < 2000; ++i) {
+      bool busy = false;
+      for (std::size_t b = 0; b < kBlocks; ++b) busy = busy || as->page_info(base + b * kHugePageSize).locked;
+      if (!busy && dev->pagemap().pages_in_use() == count_device_pages()) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  std::uint64_t count_device_pages() {
+    std::uint64_t n = 0;
+    for (std::size_t p = 0; p < kLen / kPageSize; ++p)
+      n += as->page_info(base + p * kPageSize).state == PageInfo::State::kDevicePrivate;
+    return n;
+  }
+  std::unique_ptr<AddressSpace> as;
+  std::unique_ptr<SimDevice> dev;
+  VirtAddr base;
+};
+
+TEST_P(PrefetchTest, SequentialFaultsBringTheNextBlocksBackAhead) {
+  const std::size_t depth = GetParam();
+  const std::size_t block_word = kHugePageSize / 8;
+  EXPECT_EQ(read_word(0), 7u * 3 + 1);
+  EXPECT_EQ(read_word(1), (block_word + 7) * 3 + 1);  // the block after the last fault: a stream
+  // The prefetch runs in the background: wait (bounded) for it to land.
+  for (int i = 0; i < 2000; ++i) {
+    bool done = true;
+    for (std::size_t b = 2; b < 2 + depth && b < kBlocks; ++b) done = done && state_of(b) == PageInfo::State::kSystem;
+    if (done) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  settle();
+  for (std::size_t b = 2; b < kBlocks; ++b) {
+    const bool prefetched = b < 2 + depth;
+    EXPECT_EQ(state_of(b), prefetched ? PageInfo::State::kSystem : PageInfo::State::kDevicePrivate)
+        << "block " << b << " depth " << depth;
+  }
+  const auto faults = as->stats().get(Counter::device_private_faults);
+  EXPECT_EQ(faults, 2u);
+  // Reading the prefetched blocks costs no fault, and every byte is right.
+  for (std::size_t b = 2; b < 2 + depth && b < kBlocks; ++b) EXPECT_EQ(read_word(b), (b * block_word + 7) * 3 + 1);
+  EXPECT_EQ(as->stats().get(Counter::device_private_faults), faults);
+  for (std::size_t i = 0; i < kLen / 8; ++i) ASSERT_EQ(base.as<std::uint64_t>()[i], i * 3 + 1) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
+TEST_P(PrefetchTest, NonSequentialFaultsPrefetchNothing) {
+  EXPECT_EQ(read_word(3), (3 * kHugePageSize / 8 + 7) * 3 + 1);
+  EXPECT_EQ(read_word(1), (1 * kHugePageSize / 8 + 7) * 3 + 1);  // backwards
+  EXPECT_EQ(read_word(5), (5 * kHugePageSize / 8 + 7) * 3 + 1);  // a jump
+  settle();
+  for (std::size_t b : {0, 2, 4}) EXPECT_EQ(state_of(b), PageInfo::State::kDevicePrivate) << b;
+  EXPECT_EQ(count_device_pages(), 3 * kPagesPerHugePage);
+}
+
+TEST_P(PrefetchTest, UnmapWithPrefetchQueuedLosesNothingAndHangsNot) {
+  EXPECT_EQ(read_word(0), 7u * 3 + 1);
+  EXPECT_EQ(read_word(1), (kHugePageSize / 8 + 7) * 3 + 1);
+  ASSERT_TRUE(as->unmap(base).is_ok());  // races with the prefetch of block 2
+  EXPECT_FALSE(as->find_region(base).has_value());
+  for (int i = 0; i < 2000 && dev->pagemap().pages_in_use() != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(dev->pagemap().pages_in_use(), 0u);  // every device page freed
+}
+
+INSTANTIATE_TEST_SUITE_P(Depths, PrefetchTest, ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{2}));
+
+}  // namespace
+}  // namespace uhmm::sim
