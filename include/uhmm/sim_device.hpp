@@ -50,7 +50,7 @@ struct SimDeviceOptions {
   /// a range in order (a fault in the block right after the last one
   /// served), this many following 2 MiB blocks are migrated back in the
   /// background while the CPU works on the current one.  0 disables.
-  std::size_t prefetch_blocks = 1;
+  std::size_t prefetch_blocks = 2;
 };
 
 /// Fault injection, for tests: each knob fires once per arming.
@@ -139,7 +139,9 @@ class SimDevice {
                                       bool to_device);
   template <class OnDevice, class OnCpu>
   Status access(AddressSpace& as, VirtAddr addr, std::size_t bytes, OnDevice&& on_device, OnCpu&& on_cpu);
-  void copy_to_device(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, MigrateReport& r);
+  struct Transfer;
+  bool prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r);
+  bool complete(Transfer& t, std::span<const std::uint64_t> src, std::span<std::uint64_t> dst, AddressSpace& as);
   bool copy_to_system(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, bool may_skip,
                       AddressSpace& as);
 

@@ -69,6 +69,27 @@ void DmaEngine::apply_link_model(std::size_t bytes, std::chrono::steady_clock::t
   }
 }
 
+std::future<void> DmaEngine::start(std::span<CopyOp> ops) {
+  auto done = std::make_shared<std::promise<void>>();
+  std::future<void> result = done->get_future();
+  auto job = [this, ops, done] {
+    const auto started = std::chrono::steady_clock::now();
+    copy_range(ops);
+    apply_link_model(ops.size() * kPageSize, started);
+    done->set_value();
+  };
+  if (threads_.empty()) {
+    job();
+    return result;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    queue_.push_back(std::move(job));
+  }
+  cv_.notify_one();
+  return result;
+}
+
 void DmaEngine::copy(std::span<CopyOp> ops) {
   if (ops.empty()) return;
   const auto started = std::chrono::steady_clock::now();

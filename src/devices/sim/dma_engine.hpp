@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <deque>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <span>
 #include <thread>
@@ -38,6 +39,9 @@ class DmaEngine {
   /// Copies every op (one page each); returns when all are done.  Failed
   /// pages have ok == false and their destination is left unspecified.
   void copy(std::span<CopyOp> ops);
+  /// Starts copying on a worker and returns at once; the ops must stay put
+  /// until the future is ready.  Without workers, copies before returning.
+  std::future<void> start(std::span<CopyOp> ops);
 
  private:
   void worker();

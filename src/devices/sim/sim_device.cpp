@@ -8,6 +8,7 @@
 #include <cstring>
 #include <condition_variable>
 #include <deque>
+#include <future>
 #include <map>
 #include <thread>
 #include <vector>
@@ -264,62 +265,82 @@ void SimDevice::free_page(DevicePage& page) {
   free_list_->give(page.index());
 }
 
-void SimDevice::copy_to_device(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, MigrateReport& r) {
+// One batch's device copy, in three steps: prepare (allocate destinations
+// and list the copies), run (the DMA engine), complete (write dst[] for the
+// pages that copied; give back the destinations of those that did not).
+struct SimDevice::Transfer {
+  bool to_device = true;
   std::vector<CopyOp> ops;
-  std::vector<std::size_t> index;
-  std::vector<DevicePage*> pages;
-  for (std::size_t i = 0; i < src.size(); ++i) {
-    if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
-    DevicePage* page = alloc_page();
-    if (page == nullptr) continue;  // out of device memory: stays on the CPU
-    const bool hole = !(src[i] & MIGRATE_PFN_VALID);
-    if (hole) ++r.holes;
-    ops.push_back(CopyOp{hole ? nullptr : static_cast<const std::byte*>(migrate_pfn_to_host(src[i])),
-                         page_memory(*page)});
-    index.push_back(i);
-    pages.push_back(page);
+  std::vector<std::size_t> index;          // ops[k] is for entry index[k]
+  std::vector<DevicePage*> device_pages;   // destinations, to the device
+  std::vector<std::uint64_t> system_pfns;  // destinations, to system memory
+};
+
+bool SimDevice::prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r) {
+  if (t.to_device) {
+    for (std::size_t i = 0; i < src.size(); ++i) {
+      if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
+      DevicePage* page = alloc_page();
+      if (page == nullptr) continue;  // out of device memory: stays on the CPU
+      const bool hole = !(src[i] & MIGRATE_PFN_VALID);
+      if (hole && r != nullptr) ++r->holes;
+      t.ops.push_back(CopyOp{hole ? nullptr : static_cast<const std::byte*>(migrate_pfn_to_host(src[i])),
+                             page_memory(*page)});
+      t.index.push_back(i);
+      t.device_pages.push_back(page);
+    }
+    return true;
   }
-  dma_->copy(ops);
-  for (std::size_t k = 0; k < ops.size(); ++k) {
-    if (!ops[k].ok) {
+  for (std::size_t i = 0; i < src.size(); ++i)
+    if ((src[i] & MIGRATE_PFN_MIGRATE) && (src[i] & MIGRATE_PFN_VALID)) t.index.push_back(i);
+  t.system_pfns.resize(t.index.size());
+  if (!t.index.empty() && !alloc_system_pages(as, t.system_pfns).is_ok()) {
+    t.index.clear();
+    t.system_pfns.clear();
+    return false;
+  }
+  for (std::size_t k = 0; k < t.index.size(); ++k) {
+    DevicePage* page = migrate_pfn_to_device_page(src[t.index[k]]);
+    t.ops.push_back(CopyOp{page_memory(*page), reinterpret_cast<std::byte*>(t.system_pfns[k] << kPageShift)});
+  }
+  return true;
+}
+
+bool SimDevice::complete(Transfer& t, std::span<const std::uint64_t> src, std::span<std::uint64_t> dst,
+                         AddressSpace& as) {
+  bool all_ok = true;
+  for (std::size_t k = 0; k < t.ops.size(); ++k) {
+    if (!t.ops[k].ok) {
       stats_.add(Counter::dma_copy_fail);
-      pages[k]->unlock();
-      pages[k]->put();  // back to the free list; the source is untouched
+      all_ok = false;
+      if (t.to_device) {
+        t.device_pages[k]->unlock();
+        t.device_pages[k]->put();  // back to the free list; the source is untouched
+      } else {
+        free_system_pages(as, std::span<const std::uint64_t>(&t.system_pfns[k], 1));
+      }
       continue;
     }
-    stats_.add(Counter::dma_bytes_to_device, kPageSize);
-    const std::uint64_t s = src[index[k]];
-    const bool writable = (s & MIGRATE_PFN_WRITE) || !(s & MIGRATE_PFN_VALID);
-    dst[index[k]] = migrate_pfn(pages[k]->pfn()) | (writable ? MIGRATE_PFN_WRITE : 0);
+    if (t.to_device) {
+      stats_.add(Counter::dma_bytes_to_device, kPageSize);
+      const std::uint64_t s = src[t.index[k]];
+      const bool writable = (s & MIGRATE_PFN_WRITE) || !(s & MIGRATE_PFN_VALID);
+      dst[t.index[k]] = migrate_pfn(t.device_pages[k]->pfn()) | (writable ? MIGRATE_PFN_WRITE : 0);
+    } else {
+      stats_.add(Counter::dma_bytes_from_device, kPageSize);
+      dst[t.index[k]] = migrate_pfn(t.system_pfns[k]);
+    }
   }
+  return all_ok;
 }
 
 bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, bool may_skip,
                                AddressSpace& as) {
-  std::vector<std::size_t> index;
-  for (std::size_t i = 0; i < src.size(); ++i)
-    if ((src[i] & MIGRATE_PFN_MIGRATE) && (src[i] & MIGRATE_PFN_VALID)) index.push_back(i);
-  if (index.empty()) return true;
-  std::vector<std::uint64_t> pfns(index.size());
-  if (!alloc_system_pages(as, pfns).is_ok()) return false;
-  std::vector<CopyOp> ops(index.size());
-  for (std::size_t k = 0; k < index.size(); ++k) {
-    DevicePage* page = migrate_pfn_to_device_page(src[index[k]]);
-    ops[k] = CopyOp{page_memory(*page), reinterpret_cast<std::byte*>(pfns[k] << kPageShift)};
-  }
-  dma_->copy(ops);
-  bool all_ok = true;
-  for (std::size_t k = 0; k < ops.size(); ++k) {
-    if (!ops[k].ok) {
-      stats_.add(Counter::dma_copy_fail);
-      free_system_pages(as, std::span<const std::uint64_t>(&pfns[k], 1));
-      all_ok = false;
-      continue;
-    }
-    stats_.add(Counter::dma_bytes_from_device, kPageSize);
-    dst[index[k]] = migrate_pfn(pfns[k]);
-  }
-  return all_ok || may_skip;
+  Transfer t;
+  t.to_device = false;
+  if (!prepare(t, src, as, nullptr)) return false;
+  dma_->copy(t.ops);
+  return complete(t, src, dst, as) || may_skip;
 }
 
 Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
@@ -330,29 +351,55 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
   if (!region || addr + length > region->end())
     return Status::error(EINVAL, "range not inside one managed range");
   MigrateReport report;
+  // A two-stage pipeline: while the DMA engine copies batch N, this thread
+  // commits batch N-1 and sets up batch N+1.
+  struct InFlight {
+    std::unique_ptr<ScopedMigrateVma> mig;
+    Transfer transfer;
+    std::future<void> copied;
+  };
+  std::unique_ptr<InFlight> previous;
+  auto commit = [&](InFlight& f) {
+    f.copied.wait();
+    (void)complete(f.transfer, f.mig->src(), f.mig->dst(), as);
+    f.mig->pages();
+    for (std::uint64_t s : f.mig->src())
+      if (s & MIGRATE_PFN_MIGRATE) ++report.pages_migrated;
+    f.mig->finalize();
+  };
   const std::size_t batch = options_.batch_pages * kPageSize;
+  Status failed;
   for (VirtAddr cur = addr; cur < addr + length;) {
     // Batches end on batch-size boundaries so that 2 MiB units stay whole.
     VirtAddr next = VirtAddr{(cur.value / batch + 1) * batch};
     if (next > addr + length) next = addr + length;
-    ScopedMigrateVma mig(as, cur, next, owner(),
-                         to_device ? MIGRATE_VMA_SELECT_SYSTEM : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
-    UHMM_TRY(mig.setup());
-    const std::size_t n = (next - cur) / kPageSize;
-    report.pages_requested += n;
-    if (to_device) {
-      copy_to_device(mig.src(), mig.dst(), report);
-    } else {
-      (void)copy_to_system(mig.src(), mig.dst(), /*may_skip=*/true, as);
+    auto flight = std::make_unique<InFlight>();
+    flight->mig = std::make_unique<ScopedMigrateVma>(
+        as, cur, next, owner(), to_device ? MIGRATE_VMA_SELECT_SYSTEM : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
+    if (Status s = flight->mig->setup(); !s) {
+      failed = s;
+      break;
     }
-    mig.pages();
-    std::uint64_t moved = 0;
-    for (std::uint64_t s : mig.src())
-      if (s & MIGRATE_PFN_MIGRATE) ++moved;
-    mig.finalize();
-    report.pages_migrated += moved;
+    report.pages_requested += (next - cur) / kPageSize;
+    flight->transfer.to_device = to_device;
+    (void)prepare(flight->transfer, flight->mig->src(), as, &report);  // no memory: the batch stays put
+    if (!previous && next >= addr + length) {
+      // A single batch has nothing to overlap with: copy on this thread
+      // rather than wake a worker (on a small machine that wake-up, and the
+      // TLB-flush interrupts a busy second CPU then draws, cost more).
+      dma_->copy(flight->transfer.ops);
+      std::promise<void> done;
+      flight->copied = done.get_future();
+      done.set_value();
+    } else {
+      flight->copied = dma_->start(flight->transfer.ops);
+    }
+    if (previous) commit(*previous);
+    previous = std::move(flight);
     cur = next;
   }
+  if (previous) commit(*previous);
+  if (!failed.is_ok()) return failed;
   // Pages already where they were asked to go count as skipped only if they
   // could have moved: the caller compares requested with migrated.
   report.pages_skipped = report.pages_requested - report.pages_migrated;
