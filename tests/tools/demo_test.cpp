@@ -80,10 +80,11 @@ TEST(UhmmCliDemo, SixteenMiBRoundTripVerifiesAndMovesEveryPageBothWays) {
   EXPECT_TRUE(j.at("first_mismatch").is_null());
   EXPECT_EQ(j.at("pages_to_device").get<std::uint64_t>(), 4096u);
   EXPECT_EQ(j.at("pages_to_ram").get<std::uint64_t>(), 4096u);
-  // Every page came back through a CPU fault (fault-around: at least one
-  // fault per 2 MiB block, at most one per page).
+  // Every page came back because the CPU touched it: through a fault, or
+  // prefetched because a sequential stream of faults announced it (so
+  // there is at least one fault, and never more than one per page).
   const auto faults = j.at("device_private_faults").get<std::uint64_t>();
-  EXPECT_GE(faults, 8u);
+  EXPECT_GE(faults, 1u);
   EXPECT_LE(faults, 4096u);
   EXPECT_GT(j.at("to_device_gbps").get<double>(), 0.0);
   EXPECT_GT(j.at("back_by_fault_gbps").get<double>(), 0.0);
