@@ -160,18 +160,26 @@ class SimDevice::Prefetcher {
 
   void run() {
     for (;;) {
-      Task task;
+      // Consecutive queued blocks of one address space go as one range, so
+      // that migrate_range pipelines their copies.
+      std::vector<Task> tasks;
       {
         MutexLock lock(mutex_);
         while (!stopping_ && queue_.empty()) cv_.wait(mutex_);
         if (stopping_) return;
-        task = std::move(queue_.front());
+        tasks.push_back(std::move(queue_.front()));
         queue_.pop_front();
+        while (!queue_.empty() && queue_.front().as == tasks.back().as &&
+               queue_.front().block == tasks.back().block + kHugePageSize) {
+          tasks.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+        }
       }
       // Worker threads never crash the process: migrate_range reports
       // errors as Status, and a failed prefetch only means a later fault.
-      if (!task.pin->closing.load(std::memory_order_acquire))
-        (void)dev_.migrate_range(*task.as, task.block, kHugePageSize, /*to_device=*/false);
+      if (!tasks.front().pin->closing.load(std::memory_order_acquire))
+        (void)dev_.migrate_range(*tasks.front().as, tasks.front().block, tasks.size() * kHugePageSize,
+                                 /*to_device=*/false);
     }
   }
 
