@@ -120,8 +120,7 @@ class Installer {
 void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
   if (!entry_valid(d)) return;
   if (is_device_entry(d)) {
-    DevicePage* page = DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(d)});
-    if (page != nullptr) {
+    if (DevicePage* page = migrate_pfn_to_device_page(d); page != nullptr) {
       page->unlock();
       page->put();
     }
@@ -132,7 +131,7 @@ void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
 
 // Installs a driver's device page at a locked entry (value kept locked).
 void install_device_page(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, std::uint64_t d) {
-  DevicePage* page = DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(d)});
+  DevicePage* page = migrate_pfn_to_device_page(d);
   UHMM_CHECK(page != nullptr, "destination device pfn has no page map");
   page->set_mapping(as.self, addr);
   mm::update_locked_entry(slot, PageEntry::device_private(page, d & MIGRATE_PFN_WRITE));
@@ -218,15 +217,17 @@ Status migrate_vma_setup(MigrateVma& m) {
   for (std::uint64_t i = 0; i < n; ++i) {
     const VirtAddr addr = m.start + i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
-    PageEntry before;
-    if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kNone &&
-        !PageEntry{slot->load(std::memory_order_acquire)}.locked()) {
-      if (want_system) {
-        m.src[i] = MIGRATE_PFN_MIGRATE;  // a hole; locked only in migrate_vma_pages
-        as.stats.add(Counter::migrate_holes);
-      }
+    auto collect_hole = [&] {
+      if (!want_system) return;
+      m.src[i] = MIGRATE_PFN_MIGRATE;  // a hole: locked only in migrate_vma_pages
+      as.stats.add(Counter::migrate_holes);
+    };
+    const PageEntry seen{slot->load(std::memory_order_acquire)};
+    if (seen.state() == PageState::kNone && !seen.locked()) {
+      collect_hole();
       continue;
     }
+    PageEntry before;
     if (!mm::try_lock_entry(*slot, &before)) {
       as.stats.add(Counter::migrate_skipped_locked);
       continue;
@@ -234,10 +235,7 @@ Status migrate_vma_setup(MigrateVma& m) {
     switch (before.state()) {
       case PageState::kNone:
         as.unlock_and_wake(*slot, before, addr);
-        if (want_system) {
-          m.src[i] = MIGRATE_PFN_MIGRATE;
-          as.stats.add(Counter::migrate_holes);
-        }
+        collect_hole();
         break;
       case PageState::kSystem:
         if (want_system) {
@@ -408,6 +406,16 @@ void migrate_vma_finalize(MigrateVma& m) {
   };
   std::vector<Unlock> unlocks;
   std::vector<DevicePage*> old_device_pages;
+  // Staging pages whose data now lives on the device, gathered into runs so
+  // the pool is visited once per run rather than once per page.
+  std::vector<mm::SlotRun> freed_staging;
+  auto free_staging = [&](VirtAddr page) {
+    if (!freed_staging.empty() && freed_staging.back().start + freed_staging.back().pages * kPageSize == page) {
+      ++freed_staging.back().pages;
+    } else {
+      freed_staging.push_back(mm::SlotRun{page, 1});
+    }
+  };
   std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
 
   for (std::uint64_t i = 0; i < m.npages; ++i) {
@@ -415,13 +423,7 @@ void migrate_vma_finalize(MigrateVma& m) {
     const std::uint64_t d = m.dst[i];
     const VirtAddr addr = m.start + i * kPageSize;
     const bool migrating = entry_migrating(s);
-    if (!entry_valid(s)) {
-      if (!migrating) {  // a hole that stays a hole (never locked)
-        release_unused_dst(&as, d);
-        continue;
-      }
-    }
-    if (s == 0) {
+    if (!migrating && !entry_valid(s)) {  // skipped, or a hole that stays a hole: never locked
       release_unused_dst(&as, d);
       continue;
     }
@@ -437,7 +439,7 @@ void migrate_vma_finalize(MigrateVma& m) {
         unlocks.push_back({slot, addr, PageEntry::system(), false});
         ++to_ram;
       }
-      if (is_system_entry(s)) as.staging.give_back_ready(system_page_address(s), 1);
+      if (is_system_entry(s)) free_staging(system_page_address(s));
       if (is_device_entry(s)) old_device_pages.push_back(migrate_pfn_to_device_page(s));
     } else {
       ++fail;
@@ -469,6 +471,7 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
   }
   for (DevicePage* page : old_device_pages) release_old_device_page(page, m.fault_page);
+  for (const mm::SlotRun& r : freed_staging) as.staging.give_back_ready(r.start, r.pages);
   if (wake_now) installer.wake();
 
   as.stats.add(Counter::pgmigrate_success, success);
@@ -551,9 +554,8 @@ void migrate_device_pages(std::uint64_t* src, std::uint64_t* dst, PageCount npag
 
 void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount npages) {
   for (std::uint64_t i = 0; i < npages.value; ++i) {
-    if (!entry_valid(src[i])) {
-      DevicePage* page = migrate_pfn_to_device_page(dst[i]);
-      if (page != nullptr) release_unused_dst(nullptr, dst[i]);
+    if (!entry_valid(src[i])) {  // nothing was collected here
+      release_unused_dst(nullptr, dst[i]);
       continue;
     }
     DevicePage* page = migrate_pfn_to_device_page(src[i]);

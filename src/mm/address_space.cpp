@@ -126,16 +126,9 @@ void AddressSpace::Impl::evict_device_pages(VirtAddr start, VirtAddr end) {
         std::this_thread::yield();
         continue;
       }
-      DevicePage* page = e.device_page();
-      if (!page->try_get()) continue;
-      page->lock();
-      FaultOutcome outcome = FaultOutcome::kOk;
-      if (PageEntry{slot->load(std::memory_order_acquire)}.settled() == e.settled())
-        outcome = page->pagemap().ops().migrate_to_ram(CpuFault{self, VirtAddr::from_vpn(v), false, page});
-      page->unlock();
-      page->put();
+      const std::optional<FaultOutcome> outcome = call_migrate_to_ram(*slot, e, VirtAddr::from_vpn(v), false);
       wake(start, (end - start) / kPageSize);  // finalize leaves waking to fault paths
-      if (outcome != FaultOutcome::kOk) break;  // teardown drops it; the device failed
+      if (outcome && *outcome != FaultOutcome::kOk) break;  // teardown drops it; the device failed
     }
   }
 }
@@ -179,13 +172,17 @@ Result<std::unique_ptr<AddressSpace>> AddressSpace::create(AddressSpaceOptions o
 }
 
 AddressSpace::~AddressSpace() {
+  // Nothing may touch managed memory any more (the destructor's contract),
+  // so the fault service goes first: its threads end before the ranges do,
+  // and no thread exit races with the unmapping below.  Bringing device
+  // pages of adopted ranges back calls migrate_to_ram directly.
+  impl_->stop_fault_service();
   std::vector<std::uintptr_t> starts;
   {
     ReaderLock lock(impl_->regions_mutex);
     for (const auto& [start, region] : impl_->regions) starts.push_back(start);
   }
   for (std::uintptr_t s : starts) (void)unmap(VirtAddr{s});
-  impl_->stop_fault_service();
 }
 
 static Status check_length(std::size_t length) {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -17,6 +18,7 @@
 #include "mm/staging_pool.hpp"
 #include "platform/uffd.hpp"
 #include "uhmm/address_space.hpp"
+#include "uhmm/device_memory.hpp"
 
 namespace uhmm {
 
@@ -105,6 +107,11 @@ struct AddressSpace::Impl {
   void stop_fault_service();
   void fault_thread_main(unsigned index);
   void handle_fault(VirtAddr addr, bool write);
+  /// Calls the page map's migrate_to_ram for the device page `seen` names,
+  /// holding the page (reference and lock) as the kernel does.  nullopt if
+  /// the entry changed before the page was held: look again.  Wakes nobody.
+  std::optional<FaultOutcome> call_migrate_to_ram(mm::EntrySlot& slot, mm::PageEntry seen, VirtAddr addr,
+                                                  bool write);
   /// Makes the access at `addr` end in SIGBUS (EFAULT for a syscall).
   void poison_or_wake(VirtAddr addr);
   /// Zero-fills never-populated pages around `addr`; false if the faulting

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <vector>
 
 #include "core/assert.hpp"
@@ -119,19 +120,11 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
       poison_or_wake(addr);  // still broken: SIGBUS again
       return;
     }
-    DevicePage* page = e.device_page();
-    if (!page->try_get()) continue;  // freed under us: look again
-    page->lock();
-    if (PageEntry{slot->load(std::memory_order_acquire)}.settled() != e.settled()) {
-      page->unlock();
-      page->put();
-      continue;
-    }
+    const std::optional<FaultOutcome> called = call_migrate_to_ram(*slot, e, addr, write);
+    if (!called) continue;  // the entry changed meanwhile: look again
     device_fault = true;
     stats.add(Counter::device_private_faults);
-    const FaultOutcome outcome = page->pagemap().ops().migrate_to_ram(CpuFault{self, addr, write, page});
-    page->unlock();
-    page->put();
+    const FaultOutcome outcome = *called;
     if (outcome != FaultOutcome::kOk) {
       stats.add(Counter::migrate_to_ram_fail);
       PageEntry before;
@@ -151,11 +144,27 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
     // everything the driver may have brought back (its window lies within
     // the region), now that the fault is completely done.
     wake(region->info.start, region->info.length / kPageSize);
-    // migrate_to_ram brought it back (MOVE woke the access) or declined
-    // because someone else holds it: look again.
+    // migrate_to_ram brought it back, or declined because someone else holds
+    // it: look again.
     if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kSystem) break;
   }
   if (device_fault) stats.fault_latency().record(std::chrono::steady_clock::now() - started);
+}
+
+std::optional<FaultOutcome> AddressSpace::Impl::call_migrate_to_ram(mm::EntrySlot& slot, PageEntry seen,
+                                                                   VirtAddr addr, bool write) {
+  DevicePage* page = seen.device_page();
+  if (!page->try_get()) return std::nullopt;  // freed under us
+  page->lock();
+  std::optional<FaultOutcome> outcome;
+  // Held like the kernel holds it around migrate_to_ram; the entry must
+  // still name this page, or it moved while we waited for the lock.
+  if (PageEntry{slot.load(std::memory_order_acquire)}.settled() == seen.settled()) {
+    outcome = page->pagemap().ops().migrate_to_ram(CpuFault{self, addr, write, page});
+  }
+  page->unlock();
+  page->put();
+  return outcome;
 }
 
 void AddressSpace::Impl::poison_or_wake(VirtAddr addr) {

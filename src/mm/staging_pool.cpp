@@ -133,19 +133,12 @@ Status StagingPool::take_ready(std::size_t pages, std::vector<SlotRun>& out) {
     const std::size_t mark = out.size();
     std::size_t got = take_from(ready_, pages, out);
     ready_pages_ -= got;
-    if (got < pages) {
-      const std::size_t before = out.size();
-      std::size_t more = take_from(empty_, pages - got, out);
-      if (got + more < pages) more += take_fresh(pages - got - more, out);
-      populate.assign(out.begin() + static_cast<std::ptrdiff_t>(before), out.end());
-      got += more;
-    }
+    const std::size_t first_empty = out.size();  // runs from here on need populating
+    if (got < pages) got += take_from(empty_, pages - got, out);
+    if (got < pages) got += take_fresh(pages - got, out);
     if (got < pages) {
       for (std::size_t i = mark; i < out.size(); ++i) {
-        const bool was_ready = std::find_if(populate.begin(), populate.end(), [&](const SlotRun& r) {
-                                 return r.start == out[i].start;
-                               }) == populate.end();
-        if (was_ready) {
+        if (i < first_empty) {
           insert_run(ready_, out[i].start.value, out[i].pages);
           ready_pages_ += out[i].pages;
         } else {
@@ -155,6 +148,7 @@ Status StagingPool::take_ready(std::size_t pages, std::vector<SlotRun>& out) {
       out.resize(mark);
       return Status::error(ENOMEM, "staging reservation exhausted");
     }
+    populate.assign(out.begin() + static_cast<std::ptrdiff_t>(first_empty), out.end());
     taken_pages_ += pages;
   }
   // Populate outside the lock: the kernel allocates (and zeroes) the pages.
