@@ -13,6 +13,7 @@
 // How a CPU access to a device page is served: docs/walkthrough-cpu-fault.md.
 #pragma once
 
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <cstddef>
@@ -44,8 +45,24 @@ struct RegionInfo {
   VirtAddr end() const { return start + length; }
 };
 
+/// Who serves a CPU fault on a managed page (docs/adr/0004-in-thread-faults.md).
+enum class FaultMode : std::uint8_t {
+  /// Service threads read the userfaultfd.  Every access is served, syscalls
+  /// included: read(2) into a device-resident buffer migrates it back.
+  kServiceThreads,
+  /// The faulting thread serves its own fault in a SIGBUS handler uhmm
+  /// installs (chaining to the previous one): about half the latency of
+  /// kServiceThreads, but a syscall that touches a never-populated or
+  /// device-resident page fails with EFAULT (AddressSpace::read/write still
+  /// work).  For applications whose device buffers never reach syscalls,
+  /// and that touch managed memory only outside signal handlers and
+  /// allocator internals.
+  kInThread,
+};
+
 struct AddressSpaceOptions {
-  /// Fault-service threads; 0 picks one per online CPU (at least 2).
+  FaultMode fault_mode = FaultMode::kServiceThreads;
+  /// Fault-service threads (kServiceThreads); 0 picks one per online CPU (at least 2).
   unsigned fault_threads = 0;
   /// Virtual size reserved for staging pages (system pages in transit).
   std::size_t staging_reserve_bytes = std::size_t{64} << 30;
@@ -76,6 +93,13 @@ struct PageInfo {
   bool poisoned = false;  // a failed migrate_to_ram left a SIGBUS marker
   DevicePage* device_page = nullptr;
 };
+
+/// uhmm's SIGBUS handling for FaultMode::kInThread, for applications that
+/// install a SIGBUS handler of their own after creating such an address
+/// space: call this first; true means uhmm served the fault and the handler
+/// should return at once.  (uhmm's own handler chains to the handler that
+/// was installed before it; a handler installed later must call this.)
+bool handle_sigbus(int sig, siginfo_t* info, void* ucontext);
 
 class AddressSpace {
  public:

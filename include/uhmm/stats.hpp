@@ -24,7 +24,7 @@ namespace uhmm {
   X(migrate_skipped_pinned, "pages skipped because they were pinned or shared")        \
   X(migrate_skipped_locked, "pages skipped because another migration held them")       \
   X(migrate_holes, "unpopulated pages collected as holes")                              \
-  X(uffd_faults, "userfaultfd page faults received")                                    \
+  X(uffd_faults, "page faults on managed memory served")                                \
   X(hole_faults, "faults on never-populated pages, zero-filled")                        \
   X(device_private_faults, "CPU faults on device-private pages (migrate_to_ram calls)") \
   X(migrate_to_ram_fail, "migrate_to_ram calls that failed; the access got SIGBUS")    \

@@ -22,18 +22,22 @@ using mm::PageState;
 // ---- Impl ------------------------------------------------------------------
 
 Status AddressSpace::Impl::init() {
-  auto u = platform::Uffd::open(platform::kFeatureMove | platform::kFeaturePoison, /*nonblocking=*/true);
+  const bool in_thread = options.fault_mode == FaultMode::kInThread;
+  auto u = platform::Uffd::open(platform::kFeatureMove | platform::kFeaturePoison | (in_thread ? UFFD_FEATURE_SIGBUS : 0),
+                                /*nonblocking=*/true);
   if (!u) return u.status();
   uffd = std::move(*u);
   UHMM_TRY(staging.init(options.staging_reserve_bytes, options.staging_keep_bytes));
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
   if (!zero) return zero.status();
   zero_source = *zero;
+  if (in_thread) return register_in_thread();
   return start_fault_service();
 }
 
 AddressSpace::Impl::~Impl() {
   stop_fault_service();
+  if (options.fault_mode == FaultMode::kInThread) unregister_in_thread();
   if (zero_source.value != 0) (void)platform::unmap(zero_source, kHugePageSize);
 }
 
@@ -93,7 +97,11 @@ platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr mana
   return move_verified(uffd, managed, slot, pages, wake_waiters ? 0 : platform::kMoveModeDontWake);
 }
 
-void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) { (void)uffd.wake(start, pages * kPageSize); }
+void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) {
+  // In SIGBUS mode no access ever sleeps in the kernel.
+  if (options.fault_mode == FaultMode::kInThread) return;
+  (void)uffd.wake(start, pages * kPageSize);
+}
 
 void AddressSpace::Impl::as_empty_block(VirtAddr block) {
   // With CONFIG_PT_RECLAIM (Linux >= 6.14) MADV_DONTNEED frees the empty
@@ -177,6 +185,7 @@ AddressSpace::~AddressSpace() {
   // and no thread exit races with the unmapping below.  Bringing device
   // pages of adopted ranges back calls migrate_to_ram directly.
   impl_->stop_fault_service();
+  if (impl_->options.fault_mode == FaultMode::kInThread) impl_->unregister_in_thread();
   std::vector<std::uintptr_t> starts;
   {
     ReaderLock lock(impl_->regions_mutex);
@@ -277,30 +286,44 @@ PageInfo AddressSpace::page_info(VirtAddr addr) const {
 }
 
 namespace {
-// One process_vm_readv/writev on this process: a kernel-mode access, so
-// device-resident pages fault back like for any syscall.
+// process_vm_readv/writev on this process: a kernel-mode access.  With
+// service threads, device-resident pages fault back like for any syscall;
+// in SIGBUS mode the kernel reports EFAULT instead, and `fault_in` serves
+// the page in this thread before the copy goes on.
 template <class Syscall>
-Status copy_self(Syscall&& call, void* local_buf, VirtAddr remote_addr, std::size_t len, const char* what) {
-  if (len == 0) return Status::ok();
-  struct iovec local {
-    local_buf, len
-  };
-  struct iovec remote {
-    remote_addr.ptr(), len
-  };
-  const ssize_t n = call(::getpid(), &local, 1, &remote, 1, 0);
-  if (n != static_cast<ssize_t>(len))
-    return Status::error(EFAULT, std::string(what) + " of managed memory failed: " + platform::errno_text(errno));
+Status copy_self(AddressSpace::Impl& impl, Syscall&& call, std::byte* local_buf, VirtAddr remote_addr,
+                 std::size_t len, bool write, const char* what) {
+  const bool in_thread = impl.options.fault_mode == FaultMode::kInThread;
+  std::size_t done = 0;
+  unsigned stalls = 0;
+  while (done < len) {
+    struct iovec local {
+      local_buf + done, len - done
+    };
+    struct iovec remote {
+      (remote_addr + done).ptr(), len - done
+    };
+    const ssize_t n = call(::getpid(), &local, 1, &remote, 1, 0);
+    const int err = errno;
+    if (n > 0) done += static_cast<std::size_t>(n);
+    if (done == len) break;
+    // Fault the page in and go on; a page that migrates away again before
+    // the copy reaches it gets a few more chances.
+    stalls = n > 0 ? 0 : stalls + 1;
+    if (!in_thread || stalls > 8 ||
+        impl.fault_in((remote_addr + done).page_down(), write) != AddressSpace::Impl::FaultResult::kResolved)
+      return Status::error(EFAULT, std::string(what) + " of managed memory failed: " + platform::errno_text(err));
+  }
   return Status::ok();
 }
 }  // namespace
 
 Status AddressSpace::read(VirtAddr src, std::span<std::byte> out) const {
-  return copy_self(::process_vm_readv, out.data(), src, out.size(), "read");
+  return copy_self(*impl_, ::process_vm_readv, out.data(), src, out.size(), false, "read");
 }
 
 Status AddressSpace::write(VirtAddr dst, std::span<const std::byte> in) const {
-  return copy_self(::process_vm_writev, const_cast<std::byte*>(in.data()), dst, in.size(), "write");
+  return copy_self(*impl_, ::process_vm_writev, const_cast<std::byte*>(in.data()), dst, in.size(), true, "write");
 }
 
 Stats& AddressSpace::stats() { return impl_->stats; }

@@ -106,7 +106,22 @@ struct AddressSpace::Impl {
   Status start_fault_service();
   void stop_fault_service();
   void fault_thread_main(unsigned index);
-  void handle_fault(VirtAddr addr, bool write);
+  enum class FaultResult {
+    kResolved,    // the page is present: the access can complete
+    kParked,      // a migration holds the entry and wakes the access when done
+    kFailed,      // the page is poisoned: the access ends in SIGBUS (EFAULT)
+    kNotManaged,  // no managed range holds the address (any more)
+  };
+  /// Serves one CPU fault; called by the service threads, by the in-thread
+  /// SIGBUS handler and by fault_in.
+  FaultResult handle_fault(VirtAddr addr, bool write);
+  /// Serves a fault in the calling thread, waiting out a migration that
+  /// holds the page: never kParked.  Runs in the SIGBUS handler in
+  /// FaultMode::kInThread (what that allows: docs/adr/0004-in-thread-faults.md).
+  FaultResult fault_in(VirtAddr addr, bool write);
+  // FaultMode::kInThread (mm/in_thread_faults.cpp).
+  Status register_in_thread();
+  void unregister_in_thread();
   /// Calls the page map's migrate_to_ram for the device page `seen` names,
   /// holding the page (reference and lock) as the kernel does.  nullopt if
   /// the entry changed before the page was held: look again.  Wakes nobody.

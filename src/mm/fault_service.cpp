@@ -74,7 +74,7 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
       const VirtAddr addr = VirtAddr{static_cast<std::uintptr_t>(msgs[i].arg.pagefault.address)}.page_down();
       const bool write = msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE;
       try {
-        handle_fault(addr, write);
+        (void)handle_fault(addr, write);
       } catch (const std::exception& e) {
         // Never let a library thread take the process down; the access
         // cannot complete, so it ends like a device failure.
@@ -88,16 +88,16 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
   }
 }
 
-void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
+AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
   const auto started = std::chrono::steady_clock::now();
-  stats.add(Counter::uffd_faults);
   mm::RegionPin region = pin_region(addr, addr + kPageSize);
   if (!region) {
     // The range stopped being managed while the fault was queued: the
-    // access re-faults normally once woken.
+    // access re-faults normally once woken.  (In SIGBUS mode: not ours.)
     wake(addr, 1);
-    return;
+    return FaultResult::kNotManaged;
   }
+  stats.add(Counter::uffd_faults);
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   bool device_fault = false;
   for (unsigned attempt = 0;; ++attempt) {
@@ -108,7 +108,7 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
       std::uint64_t expected = e.bits();
       if (slot->compare_exchange_strong(expected, e.with(PageEntry::kWaiters).bits(), std::memory_order_acq_rel)) {
         stats.add(Counter::faults_parked);
-        return;
+        return FaultResult::kParked;
       }
       continue;
     }
@@ -118,7 +118,7 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
     }
     if (e.poisoned()) {
       poison_or_wake(addr);  // still broken: SIGBUS again
-      return;
+      return FaultResult::kFailed;
     }
     const std::optional<FaultOutcome> called = call_migrate_to_ram(*slot, e, addr, write);
     if (!called) continue;  // the entry changed meanwhile: look again
@@ -135,7 +135,7 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
         if (still_device) {
           // Other pages of the driver's window may have come back.
           wake(region->info.start, region->info.length / kPageSize);
-          return;
+          return FaultResult::kFailed;
         }
       }
       continue;  // the page moved meanwhile: serve the fault again
@@ -149,6 +149,7 @@ void AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
     if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kSystem) break;
   }
   if (device_fault) stats.fault_latency().record(std::chrono::steady_clock::now() - started);
+  return FaultResult::kResolved;
 }
 
 std::optional<FaultOutcome> AddressSpace::Impl::call_migrate_to_ram(mm::EntrySlot& slot, PageEntry seen,
