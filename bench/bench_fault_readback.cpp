@@ -16,6 +16,9 @@
 //             followed by the same checksum read (both end with the data
 //             read by the CPU; informational)
 //
+// Run with both fault modes (in_thread:0 = FaultMode::kServiceThreads, the
+// default; in_thread:1 = FaultMode::kInThread, docs/adr/0004).
+//
 // Environment: UHMM_BENCH_BYTES (default 256MiB, rounded up to 2 MiB),
 //              UHMM_BENCH_FAULT_THREADS (AddressSpaceOptions::fault_threads;
 //              unset: the library's default),
@@ -23,6 +26,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <thread>
 
 #include "bench_util.hpp"
@@ -64,12 +68,14 @@ void BM_FaultReadback(benchmark::State& state) {
   const std::size_t nwords = bytes / 8;
 
   AddressSpaceOptions aopt;
+  aopt.fault_mode = state.range(0) != 0 ? FaultMode::kInThread : FaultMode::kServiceThreads;
   // 0 (the library's default): one fault-service thread per CPU.
   aopt.fault_threads = static_cast<unsigned>(env_count("UHMM_BENCH_FAULT_THREADS", 0));
   auto as = check(AddressSpace::create(aopt), "AddressSpace::create");
   sim::SimDeviceOptions dopt;
   dopt.memory_bytes = bytes + kHugePageSize;
   dopt.warm_memory = true;
+  if (const char* depth = std::getenv("UHMM_BENCH_PREFETCH")) dopt.prefetch_blocks = std::strtoul(depth, nullptr, 10);
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
   const std::uint64_t dev_pages = dev->free_pages();
   const VirtAddr base = check(as->map(bytes), "map");
@@ -142,6 +148,9 @@ void BM_FaultReadback(benchmark::State& state) {
 }
 
 BENCHMARK(BM_FaultReadback)
+    ->ArgName("in_thread")
+    ->Arg(0)
+    ->Arg(1)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(static_cast<benchmark::IterationCount>(env_count("UHMM_BENCH_ITERS", 10)));

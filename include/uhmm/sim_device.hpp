@@ -47,10 +47,15 @@ struct SimDeviceOptions {
   /// Pages per migrate_vma call in migrate_to_device / migrate_to_system.
   std::size_t batch_pages = kPagesPerHugePage;
   /// Sequential prefetch: when CPU faults walk the device-resident blocks of
-  /// a range in order (a fault in the block right after the last one
-  /// served), this many following 2 MiB blocks are migrated back in the
-  /// background while the CPU works on the current one.  0 disables.
+  /// a range in order (a fault in the block right after the last one served
+  /// or prefetched), the following 2 MiB blocks are migrated back in the
+  /// background while the CPU works on the current one.  The window starts
+  /// at `prefetch_blocks` and doubles each time the stream goes on, up to
+  /// `prefetch_max_blocks` (like the kernel's readahead ramp), so a long
+  /// stream never waits for a synchronous migration while a short one
+  /// costs little.  A fault out of sequence starts over.  0 disables.
   std::size_t prefetch_blocks = 2;
+  std::size_t prefetch_max_blocks = 32;
 };
 
 /// Fault injection, for tests: each knob fires once per arming.

@@ -119,15 +119,23 @@ class SimDevice::Prefetcher {
 
   /// Called from migrate_to_ram for the block it just served.
   void on_fault(AddressSpace& as, VirtAddr block, const RegionInfo& region) {
-    const std::size_t depth = dev_.options_.prefetch_blocks;
-    if (depth == 0) return;
+    const std::size_t initial = dev_.options_.prefetch_blocks;
+    if (initial == 0) return;
+    std::size_t depth = 0;
     {
       MutexLock lock(mutex_);
       if (stopping_) return;
-      VirtAddr& last = last_block_[&as];
-      const bool sequential = last.value != 0 && block == last + kHugePageSize;
-      last = block;
-      if (!sequential) return;
+      Stream& stream = streams_[&as];
+      const bool sequential = stream.last.value != 0 && block == stream.last + kHugePageSize;
+      stream.last = block;
+      if (!sequential) {
+        stream.window = 0;
+        return;
+      }
+      // The readahead ramp: the longer the stream, the further ahead.
+      stream.window = stream.window == 0 ? initial
+                                         : std::min(stream.window * 2, std::max(initial, dev_.options_.prefetch_max_blocks));
+      depth = stream.window;
     }
     std::vector<Task> tasks;
     for (std::size_t k = 1; k <= depth; ++k) {
@@ -145,7 +153,7 @@ class SimDevice::Prefetcher {
     {
       MutexLock lock(mutex_);
       if (stopping_) return;  // `tasks` goes, and its pins with it
-      last_block_[&as] = tasks.back().block;  // the stream continues after what is prefetched
+      streams_[&as].last = tasks.back().block;  // the stream continues after what is prefetched
       for (Task& t : tasks) queue_.push_back(std::move(t));
     }
     cv_.notify_one();
@@ -188,7 +196,11 @@ class SimDevice::Prefetcher {
   std::condition_variable_any cv_;
   bool stopping_ UHMM_GUARDED_BY(mutex_) = false;
   std::deque<Task> queue_ UHMM_GUARDED_BY(mutex_);
-  std::map<AddressSpace*, VirtAddr> last_block_ UHMM_GUARDED_BY(mutex_);
+  struct Stream {
+    VirtAddr last;           // the last block served or queued
+    std::size_t window = 0;  // blocks prefetched at the last step; 0: no stream yet
+  };
+  std::map<AddressSpace*, Stream> streams_ UHMM_GUARDED_BY(mutex_);
   std::thread thread_;
 };
 

@@ -95,6 +95,76 @@ TEST_P(PrefetchTest, UnmapWithPrefetchQueuedLosesNothingAndHangsNot) {
   EXPECT_EQ(dev->pagemap().pages_in_use(), 0u);  // every device page freed
 }
 
+// The window ramps up while the stream goes on: 1, 2, 4, then 4 (the cap).
+// Each step waits for the background work, so the faults are exactly those
+// on blocks nobody prefetched.
+TEST(PrefetchRamp, WindowDoublesUpToTheCapAndRestartsOutOfSequence) {
+  constexpr std::size_t kRampBlocks = 20;
+  constexpr std::size_t len = kRampBlocks * kHugePageSize;
+  auto as = std::move(*AddressSpace::create());
+  SimDeviceOptions o;
+  o.memory_bytes = len + kHugePageSize;
+  o.warm_memory = false;
+  o.prefetch_blocks = 1;
+  o.prefetch_max_blocks = 4;
+  auto dev = std::move(*SimDevice::create(o));
+  const VirtAddr base = *as->map(len);
+  for (std::size_t i = 0; i < len / 8; ++i) base.as<std::uint64_t>()[i] = i * 5 + 2;
+  ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
+  auto state_of = [&](std::size_t b) { return as->page_info(base + b * kHugePageSize + kPageSize).state; };
+  auto device_blocks = [&] {
+    std::size_t n = 0;
+    for (std::size_t b = 0; b < kRampBlocks; ++b) n += state_of(b) == PageInfo::State::kDevicePrivate;
+    return n;
+  };
+  // Reads block b's first word; `window_end`, if given, is the last block
+  // the read should make the device prefetch: wait (bounded) until it and
+  // everything before it are back and nothing is in flight.
+  auto read_block = [&](std::size_t b, std::size_t window_end = 0) {
+    const std::uint64_t v = (base + b * kHugePageSize).as<volatile std::uint64_t>()[0];
+    EXPECT_EQ(v, b * kHugePageSize / 8 * 5 + 2) << "block " << b;
+    for (int i = 0; i < 5000; ++i) {
+      bool landed = true;
+      for (std::size_t w = b + 1; w <= window_end; ++w) landed = landed && state_of(w) == PageInfo::State::kSystem;
+      if (landed && dev->pagemap().pages_in_use() == device_blocks() * kPagesPerHugePage &&
+          as->check_invariants().is_ok())
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  };
+  auto faults = [&] { return as->stats().get(Counter::device_private_faults); };
+
+  read_block(0);  // no stream yet
+  read_block(1, 2);  // a stream: window 1 -> block 2
+  EXPECT_EQ(state_of(2), PageInfo::State::kSystem);
+  EXPECT_EQ(state_of(3), PageInfo::State::kDevicePrivate);
+  read_block(2);  // prefetched: no fault
+  EXPECT_EQ(faults(), 2u);
+  read_block(3, 5);  // window 2 -> blocks 4, 5
+  EXPECT_EQ(state_of(5), PageInfo::State::kSystem);
+  EXPECT_EQ(state_of(6), PageInfo::State::kDevicePrivate);
+  for (std::size_t b : {4, 5}) read_block(b);
+  EXPECT_EQ(faults(), 3u);
+  read_block(6, 10);  // window 4 -> blocks 7..10
+  EXPECT_EQ(state_of(10), PageInfo::State::kSystem);
+  EXPECT_EQ(state_of(11), PageInfo::State::kDevicePrivate);
+  for (std::size_t b = 7; b <= 10; ++b) read_block(b);
+  read_block(11, 15);  // capped at 4 -> blocks 12..15
+  EXPECT_EQ(state_of(15), PageInfo::State::kSystem);
+  EXPECT_EQ(state_of(16), PageInfo::State::kDevicePrivate);
+  EXPECT_EQ(faults(), 5u);
+  // Out of sequence: the ramp starts over.
+  read_block(18);
+  read_block(17);  // backwards: still no stream
+  EXPECT_EQ(state_of(16), PageInfo::State::kDevicePrivate);
+  EXPECT_EQ(state_of(19), PageInfo::State::kDevicePrivate);
+  read_block(16);
+  read_block(17);  // already back: no fault, no step
+  EXPECT_EQ(faults(), 8u);
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(base.as<std::uint64_t>()[i], i * 5 + 2) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(Depths, PrefetchTest, ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{2}));
 
 }  // namespace
