@@ -4,6 +4,7 @@
 #include "uhmm/address_space.hpp"
 #include "uhmm/device_memory.hpp"
 #include "uhmm/migrate.hpp"
+#include "uhmm/notifier.hpp"
 #include "uhmm/sim_device.hpp"
 #include "uhmm/stats.hpp"
 #include "uhmm/status.hpp"

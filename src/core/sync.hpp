@@ -17,9 +17,8 @@ enum class LockRank : unsigned {
   kRegions = 10,        // AddressSpace::Impl::regions_mutex
   kDeviceDriver = 20,   // a device's own state (sim: free list)
   kStaging = 30,        // StagingPool::mutex
-  kParkedFaults = 40,   // FaultService parked-fault table
   kPfnRegistry = 50,    // device pfn registry
-  kDmaQueue = 60,       // DMA engine queue
+  kNotifierTable = 70,  // mm::NotifierTable::mutex_ (nothing nests inside; callbacks run without it)
   kLeaf = 100,          // locks that never nest
 };
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/sync.hpp"
+#include "mm/notifier_table.hpp"
 #include "mm/page_table.hpp"
 #include "mm/staging_pool.hpp"
 #include "platform/uffd.hpp"
@@ -71,6 +72,7 @@ struct AddressSpace::Impl {
   mm::StagingPool staging;
   mm::PageTable table;
   Stats stats;
+  mm::NotifierTable notifiers;
   VirtAddr zero_source;  // kHugePageSize of zeros, never written
 
   mutable SharedMutex regions_mutex{LockRank::kRegions};

@@ -54,9 +54,9 @@ TEST(LockRank, OutOfOrderReleaseKeepsTheRest) {
 }
 
 TEST(LockRank, RanksArePerThread) {
-  Mutex dma(LockRank::kDmaQueue);
+  Mutex notifiers(LockRank::kNotifierTable);
   Mutex regions(LockRank::kRegions);
-  MutexLock hold(dma);
+  MutexLock hold(notifiers);
   bool done = false;
   // Another thread holds nothing: it may take the lowest rank.
   std::thread t([&] {
@@ -94,11 +94,11 @@ TEST_F(LockRankDeathTest, EqualRankNestingAborts) {
 TEST_F(LockRankDeathTest, NothingNestsUnderALeaf) {
   SKIP_WITHOUT_DCHECKS();
   Mutex leaf(LockRank::kLeaf);
-  Mutex dma(LockRank::kDmaQueue);
+  Mutex notifiers(LockRank::kNotifierTable);
   EXPECT_DEATH(
       {
         MutexLock l(leaf);
-        MutexLock d(dma);
+        MutexLock n(notifiers);
       },
       "lock order violated");
 }
