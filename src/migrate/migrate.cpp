@@ -212,6 +212,11 @@ Status migrate_vma_setup(MigrateVma& m) {
   std::fill_n(m.src, n, 0);
   std::fill_n(m.dst, n, 0);
 
+  // Mirrors of the range drop it before any page is collected (a driver
+  // skips the MIGRATE events that carry its own owner; docs/notifiers.md).
+  mm::ScopedInvalidation invalidation(as.notifiers, NotifyRange{m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner});
+  if (!invalidation.ok()) return invalidation.status();
+
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
   for (std::uint64_t i = 0; i < n; ++i) {

@@ -186,6 +186,11 @@ AddressSpace::~AddressSpace() {
   // pages of adopted ranges back calls migrate_to_ram directly.
   impl_->stop_fault_service();
   if (impl_->options.fault_mode == FaultMode::kInThread) impl_->unregister_in_thread();
+  {
+    // The whole address space goes: every mirror drops everything.
+    mm::ScopedInvalidation release(impl_->notifiers,
+                                   NotifyRange{VirtAddr{0}, VirtAddr{~std::uintptr_t{0}}, NotifyEvent::kRelease});
+  }
   std::vector<std::uintptr_t> starts;
   {
     ReaderLock lock(impl_->regions_mutex);
@@ -257,6 +262,9 @@ Status AddressSpace::unmap(VirtAddr start) {
   }
   if (region->closing.exchange(true)) return Status::error(EBUSY, "range already being unmapped");
   if (region->info.adopted) impl_->evict_device_pages(region->info.start, region->info.end());
+  // Mirrors drop the range before it goes.
+  mm::ScopedInvalidation invalidation(impl_->notifiers,
+                                      NotifyRange{region->info.start, region->info.end(), NotifyEvent::kUnmap});
   {
     WriterLock lock(impl_->regions_mutex);
     impl_->regions.erase(start.value);
