@@ -30,6 +30,8 @@ namespace uhmm {
   X(migrate_to_ram_fail, "migrate_to_ram calls that failed; the access got SIGBUS")    \
   X(faults_parked, "faults that waited for a migration in progress")                    \
   X(faults_spurious, "faults found already resolved by another thread")                 \
+  X(uffd_events, "changes behind uhmm's back processed (munmap, madvise, mremap)")     \
+  X(device_pages_dropped, "device pages released because their range was unmapped or discarded") \
   X(device_page_free, "device pages freed (page_free calls)")                           \
   X(device_alloc_fail, "device page allocations that failed")                           \
   X(dma_copy_fail, "device copies that failed")                                         \

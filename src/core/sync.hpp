@@ -19,6 +19,8 @@ enum class LockRank : unsigned {
   kStaging = 30,        // StagingPool::mutex
   kPfnRegistry = 50,    // device pfn registry
   kNotifierTable = 70,  // mm::NotifierTable::mutex_ (nothing nests inside; callbacks run without it)
+  kUffdRead = 80,       // AddressSpace::Impl::read_mutex (read() of the managed uffd + queueing)
+  kUffdEvents = 90,     // AddressSpace::Impl::events_mutex (the event queue)
   kLeaf = 100,          // locks that never nest
 };
 

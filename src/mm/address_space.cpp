@@ -23,15 +23,19 @@ using mm::PageState;
 
 Status AddressSpace::Impl::init() {
   const bool in_thread = options.fault_mode == FaultMode::kInThread;
-  auto u = platform::Uffd::open(platform::kFeatureMove | platform::kFeaturePoison | (in_thread ? UFFD_FEATURE_SIGBUS : 0),
-                                /*nonblocking=*/true);
+  // Events: the application's munmap, madvise and mremap of managed memory
+  // reach uhmm (mm/uffd_events.cpp).
+  constexpr std::uint64_t kEvents = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+  auto u = platform::Uffd::open(
+      platform::kFeatureMove | platform::kFeaturePoison | kEvents | (in_thread ? UFFD_FEATURE_SIGBUS : 0),
+      /*nonblocking=*/true);
   if (!u) return u.status();
   uffd = std::move(*u);
   UHMM_TRY(staging.init(options.staging_reserve_bytes, options.staging_keep_bytes));
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
   if (!zero) return zero.status();
   zero_source = *zero;
-  if (in_thread) return register_in_thread();
+  if (in_thread) UHMM_TRY(register_in_thread());
   return start_fault_service();
 }
 
@@ -106,14 +110,13 @@ void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) {
 void AddressSpace::Impl::as_empty_block(VirtAddr block) {
   // With CONFIG_PT_RECLAIM (Linux >= 6.14) MADV_DONTNEED frees the empty
   // page table, so a huge page can then move in as one entry; elsewhere it
-  // changes nothing.  No REMOVE events are requested on the managed uffd.
-  (void)platform::advise(block, kHugePageSize, MADV_DONTNEED);
+  // changes nothing.
+  zap_own(block, kHugePageSize);
 }
 
 void AddressSpace::Impl::clear_poison(VirtAddr addr) {
-  // MADV_DONTNEED zaps the poison marker; no REMOVE events are requested on
-  // the managed uffd, so this never waits for an event reader.
-  (void)platform::advise(addr, kPageSize, MADV_DONTNEED);
+  // MADV_DONTNEED zaps the poison marker.
+  zap_own(addr, kPageSize);
 }
 
 void AddressSpace::Impl::unlock_and_wake(mm::EntrySlot& slot, PageEntry after, VirtAddr addr) {

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -82,6 +84,25 @@ struct AddressSpace::Impl {
   int stop_fd = -1;
   std::vector<std::thread> fault_threads;
 
+  // Userfaultfd events: changes the application makes behind uhmm's back
+  // (munmap, madvise, mremap).  The story: docs/address-space-events.md.
+  /// Held around read() of the managed uffd and the queueing of the events
+  /// it returns, so the queue keeps the kernel's order.
+  Mutex read_mutex{LockRank::kUffdRead};
+  mutable Mutex events_mutex{LockRank::kUffdEvents};
+  std::condition_variable_any events_cv;  // an event was queued or done
+  /// Events read and not yet fully processed (the front one may be in
+  /// progress); faults on the ranges they cover wait for them.
+  std::deque<struct uffd_msg> pending_events UHMM_GUARDED_BY(events_mutex);
+  /// uhmm's own MADV_DONTNEED calls whose REMOVE events are not read yet:
+  /// those events are not changes.
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> own_zaps UHMM_GUARDED_BY(events_mutex);
+  /// Faults read by drain_events on behalf of the service threads.
+  std::deque<struct uffd_msg> deferred_faults UHMM_GUARDED_BY(events_mutex);
+  int deferred_fd = -1;  // eventfd: deferred faults are waiting
+  bool events_stopping UHMM_GUARDED_BY(events_mutex) = false;
+  std::thread event_worker;
+
   Status init();
 
   /// Pins the region holding all of [start, end); null if none does.
@@ -100,6 +121,38 @@ struct AddressSpace::Impl {
   /// Drops the page table of an aligned 2 MiB managed block whose every page
   /// is absent and locked by the caller, so that a huge page can move in whole.
   void as_empty_block(VirtAddr block);
+
+  // Events (mm/uffd_events.cpp).
+  Status start_event_worker();
+  void stop_event_worker();
+  /// Reads the managed uffd once (non-blocking) under read_mutex, queueing
+  /// the events; returns the page-fault messages read (copied to
+  /// `faults_out`); `read_total` gets the number of messages read.
+  std::size_t read_messages(struct uffd_msg* faults_out, std::size_t capacity, std::size_t* read_total = nullptr);
+  /// Reads whatever the uffd holds now, so that events the kernel queued
+  /// before a fault are known when the fault is served.
+  void drain_events();
+  bool take_deferred_fault(struct uffd_msg* out);
+  /// Before serving a fault at `addr`: reads pending events; true if one
+  /// covers `addr` and the fault is parked (the event worker wakes it);
+  /// in SIGBUS mode waits for it instead and returns false.
+  bool waits_for_event(VirtAddr addr);
+  /// Serves one fault message read from the uffd (service threads).
+  void serve_fault_message(const struct uffd_msg& msg);
+  /// True if a queued event covers `addr` (its fault must wait for it).
+  bool event_pending_at(VirtAddr addr) const;
+  /// Waits until no queued event covers `addr` (in-thread faults).
+  void wait_for_events_at(VirtAddr addr);
+  /// MADV_DONTNEED of managed memory by uhmm itself (its REMOVE event is
+  /// recognised and dropped, not processed).
+  void zap_own(VirtAddr start, std::size_t len);
+  void event_worker_main();
+  void process_remove(VirtAddr start, VirtAddr end);
+  void process_unmap(VirtAddr start, VirtAddr end);
+  void process_remap(VirtAddr from, VirtAddr to, std::size_t len);
+  /// Drops every page-table entry of [start, end) (device pages released,
+  /// page_free when nobody else holds them), waiting out migrations.
+  void drop_entries(VirtAddr start, VirtAddr end);
 
   /// Unlocks an entry and wakes a fault asleep on it.
   void unlock_and_wake(mm::EntrySlot& slot, mm::PageEntry after, VirtAddr addr);

@@ -27,9 +27,14 @@ using mm::PageState;
 Status AddressSpace::Impl::start_fault_service() {
   stop_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (stop_fd < 0) return Status::error(errno, "eventfd: " + platform::errno_text(errno));
+  deferred_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (deferred_fd < 0) return Status::error(errno, "eventfd: " + platform::errno_text(errno));
+  UHMM_TRY(start_event_worker());
   unsigned n = options.fault_threads;
   const unsigned cpus = std::thread::hardware_concurrency();
   if (n == 0) n = cpus < 2 ? 2 : cpus;
+  // In SIGBUS mode faults never reach the uffd: one thread reads the events.
+  if (options.fault_mode == FaultMode::kInThread) n = 1;
   for (unsigned i = 0; i < n; ++i) fault_threads.emplace_back([this, i] { fault_thread_main(i); });
   return Status::ok();
 }
@@ -40,8 +45,11 @@ void AddressSpace::Impl::stop_fault_service() {
   (void)!::write(stop_fd, &one, sizeof one);
   for (auto& t : fault_threads) t.join();
   fault_threads.clear();
+  stop_event_worker();
   ::close(stop_fd);
   stop_fd = -1;
+  ::close(deferred_fd);
+  deferred_fd = -1;
 }
 
 void AddressSpace::Impl::fault_thread_main(unsigned index) {
@@ -55,45 +63,79 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
     CPU_SET(index, &set);
     (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
   }
-  struct pollfd fds[2] = {{uffd.fd(), POLLIN, 0}, {stop_fd, POLLIN, 0}};
+  struct pollfd fds[3] = {{uffd.fd(), POLLIN, 0}, {stop_fd, POLLIN, 0}, {deferred_fd, POLLIN, 0}};
   for (;;) {
-    const int rc = ::poll(fds, 2, -1);
+    const int rc = ::poll(fds, 3, -1);
     if (rc < 0) {
       if (errno == EINTR) continue;
       std::fprintf(stderr, "uhmm: fault service poll failed: %s\n", platform::errno_text(errno).c_str());
       return;
     }
     if (fds[1].revents & POLLIN) return;
-    if (!(fds[0].revents & POLLIN)) continue;
-    struct uffd_msg msgs[16];
-    const ssize_t got = ::read(uffd.fd(), msgs, sizeof msgs);
-    if (got <= 0) continue;  // another thread took it (EAGAIN)
-    const auto count = static_cast<std::size_t>(got) / sizeof(struct uffd_msg);
-    for (std::size_t i = 0; i < count; ++i) {
-      if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
-      const VirtAddr addr = VirtAddr{static_cast<std::uintptr_t>(msgs[i].arg.pagefault.address)}.page_down();
-      const bool write = msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE;
-      try {
-        (void)handle_fault(addr, write);
-      } catch (const std::exception& e) {
-        // Never let a library thread take the process down; the access
-        // cannot complete, so it ends like a device failure.
-        std::fprintf(stderr, "uhmm: fault at %#lx failed: %s\n", static_cast<unsigned long>(addr.value), e.what());
-        poison_or_wake(addr);
-      } catch (...) {
-        std::fprintf(stderr, "uhmm: fault at %#lx failed\n", static_cast<unsigned long>(addr.value));
-        poison_or_wake(addr);
-      }
+    if (fds[2].revents & POLLIN) {
+      std::uint64_t ignored;
+      (void)!::read(deferred_fd, &ignored, sizeof ignored);
     }
+    // Events go to the event worker's queue (in the kernel's order); page
+    // faults come back here.
+    struct uffd_msg faults[16];
+    const std::size_t count = (fds[0].revents & POLLIN) ? read_messages(faults, 16) : 0;
+    for (std::size_t i = 0; i < count; ++i) serve_fault_message(faults[i]);
+    struct uffd_msg deferred;
+    while (take_deferred_fault(&deferred)) serve_fault_message(deferred);
   }
+}
+
+void AddressSpace::Impl::serve_fault_message(const struct uffd_msg& msg) {
+  const VirtAddr addr = VirtAddr{static_cast<std::uintptr_t>(msg.arg.pagefault.address)}.page_down();
+  const bool write = msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE;
+  try {
+    (void)handle_fault(addr, write);
+  } catch (const std::exception& e) {
+    // Never let a library thread take the process down; the access
+    // cannot complete, so it ends like a device failure.
+    std::fprintf(stderr, "uhmm: fault at %#lx failed: %s\n", static_cast<unsigned long>(addr.value), e.what());
+    poison_or_wake(addr);
+  } catch (...) {
+    std::fprintf(stderr, "uhmm: fault at %#lx failed\n", static_cast<unsigned long>(addr.value));
+    poison_or_wake(addr);
+  }
+}
+
+bool AddressSpace::Impl::waits_for_event(VirtAddr addr) {
+  drain_events();
+  if (options.fault_mode == FaultMode::kInThread) {
+    wait_for_events_at(addr);
+    return false;
+  }
+  if (!event_pending_at(addr)) return false;
+  // Parked: the event worker wakes the range once the change is processed.
+  stats.add(Counter::faults_parked);
+  return true;
 }
 
 AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
   const auto started = std::chrono::steady_clock::now();
+  // A change the application made (munmap, madvise, mremap) that is not
+  // processed yet decides what a fault on a range it touches finds: such a
+  // fault waits for it (docs/address-space-events.md).  Checked where it
+  // matters: device pages (the application may have discarded them) and
+  // addresses uhmm does not know (an mremap may have moved them there).
+  if (event_pending_at(addr)) {
+    if (waits_for_event(addr)) return FaultResult::kParked;
+  }
   mm::RegionPin region = pin_region(addr, addr + kPageSize);
+  if (!region && waits_for_event(addr)) return FaultResult::kParked;
+  if (!region) region = pin_region(addr, addr + kPageSize);
   if (!region) {
-    // The range stopped being managed while the fault was queued: the
-    // access re-faults normally once woken.  (In SIGBUS mode: not ours.)
+    // A message from our uffd for an address that is not (or no longer) a
+    // managed range: the part of a range mremap grew in place, or a range
+    // unmapped meanwhile.  Let the access go on as for plain anonymous
+    // memory.  (A SIGBUS may come from any uffd, and the kernel lets one
+    // uffd fill another's range: in SIGBUS mode the address is not ours.
+    // FIXME: the grown part of an mremap'd range then ends in SIGBUS.)
+    if (options.fault_mode == FaultMode::kServiceThreads && uffd.zeropage(addr, kPageSize, /*wake=*/true).is_ok())
+      return FaultResult::kResolved;
     wake(addr, 1);
     return FaultResult::kNotManaged;
   }
@@ -120,6 +162,7 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       poison_or_wake(addr);  // still broken: SIGBUS again
       return FaultResult::kFailed;
     }
+    if (!device_fault && attempt == 0 && waits_for_event(addr)) return FaultResult::kParked;
     const std::optional<FaultOutcome> called = call_migrate_to_ram(*slot, e, addr, write);
     if (!called) continue;  // the entry changed meanwhile: look again
     device_fault = true;

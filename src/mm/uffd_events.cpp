@@ -1,0 +1,317 @@
+// mm: userfaultfd events, i.e. changes the application makes to managed
+// memory behind uhmm's back: munmap (UNMAP), MADV_DONTNEED/MADV_FREE
+// (REMOVE) and mremap (REMAP).  The story, with the races this closes:
+// docs/address-space-events.md.
+//
+// Readers (the fault-service threads, or the event reader in SIGBUS mode)
+// read the uffd under read_mutex and queue events in the kernel's order; one
+// worker processes them in that order.  The kernel lets the changing thread
+// go on as soon as its event is read, so a fault on a range with an event
+// still queued waits for it (parked, or blocked in SIGBUS mode): otherwise
+// it could bring back a device page the application has just discarded.
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <exception>
+#include <thread>
+#include <vector>
+
+#include "core/assert.hpp"
+#include "mm/address_space_impl.hpp"
+#include "uhmm/device_memory.hpp"
+
+namespace uhmm {
+
+using mm::PageEntry;
+using mm::PageState;
+
+namespace {
+
+struct EventRange {
+  VirtAddr start, end;
+};
+
+// The ranges an event changes (REMAP: where the pages were and where they go).
+int event_ranges(const struct uffd_msg& m, EventRange out[2]) {
+  switch (m.event) {
+    case UFFD_EVENT_REMOVE:
+    case UFFD_EVENT_UNMAP:
+      out[0] = {VirtAddr{m.arg.remove.start}, VirtAddr{m.arg.remove.end}};
+      return 1;
+    case UFFD_EVENT_REMAP:
+      out[0] = {VirtAddr{m.arg.remap.from}, VirtAddr{m.arg.remap.from + m.arg.remap.len}};
+      out[1] = {VirtAddr{m.arg.remap.to}, VirtAddr{m.arg.remap.to + m.arg.remap.len}};
+      return 2;
+    default:
+      return 0;
+  }
+}
+
+bool covers(const struct uffd_msg& m, VirtAddr addr) {
+  EventRange r[2];
+  const int n = event_ranges(m, r);
+  for (int i = 0; i < n; ++i)
+    if (addr >= r[i].start && addr < r[i].end) return true;
+  return false;
+}
+
+}  // namespace
+
+Status AddressSpace::Impl::start_event_worker() {
+  event_worker = std::thread([this] { event_worker_main(); });
+  return Status::ok();
+}
+
+void AddressSpace::Impl::stop_event_worker() {
+  if (!event_worker.joinable()) return;
+  {
+    MutexLock lock(events_mutex);
+    events_stopping = true;
+  }
+  events_cv.notify_all();
+  event_worker.join();
+}
+
+std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::size_t capacity,
+                                              std::size_t* read_total) {
+  struct uffd_msg msgs[16];
+  const std::size_t want = capacity < 16 ? capacity : 16;
+  if (read_total != nullptr) *read_total = 0;
+  MutexLock read_lock(read_mutex);
+  const ssize_t got = ::read(uffd.fd(), msgs, want * sizeof(struct uffd_msg));
+  if (got <= 0) return 0;  // another reader took it (EAGAIN)
+  const auto count = static_cast<std::size_t>(got) / sizeof(struct uffd_msg);
+  if (read_total != nullptr) *read_total = count;
+  std::size_t faults = 0;
+  bool queued = false;
+  {
+    MutexLock lock(events_mutex);
+    for (std::size_t i = 0; i < count; ++i) {
+      const struct uffd_msg& m = msgs[i];
+      if (m.event == UFFD_EVENT_PAGEFAULT) {
+        faults_out[faults++] = m;
+        continue;
+      }
+      if (m.event == UFFD_EVENT_REMOVE) {
+        // uhmm's own zap: nothing changed that uhmm does not know.  (The
+        // kernel does not wait for REMOVE events to be read, so the zap may
+        // be long done: its record goes with its event.)
+        auto own = std::find_if(own_zaps.begin(), own_zaps.end(), [&](const auto& z) {
+          return m.arg.remove.start >= z.first && m.arg.remove.end <= z.second;
+        });
+        if (own != own_zaps.end()) {
+          own_zaps.erase(own);
+          continue;
+        }
+      }
+      pending_events.push_back(m);
+      queued = true;
+    }
+  }
+  if (queued) events_cv.notify_all();
+  return faults;
+}
+
+void AddressSpace::Impl::drain_events() {
+  // The kernel hands out queued faults before queued events, and does not
+  // wait for an event to be read before the change returns to the
+  // application: read what is there so that an event that precedes this
+  // fault is known.  Faults read meanwhile go to the service threads.
+  for (int round = 0; round < 8; ++round) {
+    struct uffd_msg faults[16];
+    std::size_t total = 0;
+    const std::size_t n = read_messages(faults, 16, &total);
+    if (n > 0) {
+      {
+        MutexLock lock(events_mutex);
+        for (std::size_t i = 0; i < n; ++i) deferred_faults.push_back(faults[i]);
+      }
+      const std::uint64_t one = 1;
+      (void)!::write(deferred_fd, &one, sizeof one);
+    }
+    if (total < 16) return;
+  }
+}
+
+bool AddressSpace::Impl::take_deferred_fault(struct uffd_msg* out) {
+  MutexLock lock(events_mutex);
+  if (deferred_faults.empty()) return false;
+  *out = deferred_faults.front();
+  deferred_faults.pop_front();
+  return true;
+}
+
+bool AddressSpace::Impl::event_pending_at(VirtAddr addr) const {
+  MutexLock lock(events_mutex);
+  for (const struct uffd_msg& m : pending_events)
+    if (covers(m, addr)) return true;
+  return false;
+}
+
+void AddressSpace::Impl::wait_for_events_at(VirtAddr addr) {
+  // A read in progress may be queueing the event that concerns us.
+  { MutexLock read_lock(read_mutex); }
+  MutexLock lock(events_mutex);
+  for (;;) {
+    bool pending = false;
+    for (const struct uffd_msg& m : pending_events) pending = pending || covers(m, addr);
+    if (!pending) return;
+    events_cv.wait(events_mutex);
+  }
+}
+
+void AddressSpace::Impl::zap_own(VirtAddr start, std::size_t len) {
+  const std::pair<std::uintptr_t, std::uintptr_t> range{start.value, start.value + len};
+  {
+    MutexLock lock(events_mutex);
+    own_zaps.push_back(range);
+  }
+  // The reader that reads its REMOVE event drops it, and the record.
+  (void)platform::advise(start, len, MADV_DONTNEED);
+}
+
+void AddressSpace::Impl::event_worker_main() {
+  for (;;) {
+    struct uffd_msg m;
+    {
+      MutexLock lock(events_mutex);
+      while (!events_stopping && pending_events.empty()) events_cv.wait(events_mutex);
+      if (pending_events.empty()) return;  // stopping, and everything is processed
+      m = pending_events.front();
+    }
+    try {
+      switch (m.event) {
+        case UFFD_EVENT_REMOVE:
+          process_remove(VirtAddr{m.arg.remove.start}, VirtAddr{m.arg.remove.end});
+          break;
+        case UFFD_EVENT_UNMAP:
+          process_unmap(VirtAddr{m.arg.remove.start}, VirtAddr{m.arg.remove.end});
+          break;
+        case UFFD_EVENT_REMAP:
+          process_remap(VirtAddr{m.arg.remap.from}, VirtAddr{m.arg.remap.to}, m.arg.remap.len);
+          break;
+        default:
+          std::fprintf(stderr, "uhmm: unexpected userfaultfd event %u ignored\n", static_cast<unsigned>(m.event));
+          break;
+      }
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "uhmm: processing a userfaultfd event failed: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "uhmm: processing a userfaultfd event failed\n");
+    }
+    {
+      MutexLock lock(events_mutex);
+      pending_events.pop_front();
+    }
+    events_cv.notify_all();
+    // Faults parked on the ranges re-fault now and find the new state.
+    EventRange r[2];
+    const int n = event_ranges(m, r);
+    for (int i = 0; i < n; ++i) wake(r[i].start, (r[i].end - r[i].start) / kPageSize);
+  }
+}
+
+void AddressSpace::Impl::drop_entries(VirtAddr start, VirtAddr end) {
+  std::vector<Vpn> populated;
+  table.for_each_populated(start.vpn(), (end - start) / kPageSize, [&](Vpn v, PageEntry) { populated.push_back(v); });
+  for (Vpn v : populated) {
+    mm::EntrySlot* slot = table.slot(v, false);
+    PageEntry before;
+    // A migration holds it: it finishes on its own (it never waits for
+    // this worker), then the entry goes.
+    while (!mm::try_lock_entry(*slot, &before)) std::this_thread::yield();
+    if (before.state() == PageState::kDevicePrivate) {
+      DevicePage* page = before.device_page();
+      page->clear_mapping();
+      page->put();  // page_free once nobody else holds it
+      stats.add(Counter::device_pages_dropped);
+    }
+    unlock_and_wake(*slot, PageEntry::none(), VirtAddr::from_vpn(v));
+  }
+}
+
+namespace {
+// The managed regions overlapping [start, end), pinned.
+std::vector<std::shared_ptr<mm::Region>> overlapping(const AddressSpace::Impl& as, VirtAddr start, VirtAddr end) {
+  std::vector<std::shared_ptr<mm::Region>> out;
+  ReaderLock lock(as.regions_mutex);
+  auto it = as.regions.upper_bound(start.value);
+  if (it != as.regions.begin()) --it;
+  for (; it != as.regions.end() && it->first < end.value; ++it)
+    if (it->second->info.end() > start) out.push_back(it->second);
+  return out;
+}
+}  // namespace
+
+void AddressSpace::Impl::process_remove(VirtAddr start, VirtAddr end) {
+  // MADV_DONTNEED and MADV_FREE look the same from here; both discard device
+  // pages (MADV_FREE allows it: docs/address-space-events.md).
+  mm::ScopedInvalidation invalidation(notifiers, NotifyRange{start, end, NotifyEvent::kClear});
+  for (const auto& region : overlapping(*this, start, end)) {
+    const VirtAddr lo = std::max(start, region->info.start);
+    const VirtAddr hi = std::min(end, region->info.end());
+    drop_entries(lo, hi);
+  }
+  stats.add(Counter::uffd_events);
+}
+
+void AddressSpace::Impl::process_unmap(VirtAddr start, VirtAddr end) {
+  mm::ScopedInvalidation invalidation(notifiers, NotifyRange{start, end, NotifyEvent::kUnmap});
+  for (const auto& region : overlapping(*this, start, end)) {
+    const VirtAddr lo = std::max(start, region->info.start);
+    const VirtAddr hi = std::min(end, region->info.end());
+    drop_entries(lo, hi);
+    // The region object is shared with operations in flight, which keep
+    // their view; the address space gets new regions for what is left.
+    WriterLock lock(regions_mutex);
+    auto it = regions.find(region->info.start.value);
+    if (it == regions.end() || it->second != region) continue;  // replaced meanwhile
+    regions.erase(it);
+    region->closing.store(true, std::memory_order_release);
+    const std::pair<VirtAddr, VirtAddr> left_over[2] = {{region->info.start, lo}, {hi, region->info.end()}};
+    for (const auto& [s, e] : left_over) {
+      if (e <= s) continue;
+      auto part = std::make_shared<mm::Region>();
+      part->info = region->info;
+      part->info.start = s;
+      part->info.length = e - s;
+      regions.emplace(s.value, std::move(part));
+    }
+  }
+  stats.add(Counter::uffd_events);
+}
+
+void AddressSpace::Impl::process_remap(VirtAddr from, VirtAddr to, std::size_t len) {
+  // The pages (and their registration) moved from `from` to `to`; the old
+  // range either went (an UNMAP event follows) or stays, empty
+  // (MREMAP_DONTUNMAP).  Mirrors of the old range drop it.
+  mm::ScopedInvalidation invalidation(notifiers, NotifyRange{from, from + len, NotifyEvent::kUnmap});
+  const auto sources = overlapping(*this, from, from + len);
+  if (sources.empty()) return;  // not managed (any more)
+  {
+    auto moved = std::make_shared<mm::Region>();
+    moved->info = sources.front()->info;
+    moved->info.start = to;
+    moved->info.length = len;
+    WriterLock lock(regions_mutex);
+    regions.emplace(to.value, std::move(moved));
+  }
+  const std::uint64_t pages = len / kPageSize;
+  for (std::uint64_t i = 0; i < pages; ++i) {
+    mm::EntrySlot* src = table.slot(from.vpn() + i, false);
+    if (src == nullptr || PageEntry{src->load(std::memory_order_acquire)}.state() == PageState::kNone) continue;
+    PageEntry before;
+    while (!mm::try_lock_entry(*src, &before)) std::this_thread::yield();
+    mm::EntrySlot* dst = table.slot(to.vpn() + i, true);
+    PageEntry dst_before;
+    while (!mm::try_lock_entry(*dst, &dst_before)) std::this_thread::yield();
+    const VirtAddr new_addr = to + i * kPageSize;
+    if (before.state() == PageState::kDevicePrivate) before.device_page()->set_mapping(self, new_addr);
+    unlock_and_wake(*dst, before.settled(), new_addr);
+    unlock_and_wake(*src, PageEntry::none(), from + i * kPageSize);
+  }
+  stats.add(Counter::uffd_events);
+}
+
+}  // namespace uhmm

@@ -1,0 +1,194 @@
+// End-to-end: changes the application makes to managed memory directly,
+// behind uhmm's back, reach uhmm (userfaultfd events) and the notifiers:
+// munmap (whole or partial: device pages released, page_free called, the
+// rest stays managed and intact), MADV_DONTNEED and MADV_FREE (device pages
+// discarded: the next access reads zeros, even right after the call),
+// mremap (device pages and the registration move with the range), and
+// mremap with MREMAP_DONTUNMAP (the old range stays managed, empty).
+// Each test runs with both fault modes.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <mutex>
+#include <vector>
+
+#include "e2e/test_support.hpp"
+#include "uhmm/uhmm.hpp"
+
+extern "C" const char* __tsan_default_options() { return "report_signal_unsafe=0"; }  // kInThread: ADR 0004
+
+namespace uhmm {
+namespace {
+
+using test::count_states;
+using test::range_has_pattern;
+
+constexpr std::size_t kBlock = kPagesPerHugePage;
+constexpr std::size_t kPages = 2 * kBlock;
+constexpr std::size_t kLen = kPages * kPageSize;
+
+struct Recorder : IntervalNotifierOps {
+  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
+    std::lock_guard lock(mutex);
+    sub.set_seq(cur_seq);
+    events.push_back(range);
+    return true;
+  }
+  bool saw(NotifyEvent event) {
+    std::lock_guard lock(mutex);
+    for (const NotifyRange& r : events)
+      if (r.event == event) return true;
+    return false;
+  }
+  std::mutex mutex;
+  std::vector<NotifyRange> events;
+};
+
+class AddressSpaceEvents : public ::testing::TestWithParam<FaultMode> {
+ protected:
+  void SetUp() override {
+    AddressSpaceOptions o;
+    o.fault_mode = GetParam();
+    auto as_r = AddressSpace::create(o);
+    ASSERT_TRUE(as_r.is_ok()) << as_r.status().to_string();
+    as = std::move(*as_r);
+    sim::SimDeviceOptions d;
+    d.memory_bytes = kLen + kHugePageSize;
+    d.warm_memory = false;
+    d.prefetch_blocks = 0;
+    auto dev_r = sim::SimDevice::create(d);
+    ASSERT_TRUE(dev_r.is_ok());
+    dev = std::move(*dev_r);
+    auto r = as->map(kLen);
+    ASSERT_TRUE(r.is_ok());
+    base = *r;
+    test::fill_range(base, kPages);
+    ASSERT_TRUE(test::settles(*as));
+    auto rep = dev->migrate_to_device(*as, base, kLen);
+    ASSERT_TRUE(rep.is_ok() && rep->pages_migrated == kPages);
+    ASSERT_TRUE(interval_notifier_insert(watch, *as, base, kLen, recorder).is_ok());
+  }
+  void TearDown() override {
+    interval_notifier_remove(watch);
+    dev.reset();
+    as.reset();
+  }
+  VirtAddr page(std::size_t i) const { return base + i * kPageSize; }
+  bool device_pages_become(std::uint64_t n) {
+    return test::eventually([&] { return dev->pagemap().pages_in_use() == n; });
+  }
+  std::uint64_t counter(Counter c) const { return as->stats().get(c); }
+
+  std::unique_ptr<AddressSpace> as;
+  std::unique_ptr<sim::SimDevice> dev;
+  VirtAddr base;
+  Recorder recorder;
+  IntervalNotifier watch;
+};
+
+TEST_P(AddressSpaceEvents, MunmapReleasesTheDevicePagesAndTheRange) {
+  ASSERT_EQ(::munmap(base.ptr(), kLen), 0);
+  EXPECT_TRUE(device_pages_become(0));  // page_free ran for every page
+  EXPECT_TRUE(test::eventually([&] { return !as->find_region(base).has_value(); }));
+  EXPECT_EQ(counter(Counter::device_pages_dropped), kPages);
+  EXPECT_TRUE(recorder.saw(NotifyEvent::kUnmap));
+  EXPECT_EQ(as->unmap(base).code(), EINVAL);  // nothing left to unmap
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+TEST_P(AddressSpaceEvents, PartialMunmapOfA2MiBDeviceBlockKeepsTheRest) {
+  // The middle half of the first 2 MiB block goes.
+  const std::size_t lo = 128, hi = 384;
+  ASSERT_EQ(::munmap(page(lo).ptr(), (hi - lo) * kPageSize), 0);
+  EXPECT_TRUE(device_pages_become(kPages - (hi - lo)));
+  ASSERT_TRUE(test::eventually([&] { return !as->find_region(page(lo)).has_value(); }));
+  const auto left = as->find_region(base);
+  const auto right = as->find_region(page(hi));
+  ASSERT_TRUE(left && right);
+  EXPECT_EQ(left->start, base);
+  EXPECT_EQ(left->length, lo * kPageSize);
+  EXPECT_EQ(right->start, page(hi));
+  EXPECT_EQ(right->end(), base + kLen);
+  // What is left still faults back with its data, and migrates again.
+  EXPECT_TRUE(range_has_pattern(base, lo));
+  EXPECT_TRUE(range_has_pattern(page(hi), kPages - hi, hi));
+  ASSERT_TRUE(dev->migrate_to_device(*as, page(hi), (kPages - hi) * kPageSize).is_ok());
+  EXPECT_TRUE(range_has_pattern(page(hi), kPages - hi, hi));
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+TEST_P(AddressSpaceEvents, DontneedDiscardsDevicePagesEvenForTheVeryNextAccess) {
+  ASSERT_EQ(::madvise(page(10).ptr(), 20 * kPageSize, MADV_DONTNEED), 0);
+  // No waiting: the access right after the call must not bring the
+  // discarded device data back.
+  for (std::size_t i = 10; i < 30; ++i) ASSERT_EQ(page(i).as<volatile std::uint64_t>()[3], 0u) << "page " << i;
+  EXPECT_TRUE(range_has_pattern(base, 10));
+  EXPECT_TRUE(range_has_pattern(page(30), kPages - 30, 30));
+  EXPECT_TRUE(device_pages_become(0));
+  EXPECT_EQ(counter(Counter::device_pages_dropped), 20u);
+  EXPECT_TRUE(recorder.saw(NotifyEvent::kClear));
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// MADV_FREE looks like MADV_DONTNEED to userfaultfd; uhmm discards the
+// device pages, which MADV_FREE allows (docs/address-space-events.md).
+TEST_P(AddressSpaceEvents, MadvFreeDiscardsDevicePagesAndKeepsLaterWrites) {
+  ASSERT_EQ(::madvise(page(0).ptr(), 8 * kPageSize, MADV_FREE), 0);
+  EXPECT_EQ(page(2).as<volatile std::uint64_t>()[0], 0u);
+  page(3).as<volatile std::uint64_t>()[0] = 99;
+  EXPECT_EQ(page(3).as<volatile std::uint64_t>()[0], 99u);
+  EXPECT_TRUE(range_has_pattern(page(8), kPages - 8, 8));
+  EXPECT_TRUE(device_pages_become(0));
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+TEST_P(AddressSpaceEvents, MremapMovesDevicePagesAndTheRegistration) {
+  void* target = ::mmap(nullptr, kLen + kHugePageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(target, MAP_FAILED);
+  const VirtAddr to{(reinterpret_cast<std::uintptr_t>(target) + kHugePageSize - 1) & ~(kHugePageSize - 1)};
+  void* moved = ::mremap(base.ptr(), kLen, kLen, MREMAP_MAYMOVE | MREMAP_FIXED, to.ptr());
+  ASSERT_EQ(moved, to.ptr());
+  // Straight away: the data is there at the new address.
+  EXPECT_TRUE(range_has_pattern(to, kBlock));
+  ASSERT_TRUE(test::eventually([&] { return !as->find_region(base).has_value(); }));
+  const auto region = as->find_region(to);
+  ASSERT_TRUE(region);
+  EXPECT_EQ(region->start, to);
+  EXPECT_EQ(region->length, kLen);
+  // The second block is still on the device, now mapped at the new place.
+  EXPECT_EQ(count_states(*as, to + kBlock * kPageSize, kBlock).device, kBlock);
+  EXPECT_TRUE(range_has_pattern(to + kBlock * kPageSize, kBlock, kBlock));
+  EXPECT_TRUE(recorder.saw(NotifyEvent::kUnmap));
+  EXPECT_TRUE(device_pages_become(0));
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(as->unmap(to).is_ok());
+  ::munmap(target, kLen + kHugePageSize);
+}
+
+TEST_P(AddressSpaceEvents, MremapDontunmapLeavesTheOldRangeManagedAndEmpty) {
+  void* moved = ::mremap(base.ptr(), kBlock * kPageSize, kBlock * kPageSize, MREMAP_MAYMOVE | MREMAP_DONTUNMAP, nullptr);
+  ASSERT_NE(moved, MAP_FAILED);
+  const VirtAddr to = VirtAddr::of(moved);
+  EXPECT_TRUE(range_has_pattern(to, kBlock));
+  for (std::size_t i = 0; i < kBlock; i += 64) EXPECT_EQ(page(i).as<volatile std::uint64_t>()[1], 0u) << i;
+  EXPECT_TRUE(as->find_region(base).has_value());
+  EXPECT_TRUE(as->find_region(to).has_value());
+  EXPECT_TRUE(range_has_pattern(page(kBlock), kBlock, kBlock));  // the block that did not move
+  EXPECT_TRUE(device_pages_become(0));
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(as->unmap(to).is_ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
+                         ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
+                         [](const ::testing::TestParamInfo<FaultMode>& mode) {
+                           return mode.param == FaultMode::kInThread ? "InThread" : "ServiceThreads";
+                         });
+
+}  // namespace
+}  // namespace uhmm
