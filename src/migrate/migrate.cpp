@@ -218,6 +218,8 @@ Status migrate_vma_setup(MigrateVma& m) {
   // skips the MIGRATE events that carry its own owner; docs/notifiers.md).
   mm::ScopedInvalidation invalidation(as.notifiers, NotifyRange{m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner});
   if (!invalidation.ok()) return invalidation.status();
+  // No page is in transit while the process forks (mm/fork.cpp).
+  as.migration_begin();
 
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
@@ -487,6 +489,7 @@ void migrate_vma_finalize(MigrateVma& m) {
   as.stats.add(Counter::pgmigrate_to_ram, to_ram);
   delete static_cast<mm::RegionPin*>(m.internal_pin);
   m.internal_pin = nullptr;
+  as.migration_end();
 }
 
 // ---- migrate_device --------------------------------------------------------

@@ -36,7 +36,30 @@ Status AddressSpace::Impl::init() {
   if (!zero) return zero.status();
   zero_source = *zero;
   if (in_thread) UHMM_TRY(register_in_thread());
-  return start_fault_service();
+  UHMM_TRY(start_fault_service());
+  register_for_fork();
+  return Status::ok();
+}
+
+void AddressSpace::Impl::abandon_in_child() {
+  for (auto& t : fault_threads) t.detach();
+  fault_threads.clear();
+  if (event_worker.joinable()) event_worker.detach();
+  if (backup_reader.joinable()) backup_reader.detach();
+  for (int* fd : {&stop_fd, &deferred_fd}) {
+    if (*fd >= 0) ::close(*fd);
+    *fd = -1;
+  }
+  std::vector<std::shared_ptr<mm::Region>> gone;
+  {
+    WriterLock lock(regions_mutex);
+    for (auto& [start, region] : regions) gone.push_back(region);
+    regions.clear();
+  }
+  // Device pages stay the parent's: only forget them.
+  for (const auto& region : gone)
+    table.for_each_populated(region->info.start.vpn(), region->info.length / kPageSize,
+                             [&](Vpn v, PageEntry) { table.slot(v, false)->store(PageEntry::none().bits()); });
 }
 
 AddressSpace::Impl::~Impl() {
@@ -187,6 +210,13 @@ AddressSpace::~AddressSpace() {
   // so the fault service goes first: its threads end before the ranges do,
   // and no thread exit races with the unmapping below.  Bringing device
   // pages of adopted ranges back calls migrate_to_ram directly.
+  impl_->unregister_for_fork();
+  if (impl_->forked_child) {
+    // The parent's object, inherited: its threads do not exist here, and its
+    // userfaultfds still act on the parent's memory.  Touch neither.
+    impl_->abandon_in_child();
+    return;
+  }
   impl_->stop_fault_service();
   if (impl_->options.fault_mode == FaultMode::kInThread) impl_->unregister_in_thread();
   {

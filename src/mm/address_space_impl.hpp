@@ -101,7 +101,13 @@ struct AddressSpace::Impl {
   std::deque<struct uffd_msg> deferred_faults UHMM_GUARDED_BY(events_mutex);
   int deferred_fd = -1;  // eventfd: deferred faults are waiting
   bool events_stopping UHMM_GUARDED_BY(events_mutex) = false;
+  /// zap_own calls waiting for their REMOVE event to be read.
+  int zaps_waiting UHMM_GUARDED_BY(events_mutex) = 0;
   std::thread event_worker;
+  /// Service mode: reads the uffd when a zap_own waits long, in case every
+  /// service thread is blocked (e.g. one in zap_own, the other waiting for
+  /// a page lock the first holds).
+  std::thread backup_reader;
 
   Status init();
 
@@ -121,6 +127,25 @@ struct AddressSpace::Impl {
   /// Drops the page table of an aligned 2 MiB managed block whose every page
   /// is absent and locked by the caller, so that a huge page can move in whole.
   void as_empty_block(VirtAddr block);
+
+  // Fork (mm/fork.cpp): device pages come back before fork, and no
+  // migration runs across it.
+  std::atomic<bool> forking{false};
+  std::atomic<int> migrations_in_flight{0};
+  /// Set in a forked child: this object belongs to the parent (its threads
+  /// and userfaultfds are the parent's); it only lets itself be destroyed.
+  bool forked_child = false;
+  void register_for_fork();
+  void unregister_for_fork();
+  /// Brackets every migrate_vma sequence (setup to finalize).
+  void migration_begin();
+  void migration_end();
+  void prepare_fork();
+  void end_fork();
+  /// In a forked child: lets go of the parent's threads and descriptors
+  /// without touching them.
+  void abandon_in_child();
+  bool holds_device_or_moving_pages() const;
 
   // Events (mm/uffd_events.cpp).
   Status start_event_worker();
@@ -147,6 +172,7 @@ struct AddressSpace::Impl {
   /// recognised and dropped, not processed).
   void zap_own(VirtAddr start, std::size_t len);
   void event_worker_main();
+  void backup_reader_main();
   void process_remove(VirtAddr start, VirtAddr end);
   void process_unmap(VirtAddr start, VirtAddr end);
   void process_remap(VirtAddr from, VirtAddr to, std::size_t len);

@@ -142,6 +142,7 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
   stats.add(Counter::uffd_faults);
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   bool device_fault = false;
+  bool events_checked = false;
   for (unsigned attempt = 0;; ++attempt) {
     if (attempt > 64) std::this_thread::yield();  // a device that keeps declining
     PageEntry e{slot->load(std::memory_order_acquire)};
@@ -162,7 +163,13 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       poison_or_wake(addr);  // still broken: SIGBUS again
       return FaultResult::kFailed;
     }
-    if (!device_fault && attempt == 0 && waits_for_event(addr)) return FaultResult::kParked;
+    if (!events_checked) {
+      // Before serving a device page: has the application discarded it?
+      // (Look at the entry afresh afterwards: time passed.)
+      events_checked = true;
+      if (waits_for_event(addr)) return FaultResult::kParked;
+      continue;
+    }
     const std::optional<FaultOutcome> called = call_migrate_to_ram(*slot, e, addr, write);
     if (!called) continue;  // the entry changed meanwhile: look again
     device_fault = true;

@@ -60,6 +60,8 @@ bool covers(const struct uffd_msg& m, VirtAddr addr) {
 
 Status AddressSpace::Impl::start_event_worker() {
   event_worker = std::thread([this] { event_worker_main(); });
+  // In SIGBUS mode the event reader never blocks; service threads can.
+  if (options.fault_mode == FaultMode::kServiceThreads) backup_reader = std::thread([this] { backup_reader_main(); });
   return Status::ok();
 }
 
@@ -71,6 +73,27 @@ void AddressSpace::Impl::stop_event_worker() {
   }
   events_cv.notify_all();
   event_worker.join();
+  if (backup_reader.joinable()) backup_reader.join();
+}
+
+void AddressSpace::Impl::backup_reader_main() {
+  for (;;) {
+    {
+      MutexLock lock(events_mutex);
+      while (!events_stopping && zaps_waiting == 0) events_cv.wait(events_mutex);
+      if (events_stopping) return;
+    }
+    // A service thread normally reads the zap's event within microseconds;
+    // step in only when none does.
+    const struct timespec grace = {0, 200'000};
+    (void)::nanosleep(&grace, nullptr);
+    bool still_waiting;
+    {
+      MutexLock lock(events_mutex);
+      still_waiting = zaps_waiting > 0;
+    }
+    if (still_waiting) drain_events();
+  }
 }
 
 std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::size_t capacity,
@@ -166,9 +189,16 @@ void AddressSpace::Impl::zap_own(VirtAddr start, std::size_t len) {
   {
     MutexLock lock(events_mutex);
     own_zaps.push_back(range);
+    ++zaps_waiting;
   }
-  // The reader that reads its REMOVE event drops it, and the record.
+  events_cv.notify_all();
+  // Returns once a reader has read the REMOVE event; that reader drops the
+  // event and the record.
   (void)platform::advise(start, len, MADV_DONTNEED);
+  {
+    MutexLock lock(events_mutex);
+    --zaps_waiting;
+  }
 }
 
 void AddressSpace::Impl::event_worker_main() {

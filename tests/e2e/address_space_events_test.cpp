@@ -192,3 +192,30 @@ INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
 
 }  // namespace
 }  // namespace uhmm
+
+namespace uhmm {
+namespace {
+
+// Regression (a CI hang): uhmm's own MADV_DONTNEED waits until a reader
+// reads its REMOVE event.  With one service thread, that thread itself is
+// the one waiting (filling a whole 2 MiB hole with a huge page drops the
+// block's page table first); the backup reader must step in.  In a child,
+// so that a hang ends as a failure.
+TEST(AddressSpaceEventsRegression, OwnZapNeverWaitsForABlockedServiceThread) {
+  const test::ChildResult r = test::run_in_child([] {
+    AddressSpaceOptions o;
+    o.fault_threads = 1;
+    auto as = AddressSpace::create(o);
+    if (!as.is_ok()) return 10;
+    auto m = (*as)->map(8 * kHugePageSize);
+    if (!m.is_ok()) return 11;
+    for (std::size_t b = 0; b < 8; ++b)
+      if ((*m + b * kHugePageSize).as<volatile std::uint64_t>()[7] != 0) return 12;
+    if ((*as)->stats().get(Counter::hole_faults) < 8) return 13;
+    return 0;
+  });
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << "child " << r.describe();
+}
+
+}  // namespace
+}  // namespace uhmm
