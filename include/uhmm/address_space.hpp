@@ -129,6 +129,17 @@ class AddressSpace {
   /// is unregistered; a range uhmm mapped is also unmapped.
   Status unmap(VirtAddr start);
 
+  /// mprotect for managed memory: userfaultfd reports no event for
+  /// mprotect, so call this instead of ::mprotect to keep uhmm and the
+  /// mirrors coherent.  Notifiers get PROTECTION_VMA; device entries of a
+  /// range that loses PROT_WRITE lose their write bit.  `prot` is
+  /// PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE; the range must lie in one
+  /// managed range (which splits where the protection changes).  Pages of a
+  /// range that is not read-write stay where they are when asked to migrate
+  /// to a device (the kernel refuses to move them out), but come back from
+  /// one.  EINVAL for bad input.
+  Status protect(VirtAddr start, std::size_t length, int prot);
+
   std::optional<RegionInfo> find_region(VirtAddr addr) const;
   PageInfo page_info(VirtAddr addr) const;
 

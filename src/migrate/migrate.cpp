@@ -55,7 +55,9 @@ class Installer {
       // an interrupt to every other CPU the process ran on (~10-20 us on a
       // VM, more than copying a few pages).  The slot stays populated and
       // goes back to the pool warm.
-      if (r.pages < kCopyInstallPages) {
+      // A range that is not read-write refuses UFFDIO_MOVE (the protections
+      // of both sides must match): copy.
+      if (r.pages < kCopyInstallPages || !as_.read_write_at(r.managed)) {
         const platform::PartialResult c = as_.uffd.copy(r.managed, r.slot.ptr(), r.pages * kPageSize, false);
         if (c.error == 0) {
           as_.staging.give_back_ready(r.slot, r.pages);

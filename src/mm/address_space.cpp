@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -66,6 +67,14 @@ AddressSpace::Impl::~Impl() {
   stop_fault_service();
   if (options.fault_mode == FaultMode::kInThread) unregister_in_thread();
   if (zero_source.value != 0) (void)platform::unmap(zero_source, kHugePageSize);
+}
+
+bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
+  ReaderLock lock(regions_mutex);
+  auto it = regions.upper_bound(addr.value);
+  if (it == regions.begin()) return false;
+  --it;
+  return it->second->contains(addr) && it->second->info.prot == (PROT_READ | PROT_WRITE);
 }
 
 mm::RegionPin AddressSpace::Impl::pin_region(VirtAddr start, VirtAddr end) const {
@@ -303,6 +312,78 @@ Status AddressSpace::unmap(VirtAddr start) {
     impl_->regions.erase(start.value);
   }
   impl_->teardown_region(*region);
+  return Status::ok();
+}
+
+Status AddressSpace::protect(VirtAddr start, std::size_t length, int prot) {
+  if (impl_->forked_child) return Status::error(ECHILD, "this address space belongs to the parent process");
+  UHMM_TRY(check_length(length));
+  if (!start.page_aligned()) return Status::error(EINVAL, "start not page aligned");
+  if (prot != PROT_NONE && prot != PROT_READ && prot != (PROT_READ | PROT_WRITE))
+    return Status::error(EINVAL, "protection must be PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE");
+  const VirtAddr end = start + length;
+  std::shared_ptr<mm::Region> region;
+  {
+    ReaderLock lock(impl_->regions_mutex);
+    auto it = impl_->regions.upper_bound(start.value);
+    if (it != impl_->regions.begin()) {
+      --it;
+      if (it->second->contains(start) && end <= it->second->info.end()) region = it->second;
+    }
+  }
+  if (!region) return Status::error(EINVAL, "range not inside one managed range");
+  // Mirrors drop the range first: the next device fault sees the new
+  // protection (hmm_range_fault: EPERM for a write, ERROR/EFAULT for none).
+  mm::ScopedInvalidation invalidation(impl_->notifiers, NotifyRange{start, end, NotifyEvent::kProtectionVma});
+  if (::mprotect(start.ptr(), length, prot) != 0)
+    return Status::error(errno, "mprotect: " + platform::errno_text(errno));
+  // Device entries of a range that is no longer writable lose the write bit,
+  // as the kernel downgrades its device-private entries.
+  if (!(prot & PROT_WRITE)) {
+    impl_->table.for_each_populated(start.vpn(), length / kPageSize, [&](Vpn v, PageEntry e) {
+      if (e.state() != PageState::kDevicePrivate || !e.device_writable()) return;
+      mm::EntrySlot* slot = impl_->table.slot(v, false);
+      PageEntry before;
+      while (!mm::try_lock_entry(*slot, &before)) std::this_thread::yield();
+      impl_->unlock_and_wake(*slot, before.settled().without(PageEntry::kDeviceWrite), VirtAddr::from_vpn(v));
+    });
+  }
+  // The region splits where the protection changes.
+  WriterLock lock(impl_->regions_mutex);
+  auto it = impl_->regions.find(region->info.start.value);
+  if (it == impl_->regions.end() || it->second != region) return Status::ok();  // changed meanwhile
+  impl_->regions.erase(it);
+  const std::tuple<VirtAddr, VirtAddr, int> pieces[3] = {
+      {region->info.start, start, region->info.prot}, {start, end, prot}, {end, region->info.end(), region->info.prot}};
+  for (const auto& [s, e, p] : pieces) {
+    if (e <= s) continue;
+    auto part = std::make_shared<mm::Region>();
+    part->info = region->info;
+    part->info.start = s;
+    part->info.length = e - s;
+    part->info.prot = p;
+    impl_->regions.emplace(s.value, std::move(part));
+  }
+  // Neighbours that end up alike merge again, as the kernel merges VMAs:
+  // restoring a protection gives back one range.
+  auto alike = [](const RegionInfo& a, const RegionInfo& b) {
+    return a.end() == b.start && a.prot == b.prot && a.kind == b.kind && a.adopted == b.adopted;
+  };
+  auto at = impl_->regions.lower_bound(region->info.start.value);
+  if (at != impl_->regions.begin()) --at;
+  while (at != impl_->regions.end()) {
+    auto next = std::next(at);
+    if (next == impl_->regions.end() || next->first > region->info.end().value) break;
+    if (!alike(at->second->info, next->second->info)) {
+      at = next;
+      continue;
+    }
+    auto merged = std::make_shared<mm::Region>();
+    merged->info = at->second->info;
+    merged->info.length += next->second->info.length;
+    impl_->regions.erase(next);
+    at->second = std::move(merged);
+  }
   return Status::ok();
 }
 

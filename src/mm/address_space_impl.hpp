@@ -111,6 +111,8 @@ struct AddressSpace::Impl {
 
   Status init();
 
+  /// True if `addr` lies in a managed range that is read and write.
+  bool read_write_at(VirtAddr addr) const;
   /// Pins the region holding all of [start, end); null if none does.
   mm::RegionPin pin_region(VirtAddr start, VirtAddr end) const;
 

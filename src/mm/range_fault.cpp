@@ -185,10 +185,11 @@ class Walk {
     }
     switch (e.state()) {
       case PageState::kSystem: {
-        // FIXME(issue 3): a page the application dropped behind uhmm's
-        // back (MADV_DONTNEED) says kSystem, and is reported present, until
-        // uhmm has processed the change; the invalidation that processing
+        // A page the application dropped behind uhmm's back
+        // (MADV_DONTNEED) says kSystem, and is reported present, until uhmm
+        // has processed the change; the CLEAR invalidation that processing
         // raises is what tells the driver (read_retry).
+        // docs/address-space-events.md.
         const Need need = need_fault(q, true, writable_);
         if (need != Need::kNothing) return fault(need);  // a write asked of a read-only range: EPERM
         out = vpn.value | HMM_PFN_VALID | (writable_ ? std::uint64_t{HMM_PFN_WRITE} : 0);

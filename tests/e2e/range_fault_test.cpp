@@ -394,10 +394,9 @@ TEST_P(RangeFault, UnmanagedAddressIsErrorWithoutFaultAndEfaultWithIt) {
     EXPECT_EQ(walk(base, one, 0, kReqFault).code(), EFAULT);
     ::munmap(p, kPages * kPageSize);
   }
-  // FIXME(issue 3, mprotect): a managed PROT_NONE range (ERROR / EFAULT)
-  // and REQ_WRITE on a managed read-only range (EPERM) are implemented
-  // (range_fault.cpp, Walk::run and Walk::look_at) but cannot be tested
-  // until AddressSpace can make such ranges.
+  // A managed PROT_NONE range (ERROR / EFAULT) and REQ_WRITE on a managed
+  // read-only range (EPERM) are tested with AddressSpace::protect in
+  // protect_test.cpp.
 }
 
 TEST_P(RangeFault, RangeSpanningTwoRegionsAndAGap) {
