@@ -5,9 +5,13 @@
 // A DMA engine of worker threads copies between staging pages and the arena
 // in batches, through an optional link model.  The driver side allocates
 // device pages, implements migrate_to_ram, and offers device reads, writes
-// and "kernels" over a virtual range.
+// and "kernels" over a virtual range.  Device accesses go through a mirrored
+// page table per address space, filled on device faults with
+// hmm_range_fault and kept coherent by an interval notifier
+// (docs/mirroring.md, "The simulated device's mirror").
 //
-// Concurrency: all members are thread safe.
+// Concurrency: all members are thread safe, except that the destructor must
+// not race with other calls.
 #pragma once
 
 #include <chrono>
@@ -83,6 +87,16 @@ class FaultInjection {
   std::atomic<bool> fail_m2r_{false};
 };
 
+/// What the device's mirrored page tables did (cumulative, all address spaces).
+struct MirrorStats {
+  std::uint64_t device_faults = 0;  // device faults: batches of misses serviced with hmm_range_fault
+  std::uint64_t pages_faulted = 0;  // the misses those batches serviced
+  std::uint64_t mirror_hits = 0;    // pages a device access found mirrored on its first look
+  std::uint64_t invalidations = 0;  // invalidate() callbacks that reached a mirror
+  std::uint64_t entries_dropped = 0;  // mirror entries removed by invalidations and evictions
+  std::uint64_t retries = 0;        // walks started over (EBUSY, or read_retry under the lock)
+};
+
 /// What a migration helper did.
 struct MigrateReport {
   std::uint64_t pages_requested = 0;
@@ -121,15 +135,26 @@ class SimDevice {
   /// (migrate_device_range over the whole map).
   Result<MigrateReport> evict_all();
 
-  /// Device access to a virtual range: pages resident on this device are read
-  /// or written in device memory; other pages through the CPU (fault-safe).
+  /// Device access to a virtual range through the device's mirror of `as`:
+  /// pages resident on this device are read or written in device memory,
+  /// system pages in place through the process mapping.  Pages not mirrored
+  /// yet are one device fault, serviced with hmm_range_fault (pages on the
+  /// CPU stay there; other devices' pages come back; holes are zero-filled).
+  /// EFAULT outside managed memory; EPERM for a write to a read-only page;
+  /// EBUSY if the range keeps changing for a second.
   Status device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out);
   Status device_write(AddressSpace& as, VirtAddr addr, std::span<const std::byte> in);
   /// Runs a device "kernel" over the device-resident pages of a range: `fn`
   /// gets each page's device memory and its virtual address.  EFAULT if a
-  /// page of the range is not on this device.
+  /// page of the range is not on this device (nothing is faulted or moved).
+  /// `fn` runs under the mirror's page-table lock: it must not touch managed
+  /// memory of `as` nor call this device.
   Status run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
                     const std::function<void(std::span<std::byte> page, VirtAddr va)>& fn);
+
+  MirrorStats mirror_stats() const;
+  /// Pages of [addr, addr + length) mirrored for `as` now (for tests).
+  std::size_t mirrored_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const;
 
   /// Device memory behind a device page (for tests and the DMA engine).
   std::byte* page_memory(const DevicePage& page);
@@ -142,8 +167,15 @@ class SimDevice {
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
                                       bool to_device);
-  template <class OnDevice, class OnCpu>
-  Status access(AddressSpace& as, VirtAddr addr, std::size_t bytes, OnDevice&& on_device, OnCpu&& on_cpu);
+  class Mirror;
+  struct Mirrors;
+  enum class Need : std::uint8_t { kRead, kWrite, kResident };
+  std::shared_ptr<Mirror> mirror_for(AddressSpace& as);
+  std::shared_ptr<Mirror> find_mirror(const AddressSpace& as) const;
+  Status service_device_fault(Mirror& m, AddressSpace& as, std::uint64_t first_vpn, std::uint64_t end_vpn,
+                              std::size_t misses, Need need, std::chrono::steady_clock::time_point deadline);
+  template <class Fn>
+  Status mirrored_access(AddressSpace& as, VirtAddr first_page, std::size_t npages, Need need, Fn&& fn);
   struct Transfer;
   bool prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r);
   bool complete(Transfer& t, std::span<const std::uint64_t> src, std::span<std::uint64_t> dst, AddressSpace& as);
@@ -161,6 +193,7 @@ class SimDevice {
   std::unique_ptr<Prefetcher> prefetcher_;
   struct FreeList;
   std::unique_ptr<FreeList> free_list_;
+  std::unique_ptr<Mirrors> mirrors_;
 };
 
 }  // namespace uhmm::sim

@@ -18,7 +18,9 @@
 #include "devices/sim/dma_engine.hpp"
 #include "mm/address_space_impl.hpp"
 #include "platform/uffd.hpp"
+#include "uhmm/hmm.hpp"
 #include "uhmm/migrate.hpp"
+#include "uhmm/notifier.hpp"
 
 namespace uhmm::sim {
 
@@ -204,9 +206,87 @@ class SimDevice::Prefetcher {
   std::thread thread_;
 };
 
+// ---- the mirror ------------------------------------------------------------
+
+// The device's page table for one address space (docs/mirroring.md, "The
+// simulated device's mirror"): virtual page number -> where the device
+// reaches the page.  One interval notifier covers the whole user address
+// range; its invalidate() drops the entries of the range under `mutex`, the
+// lock every device access holds while it uses entries, so an invalidation
+// returns only once no device access uses the range any more.
+class SimDevice::Mirror final : public IntervalNotifierOps {
+ public:
+  struct Entry {
+    std::byte* memory = nullptr;  // the page: device memory, or the system page's own address
+    bool writable = false;
+    bool device = false;  // one of this device's pages
+  };
+
+  explicit Mirror(Mirrors& stats) : stats_(stats) {}
+  ~Mirror() override = default;
+  Mirror(const Mirror&) = delete;
+  Mirror& operator=(const Mirror&) = delete;
+
+  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override;
+  /// Drops the entries of [first, end) (virtual page numbers).
+  void drop(std::uint64_t first, std::uint64_t end) UHMM_REQUIRES(mutex);
+
+  IntervalNotifier sub;
+  // The device page-table lock.  Taken by invalidate() (no uhmm mutex held
+  // there) and by device accesses; nothing is locked inside it.
+  Mutex mutex{LockRank::kDeviceDriver};
+  std::map<std::uint64_t, Entry> entries UHMM_GUARDED_BY(mutex);
+  // Set by the kRelease callback: the address space is being destroyed and
+  // is never touched again through this mirror.
+  std::atomic<bool> released{false};
+
+ private:
+  Mirrors& stats_;
+};
+
+// Every mirror of the device, by address space, and the mirror statistics.
+struct SimDevice::Mirrors {
+  mutable Mutex mutex{LockRank::kDeviceDriver};  // never nests with Mirror::mutex
+  std::map<const AddressSpace*, std::shared_ptr<Mirror>> by_space UHMM_GUARDED_BY(mutex);
+
+  std::atomic<std::uint64_t> device_faults{0}, pages_faulted{0}, mirror_hits{0}, invalidations{0},
+      entries_dropped{0}, retries{0};
+};
+
+// Every event drops the entries of its range, the device's own migrations
+// included: the kernel's drivers skip their own MIGRATE events because they
+// rewrite their page table while they migrate, and this device does not (a
+// page it moves to itself leaves a stale system-page entry behind, one it
+// moves back a stale device-memory entry).  Dropping costs a map lookup.
+bool SimDevice::Mirror::invalidate(IntervalNotifier& s, const NotifyRange& range, std::uint64_t cur_seq) {
+  // FIXME(issue 3): Mutex has no try_lock, so a non-blockable invalidation
+  // (none is issued yet) is refused rather than tried.
+  if (!range.blockable) return false;
+  MutexLock lock(mutex);
+  s.set_seq(cur_seq);
+  stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
+  if (range.event == NotifyEvent::kRelease) {
+    released.store(true, std::memory_order_release);
+    drop(0, ~std::uint64_t{0});
+  } else {
+    drop(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
+  }
+  return true;
+}
+
+void SimDevice::Mirror::drop(std::uint64_t first, std::uint64_t end) {
+  auto lo = entries.lower_bound(first);
+  auto hi = entries.lower_bound(end);
+  std::uint64_t n = 0;
+  for (auto it = lo; it != hi; ++it) ++n;
+  entries.erase(lo, hi);
+  stats_.entries_dropped.fetch_add(n, std::memory_order_relaxed);
+}
+
 // ---- SimDevice -------------------------------------------------------------
 
-SimDevice::SimDevice(SimDeviceOptions options) : options_(options), free_list_(std::make_unique<FreeList>()) {}
+SimDevice::SimDevice(SimDeviceOptions options)
+    : options_(options), free_list_(std::make_unique<FreeList>()), mirrors_(std::make_unique<Mirrors>()) {}
 
 Result<std::unique_ptr<SimDevice>> SimDevice::create(SimDeviceOptions options) {
   if (options.memory_bytes < kPageSize) return Status::error(EINVAL, "device memory smaller than a page");
@@ -245,6 +325,17 @@ Status SimDevice::init() {
 }
 
 SimDevice::~SimDevice() {
+  // Unsubscribe every mirror first (outside every lock: removal waits for
+  // the callbacks in flight).  A mirror whose address space is gone was
+  // detached by its teardown, and removing it does nothing.
+  {
+    std::map<const AddressSpace*, std::shared_ptr<Mirror>> all;
+    {
+      MutexLock lock(mirrors_->mutex);
+      all.swap(mirrors_->by_space);
+    }
+    for (auto& [as, m] : all) interval_notifier_remove(m->sub);
+  }
   if (prefetcher_) prefetcher_->stop();  // no background migration may race the eviction
   if (pagemap_) {
     faults_.disarm();
@@ -482,6 +573,15 @@ Result<MigrateReport> SimDevice::evict_all() {
       ++collected;
       DevicePage* page = migrate_pfn_to_device_page(src[i]);
       AddressSpace* as = page->mapping().address_space;
+      // migrate_device_range raises no invalidation (FIXME(issue 3): the
+      // kernel's does, through try_to_migrate), so the device drops its own
+      // entry for the page before the copy; an access in flight finishes
+      // first, a later one faults and waits for the migration to end.
+      if (const std::shared_ptr<Mirror> m = find_mirror(*as)) {
+        MutexLock lock(m->mutex);
+        const std::uint64_t vpn = page->mapping().address.vpn().value;
+        m->drop(vpn, vpn + 1);
+      }
       std::uint64_t pfn = 0;
       if (!alloc_system_pages(*as, std::span<std::uint64_t>(&pfn, 1)).is_ok()) continue;
       CopyOp op{page_memory(*page), reinterpret_cast<std::byte*>(pfn << kPageShift)};
@@ -502,79 +602,227 @@ Result<MigrateReport> SimDevice::evict_all() {
   return report;
 }
 
-namespace {
-// Runs fn on the device page behind `addr` if it is this device's, holding
-// the page so it cannot migrate meanwhile.  False if it is not.
-template <class Fn>
-bool with_device_page(AddressSpace& as, VirtAddr addr, const void* owner, Fn&& fn) {
-  for (int attempt = 0; attempt < 1000; ++attempt) {
-    const PageInfo info = as.page_info(addr);
-    if (info.state != PageInfo::State::kDevicePrivate) return false;
-    DevicePage* page = info.device_page;
-    if (page->pagemap().owner() != owner) return false;
-    if (!page->try_get()) continue;
-    page->lock();
-    const PageInfo again = as.page_info(addr);
-    if (again.state == PageInfo::State::kDevicePrivate && again.device_page == page && !again.locked) {
-      fn(*page);
-      page->unlock();
-      page->put();
-      return true;
-    }
-    page->unlock();
-    page->put();
-    std::this_thread::yield();
-  }
-  return false;
+std::shared_ptr<SimDevice::Mirror> SimDevice::find_mirror(const AddressSpace& as) const {
+  MutexLock lock(mirrors_->mutex);
+  auto it = mirrors_->by_space.find(&as);
+  if (it == mirrors_->by_space.end() || it->second->released.load(std::memory_order_acquire)) return nullptr;
+  return it->second;
 }
-}  // namespace
 
-// Walks [addr, addr + bytes) page piece by page piece: `on_device(page,
-// offset in page, offset in buffer, length)` for pages resident on this
-// device; `on_cpu(address, offset in buffer, length)` (fault-safe) otherwise.
-template <class OnDevice, class OnCpu>
-Status SimDevice::access(AddressSpace& as, VirtAddr addr, std::size_t bytes, OnDevice&& on_device, OnCpu&& on_cpu) {
-  if (!as.find_region(addr) || !as.find_region(addr + (bytes == 0 ? 0 : bytes - 1)))
-    return Status::error(EFAULT, "range not managed");
-  std::size_t done = 0;
-  while (done < bytes) {
-    const VirtAddr a = addr + done;
-    const std::size_t offset = a.value & (kPageSize - 1);
-    const std::size_t len = std::min(bytes - done, kPageSize - offset);
-    const bool resident = with_device_page(as, a.page_down(), owner(), [&](DevicePage& page) {
-      on_device(page_memory(page) + offset, done, len);
-    });
-    if (!resident) UHMM_TRY(on_cpu(a, done, len));
-    done += len;
+// The mirror of `as`, made (and subscribed) on first use.  A released mirror
+// under the same address belongs to an address space that has been
+// destroyed (this one reuses its memory): it is replaced.
+std::shared_ptr<SimDevice::Mirror> SimDevice::mirror_for(AddressSpace& as) {
+  std::shared_ptr<Mirror> stale, mirror;
+  {
+    MutexLock lock(mirrors_->mutex);
+    std::shared_ptr<Mirror>& slot = mirrors_->by_space[&as];
+    if (slot && !slot->released.load(std::memory_order_acquire)) return slot;
+    stale = std::move(slot);
+    mirror = std::make_shared<Mirror>(*mirrors_);
+    // The whole user address range: one subscription, like a driver that
+    // mirrors the process (nouveau's svmm).  The callback takes only the
+    // mirror's own lock, so inserting under the map's lock is allowed.
+    constexpr std::size_t kUserSpan = std::size_t{1} << 47;
+    if (!interval_notifier_insert(mirror->sub, as, VirtAddr{0}, kUserSpan, *mirror).is_ok()) {
+      mirrors_->by_space.erase(&as);
+      mirror.reset();
+    } else {
+      slot = mirror;
+    }
   }
-  return Status::ok();
+  // Detached when its address space went; otherwise this waits for its
+  // callbacks.  Never under a lock the callbacks take.
+  if (stale) interval_notifier_remove(stale->sub);
+  return mirror;
+}
+
+MirrorStats SimDevice::mirror_stats() const {
+  MirrorStats s;
+  s.device_faults = mirrors_->device_faults.load();
+  s.pages_faulted = mirrors_->pages_faulted.load();
+  s.mirror_hits = mirrors_->mirror_hits.load();
+  s.invalidations = mirrors_->invalidations.load();
+  s.entries_dropped = mirrors_->entries_dropped.load();
+  s.retries = mirrors_->retries.load();
+  return s;
+}
+
+std::size_t SimDevice::mirrored_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const {
+  const std::shared_ptr<Mirror> m = find_mirror(as);
+  if (!m) return 0;
+  MutexLock lock(m->mutex);
+  const std::uint64_t first = addr.vpn().value;
+  const std::uint64_t end = (addr.value + length + kPageSize - 1) >> kPageShift;
+  std::size_t n = 0;
+  for (auto it = m->entries.lower_bound(first); it != m->entries.end() && it->first < end; ++it) ++n;
+  return n;
+}
+
+// One device fault: the misses of one access, [first_vpn, end_vpn) holding
+// `misses` of them, serviced with one hmm_range_fault walk and programmed
+// under the page-table lock (the driver loop of docs/mirroring.md).  Pages
+// of the span that were already mirrored are present or the device's own:
+// the walk reports them without faulting anything.
+Status SimDevice::service_device_fault(Mirror& m, AddressSpace& as, std::uint64_t first_vpn, std::uint64_t end_vpn,
+                                       std::size_t misses, Need need, std::chrono::steady_clock::time_point deadline) {
+  mirrors_->device_faults.fetch_add(1, std::memory_order_relaxed);
+  mirrors_->pages_faulted.fetch_add(misses, std::memory_order_relaxed);
+  std::vector<std::uint64_t> pfns(end_vpn - first_vpn);
+  HmmRange range;
+  range.address_space = &as;
+  range.notifier = &m.sub;
+  range.start = VirtAddr::from_vpn(Vpn{first_vpn});
+  range.end = VirtAddr::from_vpn(Vpn{end_vpn});
+  range.hmm_pfns = pfns.data();
+  // kResident (run_kernel) only looks: a page that is not on the device is
+  // an error, not something to fault.
+  range.default_flags = need == Need::kResident ? 0
+                        : need == Need::kWrite  ? (HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+                                                : HMM_PFN_REQ_FAULT;
+  range.dev_private_owner = owner();
+  for (;;) {
+    if (std::chrono::steady_clock::now() > deadline) return Status::error(EBUSY, "device fault: the range keeps changing");
+    range.notifier_seq = m.sub.read_begin();  // waits while the range is mid-change
+    std::fill(pfns.begin(), pfns.end(), 0);
+    const Status s = hmm_range_fault(range);  // no lock held: it may fault pages in
+    if (s.code() == EBUSY) {
+      mirrors_->retries.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    if (!s) return s;
+    MutexLock lock(m.mutex);
+    if (m.sub.read_retry(range.notifier_seq)) {  // an invalidation overtook the walk
+      mirrors_->retries.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    for (std::size_t i = 0; i < pfns.size(); ++i) {
+      const std::uint64_t w = pfns[i];
+      if (!(w & HMM_PFN_VALID)) continue;
+      Mirror::Entry e;
+      e.writable = (w & HMM_PFN_WRITE) != 0;
+      if (DevicePage* page = hmm_pfn_to_device_page(w)) {
+        e.device = true;
+        e.memory = page_memory(*page);
+      } else {
+        e.memory = static_cast<std::byte*>(hmm_pfn_to_host(w));
+      }
+      m.entries.insert_or_assign(first_vpn + i, e);
+    }
+    // A look-only walk (run_kernel) leaves a page that is not on this
+    // device as a system page or nothing: the kernel cannot run there.
+    if (need == Need::kResident)
+      for (const std::uint64_t w : pfns)
+        if (!(w & HMM_PFN_VALID) || !is_device_pfn(hmm_pfn_to_pfn(w)))
+          return Status::error(EFAULT, "page not resident on this device");
+    return Status::ok();
+  }
+}
+
+// Runs fn(entry, page address) on every page of [first_page, +npages) with
+// the page-table lock held, once every page is mirrored (for writes:
+// writable).  The misses of a pass are one device fault; a pass after it
+// finds them mirrored unless an invalidation came in between.
+template <class Fn>
+Status SimDevice::mirrored_access(AddressSpace& as, VirtAddr first_page, std::size_t npages, Need need, Fn&& fn) {
+  const std::shared_ptr<Mirror> m = mirror_for(as);
+  if (!m) return Status::error(ENOMEM, "cannot subscribe the device's mirror");
+  const std::uint64_t first = first_page.vpn().value;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  std::vector<const Mirror::Entry*> found(npages);
+  for (bool first_pass = true;; first_pass = false) {
+    std::size_t misses = 0;
+    std::uint64_t miss_lo = 0, miss_hi = 0;
+    {
+      MutexLock lock(m->mutex);
+      auto it = m->entries.lower_bound(first);
+      for (std::size_t i = 0; i < npages; ++i) {
+        const std::uint64_t vpn = first + i;
+        while (it != m->entries.end() && it->first < vpn) ++it;
+        const bool hit = it != m->entries.end() && it->first == vpn &&
+                         (need != Need::kWrite || it->second.writable);
+        found[i] = hit ? &it->second : nullptr;
+        if (hit) continue;
+        if (misses++ == 0) miss_lo = vpn;
+        miss_hi = vpn + 1;
+      }
+      if (first_pass) mirrors_->mirror_hits.fetch_add(npages - misses, std::memory_order_relaxed);
+      if (misses == 0) {
+        if (need == Need::kResident)
+          for (const Mirror::Entry* e : found)
+            if (!e->device) return Status::error(EFAULT, "page not resident on this device");
+        for (std::size_t i = 0; i < npages; ++i) fn(*found[i], first_page + i * kPageSize);
+        return Status::ok();
+      }
+      if (!first_pass) {
+        // Serviced and still missing without an invalidation in between:
+        // what the walk reported cannot be used for this access.
+        for (std::size_t i = 0; i < npages; ++i) {
+          if (found[i] != nullptr) continue;
+          auto e = m->entries.find(first + i);
+          if (e == m->entries.end()) break;  // dropped meanwhile: fault again
+          if (need == Need::kWrite && !e->second.writable)
+            return Status::error(EPERM, "device write to a read-only page");
+        }
+      }
+    }
+    UHMM_TRY(service_device_fault(*m, as, miss_lo, miss_hi, misses, need, deadline));
+  }
 }
 
 Status SimDevice::device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out) {
-  return access(
-      as, addr, out.size(),
-      [&](const std::byte* device, std::size_t at, std::size_t len) { std::memcpy(out.data() + at, device, len); },
-      [&](VirtAddr a, std::size_t at, std::size_t len) { return as.read(a, out.subspan(at, len)); });
+  if (out.empty()) return Status::ok();
+  if (!as.find_region(addr) || !as.find_region(addr + (out.size() - 1)))
+    return Status::error(EFAULT, "range not managed");
+  const VirtAddr first = addr.page_down();
+  const std::size_t npages = ((addr + (out.size() - 1)).page_down() - first) / kPageSize + 1;
+  // Device memory is read under the page-table lock (an invalidation waits
+  // for it); system pages through the process's mapping, fault-safe and
+  // after the lock: a page the application unmaps or discards meanwhile
+  // must neither crash the device nor wait, lock held, for uhmm to process
+  // the change (whose invalidation needs that lock).
+  std::vector<std::pair<VirtAddr, VirtAddr>> system_pieces;
+  UHMM_TRY(mirrored_access(as, first, npages, Need::kRead, [&](const Mirror::Entry& e, VirtAddr page) {
+    const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + out.size());
+    if (e.device) {
+      std::memcpy(out.data() + (lo - addr), e.memory + (lo - page), hi - lo);
+    } else {
+      system_pieces.emplace_back(lo, hi);
+    }
+  }));
+  for (const auto& [lo, hi] : system_pieces) UHMM_TRY(as.read(lo, out.subspan(lo - addr, hi - lo)));
+  return Status::ok();
 }
 
 Status SimDevice::device_write(AddressSpace& as, VirtAddr addr, std::span<const std::byte> in) {
-  return access(
-      as, addr, in.size(),
-      [&](std::byte* device, std::size_t at, std::size_t len) { std::memcpy(device, in.data() + at, len); },
-      [&](VirtAddr a, std::size_t at, std::size_t len) { return as.write(a, in.subspan(at, len)); });
+  if (in.empty()) return Status::ok();
+  if (!as.find_region(addr) || !as.find_region(addr + (in.size() - 1)))
+    return Status::error(EFAULT, "range not managed");
+  const VirtAddr first = addr.page_down();
+  const std::size_t npages = ((addr + (in.size() - 1)).page_down() - first) / kPageSize + 1;
+  // As device_read: device memory under the lock, system pages after it.
+  std::vector<std::pair<VirtAddr, VirtAddr>> system_pieces;
+  UHMM_TRY(mirrored_access(as, first, npages, Need::kWrite, [&](const Mirror::Entry& e, VirtAddr page) {
+    const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + in.size());
+    if (e.device) {
+      std::memcpy(e.memory + (lo - page), in.data() + (lo - addr), hi - lo);
+    } else {
+      system_pieces.emplace_back(lo, hi);
+    }
+  }));
+  for (const auto& [lo, hi] : system_pieces) UHMM_TRY(as.write(lo, in.subspan(lo - addr, hi - lo)));
+  return Status::ok();
 }
 
 Status SimDevice::run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
                              const std::function<void(std::span<std::byte>, VirtAddr)>& fn) {
   if (!addr.page_aligned() || length % kPageSize != 0 || length == 0)
     return Status::error(EINVAL, "range not page aligned or empty");
-  for (VirtAddr a = addr; a < addr + length; a = a + kPageSize) {
-    const bool ok = with_device_page(as, a, owner(), [&](DevicePage& page) {
-      fn(std::span<std::byte>(page_memory(page), kPageSize), a);
-    });
-    if (!ok) return Status::error(EFAULT, "page not resident on this device");
-  }
-  return Status::ok();
+  if (!as.find_region(addr) || !as.find_region(addr + (length - 1)))
+    return Status::error(EFAULT, "range not managed");
+  return mirrored_access(as, addr, length / kPageSize, Need::kResident, [&](const Mirror::Entry& e, VirtAddr page) {
+    fn(std::span<std::byte>(e.memory, kPageSize), page);
+  });
 }
 
 }  // namespace uhmm::sim
