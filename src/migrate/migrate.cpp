@@ -222,6 +222,17 @@ Status migrate_vma_setup(MigrateVma& m) {
   if (!invalidation.ok()) return invalidation.status();
   // No page is in transit while the process forks (mm/fork.cpp).
   as.migration_begin();
+  // A change the application made that uhmm has not processed yet (say
+  // MADV_DONTNEED of part of the range) must not be undone by bringing its
+  // pages back or moving them on: such pages are skipped.  The fault path
+  // read the uffd already (handle_fault); others read it here.
+  if (m.fault_page == nullptr) as.drain_events();
+  const std::vector<std::pair<VirtAddr, VirtAddr>> changing = as.pending_event_ranges(m.start, m.end);
+  auto is_changing = [&](VirtAddr a) {
+    for (const auto& [lo, hi] : changing)
+      if (a >= lo && a < hi) return true;
+    return false;
+  };
 
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
@@ -233,6 +244,10 @@ Status migrate_vma_setup(MigrateVma& m) {
       m.src[i] = MIGRATE_PFN_MIGRATE;  // a hole: locked only in migrate_vma_pages
       as.stats.add(Counter::migrate_holes);
     };
+    if (!changing.empty() && is_changing(addr)) {
+      as.stats.add(Counter::migrate_skipped_locked);  // busy: the application is changing it
+      continue;
+    }
     const PageEntry seen{slot->load(std::memory_order_acquire)};
     if (seen.state() == PageState::kNone && !seen.locked()) {
       collect_hole();

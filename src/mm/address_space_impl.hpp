@@ -168,6 +168,9 @@ struct AddressSpace::Impl {
   void serve_fault_message(const struct uffd_msg& msg);
   /// True if a queued event covers `addr` (its fault must wait for it).
   bool event_pending_at(VirtAddr addr) const;
+  /// The ranges of queued events that overlap [start, end): pages there
+  /// must not migrate until the events are processed.
+  std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end) const;
   /// Waits until no queued event covers `addr` (in-thread faults).
   void wait_for_events_at(VirtAddr addr);
   /// MADV_DONTNEED of managed memory by uhmm itself (its REMOVE event is

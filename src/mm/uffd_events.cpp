@@ -172,6 +172,18 @@ bool AddressSpace::Impl::event_pending_at(VirtAddr addr) const {
   return false;
 }
 
+std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ranges(VirtAddr start, VirtAddr end) const {
+  std::vector<std::pair<VirtAddr, VirtAddr>> out;
+  MutexLock lock(events_mutex);
+  for (const struct uffd_msg& m : pending_events) {
+    EventRange r[2];
+    const int n = event_ranges(m, r);
+    for (int i = 0; i < n; ++i)
+      if (r[i].start < end && start < r[i].end) out.emplace_back(r[i].start, r[i].end);
+  }
+  return out;
+}
+
 void AddressSpace::Impl::wait_for_events_at(VirtAddr addr) {
   // A read in progress may be queueing the event that concerns us.
   { MutexLock read_lock(read_mutex); }
