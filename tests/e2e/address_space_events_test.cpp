@@ -27,22 +27,7 @@ constexpr std::size_t kBlock = kPagesPerHugePage;
 constexpr std::size_t kPages = 2 * kBlock;
 constexpr std::size_t kLen = kPages * kPageSize;
 
-struct Recorder : IntervalNotifierOps {
-  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
-    std::lock_guard lock(mutex);
-    sub.set_seq(cur_seq);
-    events.push_back(range);
-    return true;
-  }
-  bool saw(NotifyEvent event) {
-    std::lock_guard lock(mutex);
-    for (const NotifyRange& r : events)
-      if (r.event == event) return true;
-    return false;
-  }
-  std::mutex mutex;
-  std::vector<NotifyRange> events;
-};
+using Recorder = test::RecordingNotifierOps;
 
 class AddressSpaceEvents : public ::testing::TestWithParam<FaultMode> {
  protected:

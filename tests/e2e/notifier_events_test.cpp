@@ -16,20 +16,7 @@ namespace {
 
 constexpr std::size_t kBlock = kPagesPerHugePage;
 
-struct Recorder : IntervalNotifierOps {
-  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
-    std::lock_guard lock(mutex);
-    sub.set_seq(cur_seq);
-    events.push_back(range);
-    return true;
-  }
-  std::vector<NotifyRange> take() {
-    std::lock_guard lock(mutex);
-    return std::exchange(events, {});
-  }
-  std::mutex mutex;
-  std::vector<NotifyRange> events;
-};
+using Recorder = test::RecordingNotifierOps;
 
 struct NotifierEvents : ::testing::Test {
   void SetUp() override {

@@ -23,16 +23,7 @@ using test::range_has_pattern;
 constexpr std::size_t kPages = kPagesPerHugePage;
 constexpr std::size_t kLen = kPages * kPageSize;
 
-struct Recorder : IntervalNotifierOps {
-  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
-    std::lock_guard lock(mutex);
-    sub.set_seq(cur_seq);
-    events.push_back(range);
-    return true;
-  }
-  std::mutex mutex;
-  std::vector<NotifyRange> events;
-};
+using Recorder = test::RecordingNotifierOps;
 
 struct ProtectTest : ::testing::Test {
   void SetUp() override {

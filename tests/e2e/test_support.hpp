@@ -12,8 +12,11 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "uhmm/uhmm.hpp"
 
@@ -209,6 +212,30 @@ class SleepingChild {
 
  private:
   pid_t pid_ = -1;
+};
+
+/// Interval-notifier ops that record every invalidation (the driver side
+/// of the protocol reduced to set_seq), for tests of who gets told what.
+struct RecordingNotifierOps : IntervalNotifierOps {
+  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
+    std::lock_guard lock(mutex);
+    sub.set_seq(cur_seq);
+    events.push_back(range);
+    return true;
+  }
+  /// The invalidations so far, emptying the record.
+  std::vector<NotifyRange> take() {
+    std::lock_guard lock(mutex);
+    return std::exchange(events, {});
+  }
+  bool saw(NotifyEvent event) {
+    std::lock_guard lock(mutex);
+    for (const NotifyRange& r : events)
+      if (r.event == event) return true;
+    return false;
+  }
+  std::mutex mutex;
+  std::vector<NotifyRange> events;
 };
 
 }  // namespace uhmm::test
