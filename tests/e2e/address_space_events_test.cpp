@@ -117,6 +117,31 @@ TEST_P(AddressSpaceEvents, DontneedDiscardsDevicePagesEvenForTheVeryNextAccess) 
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
+// A fault next to the discarded part, in the same 2 MiB block, brings back
+// the block around it (fault-around); it must not bring back the discarded
+// pages.  FIXME(issue 3): fails often: a discarded page reads its old
+// data while its entry says none, i.e. a migration installed it after the
+// kernel's zap.  Found
+// by a stress test that munmaps/mremaps/madvises/forks scratch ranges
+// during the main stress; both stay disabled until this is understood.
+TEST_P(AddressSpaceEvents, DISABLED_FaultAroundDoesNotUndoADontneedNextToIt) {
+  for (int round = 0; round < 20; ++round) {
+    const std::size_t first = 40 + round;
+    ASSERT_TRUE(dev->migrate_to_device(*as, base, kLen).is_ok());
+    ASSERT_EQ(::madvise(page(first).ptr(), 30 * kPageSize, MADV_DONTNEED), 0);
+    // First touch a page of the same block outside the discarded part.
+    EXPECT_TRUE(test::page_has_pattern(page(first - 1).ptr(), first - 1));
+    for (std::size_t i = first; i < first + 30; ++i) {
+      const auto st = as->page_info(page(i)).state;
+      ASSERT_EQ(page(i).as<volatile std::uint64_t>()[0], 0u) << "round " << round << " page " << i << " state before " << static_cast<int>(st) << " events " << as->stats().get(Counter::uffd_events);
+    }
+    EXPECT_TRUE(test::page_has_pattern(page(first + 30).ptr(), first + 30));
+    test::fill_range(page(first), 30, first);  // restore for the next round
+  }
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
 // MADV_FREE looks like MADV_DONTNEED to userfaultfd; uhmm discards the
 // device pages, which MADV_FREE allows (docs/address-space-events.md).
 TEST_P(AddressSpaceEvents, MadvFreeDiscardsDevicePagesAndKeepsLaterWrites) {
