@@ -221,7 +221,7 @@ Status migrate_vma_setup(MigrateVma& m) {
   mm::ScopedInvalidation invalidation(as.notifiers, NotifyRange{m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner});
   if (!invalidation.ok()) return invalidation.status();
   // No page is in transit while the process forks (mm/fork.cpp).
-  as.migration_begin();
+  as.migration_begin(/*for_fault=*/m.fault_page != nullptr);
   // A change the application made that uhmm has not processed yet (say
   // MADV_DONTNEED of part of the range) must not be undone by bringing its
   // pages back or moving them on: such pages are skipped.  The fault path

@@ -260,6 +260,7 @@ Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
     (void)platform::unmap(*addr, length);
     return s;
   }
+  impl_->settle_events_in(*addr, *addr + length);
   auto region = std::make_shared<mm::Region>();
   region->info = RegionInfo{*addr, length, RegionKind::kPrivateAnonymous, prot, false};
   WriterLock lock(impl_->regions_mutex);
@@ -271,6 +272,7 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
   UHMM_TRY(check_length(length));
   if (!start.page_aligned()) return Status::error(EINVAL, "start not page aligned");
   if (start.value + length < start.value) return Status::error(EINVAL, "range wraps around");
+  impl_->settle_events_in(start, start + length);  // an old range's munmap at these addresses goes first
   int prot = 0;
   if (!platform::is_private_anonymous_mapping(start, length, &prot))
     return Status::error(EINVAL, "not one private anonymous mapping");

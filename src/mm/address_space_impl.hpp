@@ -139,8 +139,9 @@ struct AddressSpace::Impl {
   bool forked_child = false;
   void register_for_fork();
   void unregister_for_fork();
-  /// Brackets every migrate_vma sequence (setup to finalize).
-  void migration_begin();
+  /// Brackets every migrate_vma sequence (setup to finalize); `for_fault`:
+  /// migrate_to_ram's, which passes a closed gate.
+  void migration_begin(bool for_fault);
   void migration_end();
   void prepare_fork();
   void end_fork();
@@ -171,6 +172,10 @@ struct AddressSpace::Impl {
   /// The ranges of queued events that overlap [start, end): pages there
   /// must not migrate until the events are processed.
   std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end) const;
+  /// Reads the uffd and waits until no queued event overlaps [start, end):
+  /// before a new managed range goes there (an munmap of an old range at
+  /// the same addresses may still be queued, and would take the new one).
+  void settle_events_in(VirtAddr start, VirtAddr end);
   /// Waits until no queued event covers `addr` (in-thread faults).
   void wait_for_events_at(VirtAddr addr);
   /// MADV_DONTNEED of managed memory by uhmm itself (its REMOVE event is

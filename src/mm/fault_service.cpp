@@ -170,6 +170,12 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       if (waits_for_event(addr)) return FaultResult::kParked;
       continue;
     }
+    if (forking.load(std::memory_order_acquire)) {
+      // A fork is bringing device pages back: wait for it without holding
+      // the page (it may be this one); then look again.
+      forking.wait(true, std::memory_order_acquire);
+      continue;
+    }
     const std::optional<FaultOutcome> called = call_migrate_to_ram(*slot, e, addr, write);
     if (!called) continue;  // the entry changed meanwhile: look again
     device_fault = true;

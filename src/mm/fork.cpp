@@ -34,6 +34,9 @@ std::once_flag g_atfork_once;
 
 // Migrations this thread is inside (a driver may nest them, e.g. a pipeline).
 thread_local int t_migrations_held = 0;
+// Set on the forking thread while it brings device pages back: its own
+// migrations pass the closed gate.
+thread_local bool t_forking_thread = false;
 
 void prepare_fork_all() {
   g_spaces_mutex.lock();
@@ -66,8 +69,12 @@ void AddressSpace::Impl::unregister_for_fork() {
   g_spaces.erase(std::remove(g_spaces.begin(), g_spaces.end(), this), g_spaces.end());
 }
 
-void AddressSpace::Impl::migration_begin() {
-  if (t_migrations_held++ > 0) {
+void AddressSpace::Impl::migration_begin(bool for_fault) {
+  // A fault's migration holds the device page's lock already: waiting here
+  // would keep the fork from bringing that page back.  It only brings a
+  // page back, and faults that have not locked a page yet wait for the
+  // fork in handle_fault.
+  if (t_migrations_held++ > 0 || t_forking_thread || for_fault) {
     migrations_in_flight.fetch_add(1, std::memory_order_acq_rel);  // already inside one: no waiting
     return;
   }
@@ -102,25 +109,28 @@ bool AddressSpace::Impl::holds_device_or_moving_pages() const {
 }
 
 void AddressSpace::Impl::prepare_fork() {
-  for (int round = 0; round < 8; ++round) {
-    std::vector<std::pair<VirtAddr, VirtAddr>> ranges;
-    {
-      ReaderLock lock(regions_mutex);
-      for (const auto& [start, region] : regions) ranges.emplace_back(region->info.start, region->info.end());
-    }
-    for (const auto& [start, end] : ranges) evict_device_pages(start, end);
-    forking.store(true, std::memory_order_release);
-    for (int in_flight = migrations_in_flight.load(std::memory_order_acquire); in_flight != 0;
-         in_flight = migrations_in_flight.load(std::memory_order_acquire))
-      migrations_in_flight.wait(in_flight, std::memory_order_acquire);
-    if (!holds_device_or_moving_pages()) return;
-    // A migration to a device finished between the eviction and the gate.
-    forking.store(false, std::memory_order_release);
-    forking.notify_all();
-  }
+  // Close the gate first, so that nothing moves to a device from here on;
+  // faults on device pages wait at it before they lock the page (see
+  // handle_fault), so the pages they wanted can be brought back here.
   forking.store(true, std::memory_order_release);
-  std::fprintf(stderr,
-               "uhmm: fork: device pages could not all be brought back; the child reads zeros in their place\n");
+  for (int in_flight = migrations_in_flight.load(std::memory_order_acquire); in_flight != 0;
+       in_flight = migrations_in_flight.load(std::memory_order_acquire))
+    migrations_in_flight.wait(in_flight, std::memory_order_acquire);
+  std::vector<std::pair<VirtAddr, VirtAddr>> ranges;
+  {
+    ReaderLock lock(regions_mutex);
+    for (const auto& [start, region] : regions) ranges.emplace_back(region->info.start, region->info.end());
+  }
+  t_forking_thread = true;
+  for (int round = 0; round < 8; ++round) {
+    for (const auto& [start, end] : ranges) evict_device_pages(start, end);
+    if (!holds_device_or_moving_pages()) break;
+    std::this_thread::yield();  // an entry another thread holds for a moment (a hole being filled)
+    if (round == 7)
+      std::fprintf(stderr,
+                   "uhmm: fork: device pages could not all be brought back; the child reads zeros in their place\n");
+  }
+  t_forking_thread = false;
 }
 
 void AddressSpace::Impl::end_fork() {

@@ -120,11 +120,19 @@ std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::
         // uhmm's own zap: nothing changed that uhmm does not know.  (The
         // kernel does not wait for REMOVE events to be read, so the zap may
         // be long done: its record goes with its event.)
-        auto own = std::find_if(own_zaps.begin(), own_zaps.end(), [&](const auto& z) {
-          return m.arg.remove.start >= z.first && m.arg.remove.end <= z.second;
-        });
+        // The event has the zap's range; or, where VMA boundaries split the
+        // zap, each piece starts or ends where the zap does.  An
+        // application's discard that merely lies inside a zap of ours is
+        // its own event (regression test FaultAroundDoesNotUndoADontneed...).
+        const std::uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
+        auto own = std::find_if(own_zaps.begin(), own_zaps.end(),
+                                [&](const auto& z) { return s == z.first && e == z.second; });
+        if (own == own_zaps.end())
+          own = std::find_if(own_zaps.begin(), own_zaps.end(), [&](const auto& z) {
+            return s >= z.first && e <= z.second && (s == z.first || e == z.second);
+          });
         if (own != own_zaps.end()) {
-          own_zaps.erase(own);
+          if (e == own->second) own_zaps.erase(own);  // the zap's last piece
           continue;
         }
       }
@@ -182,6 +190,21 @@ std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ran
       if (r[i].start < end && start < r[i].end) out.emplace_back(r[i].start, r[i].end);
   }
   return out;
+}
+
+void AddressSpace::Impl::settle_events_in(VirtAddr start, VirtAddr end) {
+  drain_events();
+  MutexLock lock(events_mutex);
+  for (;;) {
+    bool pending = false;
+    for (const struct uffd_msg& m : pending_events) {
+      EventRange r[2];
+      const int n = event_ranges(m, r);
+      for (int i = 0; i < n; ++i) pending = pending || (r[i].start < end && start < r[i].end);
+    }
+    if (!pending) return;
+    events_cv.wait(events_mutex);
+  }
 }
 
 void AddressSpace::Impl::wait_for_events_at(VirtAddr addr) {
