@@ -180,19 +180,7 @@ void AddressSpace::Impl::teardown_region(mm::Region& region) {
   while (region.users.load(std::memory_order_acquire) != 0) std::this_thread::yield();
   const VirtAddr start = region.info.start;
   const std::uint64_t npages = region.info.length / kPageSize;
-  std::vector<Vpn> populated;
-  table.for_each_populated(start.vpn(), npages, [&](Vpn v, PageEntry) { populated.push_back(v); });
-  for (Vpn v : populated) {
-    mm::EntrySlot* slot = table.slot(v, false);
-    PageEntry before;
-    while (!mm::try_lock_entry(*slot, &before)) std::this_thread::yield();
-    if (before.state() == PageState::kDevicePrivate) {
-      DevicePage* page = before.device_page();
-      page->clear_mapping();
-      page->put();
-    }
-    (void)mm::unlock_entry(*slot, PageEntry::none());
-  }
+  drop_entries(start, region.info.end());
   (void)uffd.unregister_range(start, region.info.length);
   if (!region.info.adopted) {
     (void)platform::unmap(start, region.info.length);

@@ -32,18 +32,9 @@ using Recorder = test::RecordingNotifierOps;
 class AddressSpaceEvents : public ::testing::TestWithParam<FaultMode> {
  protected:
   void SetUp() override {
-    AddressSpaceOptions o;
-    o.fault_mode = GetParam();
-    auto as_r = AddressSpace::create(o);
-    ASSERT_TRUE(as_r.is_ok()) << as_r.status().to_string();
-    as = std::move(*as_r);
-    sim::SimDeviceOptions d;
-    d.memory_bytes = kLen + kHugePageSize;
-    d.warm_memory = false;
-    d.prefetch_blocks = 0;
-    auto dev_r = sim::SimDevice::create(d);
-    ASSERT_TRUE(dev_r.is_ok());
-    dev = std::move(*dev_r);
+    as = test::make_address_space(GetParam());
+    dev = test::make_device(kLen + kHugePageSize);
+    ASSERT_TRUE(as && dev);
     auto r = as->map(kLen);
     ASSERT_TRUE(r.is_ok());
     base = *r;
@@ -195,9 +186,7 @@ TEST_P(AddressSpaceEvents, MremapDontunmapLeavesTheOldRangeManagedAndEmpty) {
 
 INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
                          ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
-                         [](const ::testing::TestParamInfo<FaultMode>& mode) {
-                           return mode.param == FaultMode::kInThread ? "InThread" : "ServiceThreads";
-                         });
+                         [](const ::testing::TestParamInfo<FaultMode>& mode) { return test::fault_mode_name(mode.param); });
 
 }  // namespace
 }  // namespace uhmm

@@ -27,15 +27,9 @@ using Recorder = test::RecordingNotifierOps;
 
 struct ProtectTest : ::testing::Test {
   void SetUp() override {
-    auto as_r = AddressSpace::create();
-    ASSERT_TRUE(as_r.is_ok()) << as_r.status().to_string();
-    as = std::move(*as_r);
-    sim::SimDeviceOptions d;
-    d.memory_bytes = 2 * kLen;
-    d.warm_memory = false;
-    auto dev_r = sim::SimDevice::create(d);
-    ASSERT_TRUE(dev_r.is_ok());
-    dev = std::move(*dev_r);
+    as = test::make_address_space();
+    dev = test::make_device(2 * kLen);
+    ASSERT_TRUE(as && dev);
     auto r = as->map(kLen);
     ASSERT_TRUE(r.is_ok());
     base = *r;

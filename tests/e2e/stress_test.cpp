@@ -253,7 +253,7 @@ TEST_P(StressTest, RandomCpuAccessAndMigrationsKeepEveryByte) {
 }
 
 std::string stress_name(const ::testing::TestParamInfo<std::tuple<FaultMode, bool>>& p) {
-  return std::string(std::get<0>(p.param) == FaultMode::kInThread ? "InThread" : "ServiceThreads") +
+  return test::fault_mode_name(std::get<0>(p.param)) +
          (std::get<1>(p.param) ? "WithChanges" : "");
 }
 

@@ -238,4 +238,31 @@ struct RecordingNotifierOps : IntervalNotifierOps {
   std::vector<NotifyRange> events;
 };
 
+/// An address space serving faults the given way; null (and a test
+/// failure) if it cannot be made.
+inline std::unique_ptr<AddressSpace> make_address_space(FaultMode mode = FaultMode::kServiceThreads) {
+  AddressSpaceOptions o;
+  o.fault_mode = mode;
+  auto r = AddressSpace::create(o);
+  EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  return r.is_ok() ? std::move(*r) : nullptr;
+}
+
+/// A cold simulated device of `bytes`, without sequential prefetch (so
+/// that tests see exactly the pages they fault).
+inline std::unique_ptr<sim::SimDevice> make_device(std::size_t bytes) {
+  sim::SimDeviceOptions o;
+  o.memory_bytes = bytes;
+  o.warm_memory = false;
+  o.prefetch_blocks = 0;
+  auto r = sim::SimDevice::create(o);
+  EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  return r.is_ok() ? std::move(*r) : nullptr;
+}
+
+/// Test-name suffix for a fault mode parameter.
+inline std::string fault_mode_name(FaultMode mode) {
+  return mode == FaultMode::kInThread ? "InThread" : "ServiceThreads";
+}
+
 }  // namespace uhmm::test
