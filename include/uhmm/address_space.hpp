@@ -86,6 +86,8 @@ struct PageInfo {
     kNone,           // never populated (or dropped): a hole
     kSystem,         // in system memory, mapped for the CPU
     kDevicePrivate,  // on a device; any CPU access faults and migrates it back
+    kDeviceCoherent,  // in CPU-addressable device memory, mapped: CPU access does not fault
+    kDeviceExclusive,  // held for a device's atomics; any CPU access revokes that and faults it back
   };
   State state = State::kNone;
   bool locked = false;    // under migration

@@ -284,6 +284,11 @@ Status migrate_vma_setup(MigrateVma& m) {
                    (before.device_writable() ? MIGRATE_PFN_WRITE : 0);
         break;
       }
+      case PageState::kDeviceCoherent:
+      case PageState::kDeviceExclusive:
+        // Not produced yet (issue 3, items 4 and 5): never selected.
+        as.unlock_and_wake(*slot, before, addr);
+        break;
     }
   }
 

@@ -25,19 +25,20 @@ namespace uhmm::mm {
 using PageState = PageInfo::State;
 
 /// The value of one page-table entry.
-///   bits 0-1   state (PageState)
-///   bit  2     locked: a migration or a fault owns the entry; CPU faults wait
-///   bit  3     device write: the device entry is writable
-///   bit  4     waiters: a CPU fault is asleep on this page; wake it on unlock
-///   bit  5     poisoned: a failed migrate_to_ram left a SIGBUS marker
-///   bits 16-63 DevicePage* (device-private state only)
+///   bits 0-2   state (PageState)
+///   bit  3     locked: a migration or a fault owns the entry; CPU faults wait
+///   bit  4     device write: the device entry is writable
+///   bit  5     waiters: a CPU fault is asleep on this page; wake it on unlock
+///   bit  6     poisoned: a failed migrate_to_ram left a SIGBUS marker
+///   bits 16-63 DevicePage* (device-private and device-coherent states), or
+///              the address of the held frame (device-exclusive state)
 class PageEntry {
  public:
-  static constexpr std::uint64_t kStateMask = 0x3;
-  static constexpr std::uint64_t kLocked = 1u << 2;
-  static constexpr std::uint64_t kDeviceWrite = 1u << 3;
-  static constexpr std::uint64_t kWaiters = 1u << 4;
-  static constexpr std::uint64_t kPoisoned = 1u << 5;
+  static constexpr std::uint64_t kStateMask = 0x7;
+  static constexpr std::uint64_t kLocked = 1u << 3;
+  static constexpr std::uint64_t kDeviceWrite = 1u << 4;
+  static constexpr std::uint64_t kWaiters = 1u << 5;
+  static constexpr std::uint64_t kPoisoned = 1u << 6;
   static constexpr unsigned kPointerShift = 16;
 
   constexpr PageEntry() = default;

@@ -218,6 +218,9 @@ class Walk {
         if (e.poisoned()) return Stop{Stop::kError, addr, false, EFAULT};
         return fault(need);
       }
+      case PageState::kDeviceCoherent:
+      case PageState::kDeviceExclusive:
+        // Not produced yet (issue 3, items 4 and 5): looks like a hole.
       case PageState::kNone:
         break;
     }

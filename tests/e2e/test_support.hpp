@@ -114,7 +114,7 @@ inline ::testing::AssertionResult settles(const AddressSpace& as) {
 }
 
 struct StateCounts {
-  std::size_t none = 0, system = 0, device = 0, locked = 0, poisoned = 0;
+  std::size_t none = 0, system = 0, device = 0, coherent = 0, exclusive = 0, locked = 0, poisoned = 0;
 };
 
 /// Page states of a range as the software page table reports them (reads
@@ -127,6 +127,8 @@ inline StateCounts count_states(const AddressSpace& as, VirtAddr base, std::size
       case PageInfo::State::kNone: ++c.none; break;
       case PageInfo::State::kSystem: ++c.system; break;
       case PageInfo::State::kDevicePrivate: ++c.device; break;
+      case PageInfo::State::kDeviceCoherent: ++c.coherent; break;
+      case PageInfo::State::kDeviceExclusive: ++c.exclusive; break;
     }
     if (info.locked) ++c.locked;
     if (info.poisoned) ++c.poisoned;
