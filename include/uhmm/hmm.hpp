@@ -37,7 +37,9 @@
 // itself.  Several calls may run at once, on overlapping ranges too.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "uhmm/status.hpp"
 #include "uhmm/types.hpp"
@@ -137,5 +139,64 @@ struct HmmRange {
 /// Entries past the page that ended the walk with an error are left as they
 /// were.  Must be called without driver locks held (see the header comment).
 Status hmm_range_fault(HmmRange& range);
+
+/// A page just handed to a device for exclusive access (make_device_exclusive's
+/// answer), still locked: nothing can revoke the device's access before
+/// the driver has mapped the page in its page table and unlocked it (the
+/// kernel returns the page locked for the same reason).  Move-only; the
+/// destructor unlocks.
+class DeviceExclusivePage {
+ public:
+  DeviceExclusivePage() = default;
+  DeviceExclusivePage(AddressSpace& as, VirtAddr address, std::byte* memory)
+      : as_(&as), address_(address), memory_(memory) {}
+  DeviceExclusivePage(DeviceExclusivePage&& o) noexcept
+      : as_(std::exchange(o.as_, nullptr)), address_(o.address_), memory_(o.memory_) {}
+  DeviceExclusivePage& operator=(DeviceExclusivePage&& o) noexcept {
+    if (this != &o) {
+      unlock();
+      as_ = std::exchange(o.as_, nullptr);
+      address_ = o.address_;
+      memory_ = o.memory_;
+    }
+    return *this;
+  }
+  ~DeviceExclusivePage() { unlock(); }
+
+  VirtAddr address() const { return address_; }
+  /// The page's memory while it is exclusive: the device's atomics go here.
+  /// Valid until an invalidation of the page reaches the driver (which then
+  /// drops its mapping): the memory is neither moved nor freed before every
+  /// invalidate() callback of that invalidation has returned.
+  std::byte* memory() const { return memory_; }
+  /// Lets revocation (and the CPU accesses waiting for the page) go ahead.
+  void unlock();
+
+ private:
+  AddressSpace* as_ = nullptr;  // null once unlocked
+  VirtAddr address_;
+  std::byte* memory_ = nullptr;
+};
+
+/// Gives the device `owner` exclusive access to the page at `addr` for its
+/// atomics (the kernel's make_device_exclusive): the page is faulted in
+/// writable (a copy-on-write page shared with a forked child is copied
+/// first), an kExclusive invalidation carrying `owner` is raised (drivers
+/// skip their own), and the CPU mapping is replaced by a device-exclusive
+/// entry.  The page comes back locked: the driver maps `memory()` in its
+/// page table, then unlocks.  From then on, the first CPU access to the
+/// page (or a syscall on it, another device's fault or migration request,
+/// make_device_exclusive by anyone, fork, mprotect, AddressSpace::read or
+/// write) restores the normal mapping, with the device's writes in it,
+/// after an kExclusive invalidation with no owner has revoked the device's
+/// access.
+///
+/// Errors: EINVAL (unaligned address, null owner), EFAULT (not managed
+/// memory, or PROT_NONE or read-only: the page must be writable),
+/// EOPNOTSUPP (not private anonymous memory, or a device-coherent page),
+/// EBUSY (the page kept changing for a second), ENOMEM (no staging page to
+/// hold it).  Not from an invalidate() callback, nor with a lock that one
+/// takes (like hmm_range_fault, it may fault the page in).
+Result<DeviceExclusivePage> make_device_exclusive(AddressSpace& as, VirtAddr addr, const void* owner);
 
 }  // namespace uhmm

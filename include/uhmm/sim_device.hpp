@@ -152,6 +152,21 @@ class SimDevice {
   Status run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
                     const std::function<void(std::span<std::byte> page, VirtAddr va)>& fn);
 
+  /// Takes exclusive access to the pages of [addr, addr+length) for device
+  /// atomics (make_device_exclusive, page by page) and maps each in the
+  /// mirror with the atomic tag.  The first CPU access to such a page (or
+  /// anything else that needs it) revokes it.  Errors of
+  /// make_device_exclusive (uhmm/hmm.hpp); EINVAL for a bad range; EBUSY if
+  /// the pages keep being revoked for a second.
+  Status make_exclusive(AddressSpace& as, VirtAddr addr, std::size_t length);
+  /// Pages of [addr, addr+length) the device still holds exclusively.
+  std::size_t exclusive_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const;
+  /// A device atomic: adds `value` to the 64-bit word at `addr` (8-byte
+  /// aligned) and returns the old value, taking the page exclusive first if
+  /// the device does not hold it.  Atomic with respect to the CPU: the page
+  /// is not CPU-accessible while the device holds it.
+  Result<std::uint64_t> atomic_fetch_add(AddressSpace& as, VirtAddr addr, std::uint64_t value);
+
   MirrorStats mirror_stats() const;
   /// Pages of [addr, addr + length) mirrored for `as` now (for tests).
   std::size_t mirrored_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const;

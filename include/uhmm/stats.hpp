@@ -28,6 +28,8 @@ namespace uhmm {
   X(hole_faults, "faults on never-populated pages, zero-filled")                        \
   X(device_private_faults, "CPU faults on device-private pages (migrate_to_ram calls)") \
   X(migrate_to_ram_fail, "migrate_to_ram calls that failed; the access got SIGBUS")    \
+  X(device_exclusive_made, "pages made exclusive to a device (make_device_exclusive)")  \
+  X(device_exclusive_revoked, "exclusive pages given back to the CPU (an access, fork, ...)") \
   X(faults_parked, "faults that waited for a migration in progress")                    \
   X(faults_spurious, "faults found already resolved by another thread")                 \
   X(uffd_events, "changes behind uhmm's back processed (munmap, madvise, mremap)")     \

@@ -284,9 +284,14 @@ Status migrate_vma_setup(MigrateVma& m) {
                    (before.device_writable() ? MIGRATE_PFN_WRITE : 0);
         break;
       }
-      case PageState::kDeviceCoherent:
       case PageState::kDeviceExclusive:
-        // Not produced yet (issue 3, items 4 and 5): never selected.
+        // A device holds it for its atomics: not collected, as the kernel
+        // skips its device-exclusive entries.
+        as.stats.add(Counter::migrate_skipped_locked);
+        as.unlock_and_wake(*slot, before, addr);
+        break;
+      case PageState::kDeviceCoherent:
+        // Not produced yet (issue 3, item 5): never selected.
         as.unlock_and_wake(*slot, before, addr);
         break;
     }

@@ -156,6 +156,7 @@ void AddressSpace::Impl::unlock_and_wake(mm::EntrySlot& slot, PageEntry after, V
 }
 
 void AddressSpace::Impl::evict_device_pages(VirtAddr start, VirtAddr end) {
+  restore_exclusive_pages(start, end);
   std::vector<Vpn> device_vpns;
   table.for_each_populated(start.vpn(), (end - start) / kPageSize, [&](Vpn v, PageEntry e) {
     if (e.state() == PageState::kDevicePrivate) device_vpns.push_back(v);
@@ -322,6 +323,10 @@ Status AddressSpace::protect(VirtAddr start, std::size_t length, int prot) {
     }
   }
   if (!region) return Status::error(EINVAL, "range not inside one managed range");
+  // Exclusive pages come back first: the kernel moves frames only between
+  // mappings of one protection, and the device would lose its access to
+  // them below anyway.
+  if (prot != (PROT_READ | PROT_WRITE)) impl_->restore_exclusive_pages(start, end);
   // Mirrors drop the range first: the next device fault sees the new
   // protection (hmm_range_fault: EPERM for a write, ERROR/EFAULT for none).
   mm::ScopedInvalidation invalidation(impl_->notifiers, NotifyRange{start, end, NotifyEvent::kProtectionVma});
@@ -451,8 +456,9 @@ Status AddressSpace::check_invariants() const {
     ReaderLock lock(impl_->regions_mutex);
     for (const auto& [s, r] : impl_->regions) regions.push_back(r);
   }
-  if (impl_->staging.taken_pages() != 0)
-    return Status::error(EINVAL, "staging pages still taken with no migration running");
+  // Staging slots are taken only by migrations in progress and by the
+  // frames of exclusive pages.
+  std::size_t held_frames = 0;
   for (const auto& r : regions) {
     Status bad;
     impl_->table.for_each_populated(r->info.start.vpn(), r->info.length / kPageSize, [&](Vpn v, PageEntry e) {
@@ -476,9 +482,12 @@ Status AddressSpace::check_invariants() const {
         if (e.device_writable() && !(r->info.prot & PROT_WRITE))
           bad = Status::error(EINVAL, "writable device entry in a read-only range");
       }
+      if (e.state() == PageState::kDeviceExclusive) ++held_frames;
     });
     if (!bad.is_ok()) return bad;
   }
+  if (impl_->staging.taken_pages() != held_frames)
+    return Status::error(EINVAL, "staging pages still taken with no migration running");
   return Status::ok();
 }
 

@@ -224,6 +224,14 @@ struct AddressSpace::Impl {
   /// entry was locked meanwhile (the caller re-evaluates).
   bool resolve_missing(mm::Region& region, VirtAddr addr);
 
+  // Device-exclusive entries (mm/device_exclusive.cpp).
+  /// Revokes the device's exclusive access to the page at `addr` and gives
+  /// the frame back to the CPU; false if the entry was not (or no longer) an
+  /// unlocked exclusive entry, or the move failed: look again.
+  bool restore_exclusive(mm::EntrySlot& slot, VirtAddr addr);
+  /// restore_exclusive for every exclusive entry of a range.
+  void restore_exclusive_pages(VirtAddr start, VirtAddr end);
+
   /// Tears a region down (after removal from `regions`).
   void teardown_region(mm::Region& region);
   /// Brings every device page of a range back through its page map's

@@ -155,6 +155,18 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       }
       continue;
     }
+    if (e.state() == PageState::kDeviceExclusive) {
+      // A device holds the page for its atomics: revoke that and give the
+      // page back, unless the application discarded it meanwhile (then the
+      // access must find what the event leaves).
+      if (!events_checked) {
+        events_checked = true;
+        if (waits_for_event(addr)) return FaultResult::kParked;
+        continue;
+      }
+      if (restore_exclusive(*slot, addr)) break;
+      continue;
+    }
     if (e.state() != PageState::kDevicePrivate) {
       if (resolve_missing(*region, addr)) break;
       continue;
@@ -235,7 +247,7 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   PageEntry before;
   if (!mm::try_lock_entry(*slot, &before)) return false;
-  if (before.state() == PageState::kDevicePrivate) {
+  if (before.state() == PageState::kDevicePrivate || before.state() == PageState::kDeviceExclusive) {
     (void)mm::unlock_entry(*slot, before);
     return false;
   }

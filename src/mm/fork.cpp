@@ -101,7 +101,8 @@ bool AddressSpace::Impl::holds_device_or_moving_pages() const {
   bool found = false;
   for (const auto& [start, length] : ranges) {
     table.for_each_populated(start.vpn(), length / kPageSize, [&](Vpn, PageEntry e) {
-      found = found || e.state() == PageState::kDevicePrivate || e.locked();
+      found = found || e.state() == PageState::kDevicePrivate || e.state() == PageState::kDeviceExclusive ||
+              e.locked();
     });
     if (found) return true;
   }

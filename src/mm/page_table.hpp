@@ -51,12 +51,18 @@ class PageEntry {
                      (writable ? kDeviceWrite : 0) | static_cast<std::uint64_t>(PageState::kDevicePrivate)};
   }
 
+  /// `frame`: the staging slot that holds the page while a device has it.
+  static PageEntry device_exclusive(VirtAddr frame) {
+    return PageEntry{(frame.value << kPointerShift) | static_cast<std::uint64_t>(PageState::kDeviceExclusive)};
+  }
+
   PageState state() const { return static_cast<PageState>(bits_ & kStateMask); }
   bool locked() const { return bits_ & kLocked; }
   bool device_writable() const { return bits_ & kDeviceWrite; }
   bool has_waiters() const { return bits_ & kWaiters; }
   bool poisoned() const { return bits_ & kPoisoned; }
   DevicePage* device_page() const { return reinterpret_cast<DevicePage*>(bits_ >> kPointerShift); }
+  VirtAddr held_frame() const { return VirtAddr{static_cast<std::uintptr_t>(bits_ >> kPointerShift)}; }
   std::uint64_t bits() const { return bits_; }
 
   PageEntry with(std::uint64_t flag) const { return PageEntry{bits_ | flag}; }

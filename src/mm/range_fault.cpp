@@ -218,9 +218,12 @@ class Walk {
         if (e.poisoned()) return Stop{Stop::kError, addr, false, EFAULT};
         return fault(need);
       }
-      case PageState::kDeviceCoherent:
       case PageState::kDeviceExclusive:
-        // Not produced yet (issue 3, items 4 and 5): looks like a hole.
+        // A device's exclusive entry, whoever's: not present for this
+        // walk; faulting it in revokes the device's access (as for a hole,
+        // below).
+      case PageState::kDeviceCoherent:
+        // Not produced yet (issue 3, item 5): looks like a hole.
       case PageState::kNone:
         break;
     }

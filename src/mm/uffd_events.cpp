@@ -291,6 +291,8 @@ void AddressSpace::Impl::drop_entries(VirtAddr start, VirtAddr end) {
       page->clear_mapping();
       page->put();  // page_free once nobody else holds it
       stats.add(Counter::device_pages_dropped);
+    } else if (before.state() == PageState::kDeviceExclusive) {
+      staging.give_back_ready(before.held_frame(), 1);  // its data goes with the range
     }
     unlock_and_wake(*slot, PageEntry::none(), VirtAddr::from_vpn(v));
   }

@@ -290,6 +290,34 @@ TEST_P(RangeFault, OtherOwnersDevicePageWithFaultRequestComesBackIntact) {
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
+// ---- device-exclusive entries ----------------------------------------------
+
+TEST_P(RangeFault, ExclusiveEntryIsZeroWithoutFaultEvenForItsOwner) {
+  constexpr std::size_t kPages = 4;
+  const VirtAddr base = mapped(kPages, kPages);
+  ASSERT_TRUE(other->make_exclusive(*as, base, kPages * kPageSize).is_ok());
+  for (const void* owner : {static_cast<const void*>(nullptr), other->owner(), dev->owner()}) {
+    std::vector<std::uint64_t> pfns(kPages, kReqFault);
+    ASSERT_TRUE(walk(base, pfns, 0, 0, owner).is_ok());
+    for (std::size_t i = 0; i < kPages; ++i) EXPECT_EQ(pfns[i], 0u) << i;
+  }
+  EXPECT_EQ(test::count_states(*as, base, kPages).exclusive, kPages);
+  EXPECT_EQ(counter(Counter::device_exclusive_revoked), 0u);
+}
+
+TEST_P(RangeFault, ExclusiveEntryWithFaultRequestIsRevokedAndPresent) {
+  constexpr std::size_t kPages = 4;
+  const VirtAddr base = mapped(kPages, kPages);
+  ASSERT_TRUE(other->make_exclusive(*as, base, kPages * kPageSize).is_ok());
+  std::vector<std::uint64_t> pfns(kPages, 0);
+  ASSERT_TRUE(walk(base, pfns, kReqFault | kReqWrite, 0, dev->owner()).is_ok());
+  for (std::size_t i = 0; i < kPages; ++i) EXPECT_EQ(pfns[i], system_word(base + i * kPageSize)) << i;
+  EXPECT_EQ(counter(Counter::device_exclusive_revoked), kPages);
+  EXPECT_EQ(other->exclusive_pages(*as, base, kPages * kPageSize), 0u);
+  EXPECT_TRUE(range_has_pattern(base, kPages));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
 TEST_P(RangeFault, NoOwnerMeansEveryDevicePageIsAnotherOwners) {
   constexpr std::size_t kPages = 4;
   const VirtAddr base = mapped(kPages, kPages);

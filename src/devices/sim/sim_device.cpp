@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <condition_variable>
 #include <deque>
@@ -217,12 +218,13 @@ class SimDevice::Prefetcher {
 class SimDevice::Mirror final : public IntervalNotifierOps {
  public:
   struct Entry {
-    std::byte* memory = nullptr;  // the page: device memory, or the system page's own address
+    std::byte* memory = nullptr;  // the page: device memory, the exclusive frame, or the system page's own address
     bool writable = false;
     bool device = false;  // one of this device's pages
+    bool atomic = false;  // held exclusively for the device's atomics (memory: the frame uhmm holds)
   };
 
-  explicit Mirror(Mirrors& stats) : stats_(stats) {}
+  Mirror(Mirrors& stats, const void* owner) : stats_(stats), owner_(owner) {}
   ~Mirror() override = default;
   Mirror(const Mirror&) = delete;
   Mirror& operator=(const Mirror&) = delete;
@@ -242,6 +244,7 @@ class SimDevice::Mirror final : public IntervalNotifierOps {
 
  private:
   Mirrors& stats_;
+  const void* owner_;  // the device's page-map owner
 };
 
 // Every mirror of the device, by address space, and the mirror statistics.
@@ -262,6 +265,9 @@ bool SimDevice::Mirror::invalidate(IntervalNotifier& s, const NotifyRange& range
   // FIXME(issue 3): Mutex has no try_lock, so a non-blockable invalidation
   // (none is issued yet) is refused rather than tried.
   if (!range.blockable) return false;
+  // Its own exclusive request is the one event the device skips: it maps
+  // the page right after, and a bumped sequence would make it retry forever.
+  if (range.event == NotifyEvent::kExclusive && range.owner == owner_) return true;
   MutexLock lock(mutex);
   s.set_seq(cur_seq);
   stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
@@ -619,7 +625,7 @@ std::shared_ptr<SimDevice::Mirror> SimDevice::mirror_for(AddressSpace& as) {
     std::shared_ptr<Mirror>& slot = mirrors_->by_space[&as];
     if (slot && !slot->released.load(std::memory_order_acquire)) return slot;
     stale = std::move(slot);
-    mirror = std::make_shared<Mirror>(*mirrors_);
+    mirror = std::make_shared<Mirror>(*mirrors_, owner());
     // The whole user address range: one subscription, like a driver that
     // mirrors the process (nouveau's svmm).  The callback takes only the
     // mirror's own lock, so inserting under the map's lock is allowed.
@@ -776,15 +782,15 @@ Status SimDevice::device_read(AddressSpace& as, VirtAddr addr, std::span<std::by
     return Status::error(EFAULT, "range not managed");
   const VirtAddr first = addr.page_down();
   const std::size_t npages = ((addr + (out.size() - 1)).page_down() - first) / kPageSize + 1;
-  // Device memory is read under the page-table lock (an invalidation waits
-  // for it); system pages through the process's mapping, fault-safe and
+  // Device memory (and frames held exclusively for the device) is read
+  // under the page-table lock (an invalidation waits for it); system pages through the process's mapping, fault-safe and
   // after the lock: a page the application unmaps or discards meanwhile
   // must neither crash the device nor wait, lock held, for uhmm to process
   // the change (whose invalidation needs that lock).
   std::vector<std::pair<VirtAddr, VirtAddr>> system_pieces;
   UHMM_TRY(mirrored_access(as, first, npages, Need::kRead, [&](const Mirror::Entry& e, VirtAddr page) {
     const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + out.size());
-    if (e.device) {
+    if (e.device || e.atomic) {
       std::memcpy(out.data() + (lo - addr), e.memory + (lo - page), hi - lo);
     } else {
       system_pieces.emplace_back(lo, hi);
@@ -804,7 +810,7 @@ Status SimDevice::device_write(AddressSpace& as, VirtAddr addr, std::span<const 
   std::vector<std::pair<VirtAddr, VirtAddr>> system_pieces;
   UHMM_TRY(mirrored_access(as, first, npages, Need::kWrite, [&](const Mirror::Entry& e, VirtAddr page) {
     const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + in.size());
-    if (e.device) {
+    if (e.device || e.atomic) {
       std::memcpy(e.memory + (lo - page), in.data() + (lo - addr), hi - lo);
     } else {
       system_pieces.emplace_back(lo, hi);
@@ -823,6 +829,56 @@ Status SimDevice::run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length
   return mirrored_access(as, addr, length / kPageSize, Need::kResident, [&](const Mirror::Entry& e, VirtAddr page) {
     fn(std::span<std::byte>(e.memory, kPageSize), page);
   });
+}
+
+Status SimDevice::make_exclusive(AddressSpace& as, VirtAddr addr, std::size_t length) {
+  if (!addr.page_aligned() || length % kPageSize != 0 || length == 0)
+    return Status::error(EINVAL, "range not page aligned or empty");
+  const std::shared_ptr<Mirror> m = mirror_for(as);
+  if (!m) return Status::error(ENOMEM, "cannot subscribe the device's mirror");
+  for (VirtAddr page = addr; page < addr + length; page = page + kPageSize) {
+    // The page comes back locked, so nothing revokes it before it is
+    // mapped: no sequence check is needed for it.
+    Result<DeviceExclusivePage> held = make_device_exclusive(as, page, owner());
+    if (!held.is_ok()) return held.status();
+    MutexLock lock(m->mutex);
+    m->entries[page.vpn().value] = Mirror::Entry{held->memory(), true, false, true};
+  }
+  return Status::ok();
+}
+
+std::size_t SimDevice::exclusive_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const {
+  const std::shared_ptr<Mirror> m = find_mirror(as);
+  if (!m) return 0;
+  MutexLock lock(m->mutex);
+  std::size_t n = 0;
+  const std::uint64_t end = (addr + length).vpn().value;
+  for (auto it = m->entries.lower_bound(addr.vpn().value); it != m->entries.end() && it->first < end; ++it)
+    if (it->second.atomic) ++n;
+  return n;
+}
+
+Result<std::uint64_t> SimDevice::atomic_fetch_add(AddressSpace& as, VirtAddr addr, std::uint64_t value) {
+  if (addr.value % alignof(std::uint64_t) != 0) return Status::error(EINVAL, "atomic on an unaligned address");
+  const std::shared_ptr<Mirror> m = mirror_for(as);
+  if (!m) return Status::error(ENOMEM, "cannot subscribe the device's mirror");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  for (;;) {
+    {
+      MutexLock lock(m->mutex);
+      auto it = m->entries.find(addr.vpn().value);
+      if (it != m->entries.end() && it->second.atomic) {
+        // The frame stays put while the entry exists (revoking it waits for
+        // this lock), and no CPU can reach it meanwhile.
+        std::atomic_ref<std::uint64_t> word(
+            *reinterpret_cast<std::uint64_t*>(it->second.memory + (addr - addr.page_down())));
+        return word.fetch_add(value, std::memory_order_acq_rel);
+      }
+    }
+    if (std::chrono::steady_clock::now() > deadline)
+      return Status::error(EBUSY, "exclusive access keeps being revoked");
+    UHMM_TRY(make_exclusive(as, addr.page_down(), kPageSize));
+  }
 }
 
 }  // namespace uhmm::sim
