@@ -540,8 +540,14 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   }
   AddressSpace::Impl& as = where.address_space->impl();
   mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
+  // Mirrors of the page drop it before its entry is locked for the move;
+  // once locked, a device fault on it waits for the migration to end.  The
+  // kernel's unmap step (try_to_migrate) raises a CLEAR invalidation with no
+  // owner, so every driver drops it, the page map's own included.
+  mm::ScopedInvalidation invalidation(as.notifiers,
+                                      NotifyRange{where.address, where.address + kPageSize, NotifyEvent::kClear});
   PageEntry before;
-  if (slot == nullptr || !mm::try_lock_entry(*slot, &before)) {
+  if (slot == nullptr || !invalidation.ok() || !mm::try_lock_entry(*slot, &before)) {
     page->unlock();
     page->put();
     return Status::ok();

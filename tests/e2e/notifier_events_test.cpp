@@ -83,6 +83,31 @@ TEST_F(NotifierEvents, MigrationsCarryTheEventAndTheDevicesOwner) {
   EXPECT_TRUE(second_ops.take().empty());
 }
 
+TEST_F(NotifierEvents, DeviceEvictionClearsEachCollectedPageForEveryMirror) {
+  ASSERT_TRUE(dev->migrate_to_device(*as, base + 2 * kPageSize, 3 * kPageSize).is_ok());
+  subscribe();
+  // The device's own mirror holds the pages too: eviction must drop them
+  // there as well (it skips nothing: no owner).
+  std::uint64_t word = 0;
+  ASSERT_TRUE(dev->device_read(*as, base + 2 * kPageSize, std::as_writable_bytes(std::span(&word, 1))).is_ok());
+  ASSERT_EQ(dev->mirrored_pages(*as, base + 2 * kPageSize, kPageSize), 1u);
+  const std::uint64_t seq = first_block.read_begin();
+  auto report = dev->evict_all();
+  ASSERT_TRUE(report.is_ok());
+  EXPECT_EQ(report->pages_migrated, 3u);
+  const auto got = first_ops.take();
+  ASSERT_EQ(got.size(), 3u);
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].event, NotifyEvent::kClear);
+    EXPECT_EQ(got[i].owner, nullptr);
+    EXPECT_EQ(got[i].end - got[i].start, kPageSize);
+  }
+  EXPECT_TRUE(first_block.read_retry(seq));
+  EXPECT_TRUE(second_ops.take().empty());
+  EXPECT_EQ(dev->mirrored_pages(*as, base + 2 * kPageSize, 3 * kPageSize), 0u);
+  EXPECT_TRUE(test::range_has_pattern(base, 2 * kBlock));
+}
+
 TEST_F(NotifierEvents, UnmapSendsUnmapForTheWholeRange) {
   subscribe();
   ASSERT_TRUE(as->unmap(base).is_ok());

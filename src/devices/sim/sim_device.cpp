@@ -579,15 +579,6 @@ Result<MigrateReport> SimDevice::evict_all() {
       ++collected;
       DevicePage* page = migrate_pfn_to_device_page(src[i]);
       AddressSpace* as = page->mapping().address_space;
-      // migrate_device_range raises no invalidation (FIXME(issue 3): the
-      // kernel's does, through try_to_migrate), so the device drops its own
-      // entry for the page before the copy; an access in flight finishes
-      // first, a later one faults and waits for the migration to end.
-      if (const std::shared_ptr<Mirror> m = find_mirror(*as)) {
-        MutexLock lock(m->mutex);
-        const std::uint64_t vpn = page->mapping().address.vpn().value;
-        m->drop(vpn, vpn + 1);
-      }
       std::uint64_t pfn = 0;
       if (!alloc_system_pages(*as, std::span<std::uint64_t>(&pfn, 1)).is_ok()) continue;
       CopyOp op{page_memory(*page), reinterpret_cast<std::byte*>(pfn << kPageShift)};
