@@ -492,6 +492,24 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
   }
   installer.run();
+  // The application may have discarded pages while they were in transit
+  // (MADV_DONTNEED zaps nothing then: they were not mapped), and its event
+  // is read before its zap, so it is queued by now unless the zap comes
+  // after this look, when it removes what was just installed.  The kernel's
+  // zap removes its migration entries instead.  Installed pages under such
+  // an event are discarded again, as the application asked.
+  const auto discarded = as.pending_event_ranges(m.start, m.end, /*discards_only=*/true);
+  if (!discarded.empty()) {
+    for (Unlock& u : unlocks) {
+      if (u.keep_current || u.value.state() != PageState::kSystem) continue;
+      for (const auto& [lo, hi] : discarded) {
+        if (u.addr < lo || u.addr >= hi) continue;
+        as.zap_own(u.addr, kPageSize);
+        u.value = PageEntry::none();
+        break;
+      }
+    }
+  }
   // From migrate_to_ram, the fault path wakes the range itself once it has
   // dropped its own hold on the device page: the access resumes only when
   // the fault is completely done, as in the kernel, where the faulting

@@ -170,8 +170,10 @@ struct AddressSpace::Impl {
   /// True if a queued event covers `addr` (its fault must wait for it).
   bool event_pending_at(VirtAddr addr) const;
   /// The ranges of queued events that overlap [start, end): pages there
-  /// must not migrate until the events are processed.
-  std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end) const;
+  /// must not migrate until the events are processed.  `discards_only`:
+  /// only MADV_DONTNEED-like discards (REMOVE events).
+  std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end,
+                                                                  bool discards_only = false) const;
   /// Reads the uffd and waits until no queued event overlaps [start, end):
   /// before a new managed range goes there (an munmap of an old range at
   /// the same addresses may still be queued, and would take the new one).

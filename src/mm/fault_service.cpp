@@ -103,7 +103,10 @@ void AddressSpace::Impl::serve_fault_message(const struct uffd_msg& msg) {
 }
 
 bool AddressSpace::Impl::waits_for_event(VirtAddr addr) {
-  drain_events();
+  // A change the application made before this access has had its event
+  // read already (the kernel holds the changing call until then), so it is
+  // queued, or about to be by the read in progress: wait for that read.
+  { MutexLock read_lock(read_mutex); }
   if (options.fault_mode == FaultMode::kInThread) {
     wait_for_events_at(addr);
     return false;

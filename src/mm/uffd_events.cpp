@@ -118,8 +118,8 @@ std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::
       }
       if (m.event == UFFD_EVENT_REMOVE) {
         // uhmm's own zap: nothing changed that uhmm does not know.  (The
-        // kernel does not wait for REMOVE events to be read, so the zap may
-        // be long done: its record goes with its event.)
+        // record, not the timing, identifies it: its event may be read
+        // after other zaps' events; the record goes with its event.)
         // The event has the zap's range; or, where VMA boundaries split the
         // zap, each piece starts or ends where the zap does.  An
         // application's discard that merely lies inside a zap of ours is
@@ -145,10 +145,8 @@ std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::
 }
 
 void AddressSpace::Impl::drain_events() {
-  // The kernel hands out queued faults before queued events, and does not
-  // wait for an event to be read before the change returns to the
-  // application: read what is there so that an event that precedes this
-  // fault is known.  Faults read meanwhile go to the service threads.
+  // Reads what the uffd holds now, so that every event queued so far is in
+  // pending_events.  Faults read meanwhile go to the service threads.
   for (int round = 0; round < 8; ++round) {
     struct uffd_msg faults[16];
     std::size_t total = 0;
@@ -180,10 +178,12 @@ bool AddressSpace::Impl::event_pending_at(VirtAddr addr) const {
   return false;
 }
 
-std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ranges(VirtAddr start, VirtAddr end) const {
+std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ranges(VirtAddr start, VirtAddr end,
+                                                                                bool discards_only) const {
   std::vector<std::pair<VirtAddr, VirtAddr>> out;
   MutexLock lock(events_mutex);
   for (const struct uffd_msg& m : pending_events) {
+    if (discards_only && m.event != UFFD_EVENT_REMOVE) continue;
     EventRange r[2];
     const int n = event_ranges(m, r);
     for (int i = 0; i < n; ++i)

@@ -108,6 +108,36 @@ TEST_P(AddressSpaceEvents, DontneedDiscardsDevicePagesEvenForTheVeryNextAccess) 
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
+// Pages in transit are not mapped, so a MADV_DONTNEED then zaps nothing;
+// the migration must not put the old data back when it ends (the
+// FaultAroundDoesNotUndo... test below met this by chance, when a late
+// fault's fault-around migration overlapped the discard).
+TEST_P(AddressSpaceEvents, DontneedOfPagesInTransitKeepsThemDiscarded) {
+  constexpr std::size_t kSmall = 16;
+  auto r = as->map(kSmall * kPageSize);
+  ASSERT_TRUE(r.is_ok());
+  const VirtAddr small = *r;
+  test::fill_range(small, kSmall, 1000);
+  ScopedMigrateVma mig(*as, small, small + kSmall * kPageSize, dev->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+  ASSERT_TRUE(mig.setup().is_ok());
+  ASSERT_EQ(mig.args().cpages, kSmall);
+  // dst stays 0: every page is restored at finalize, except those the
+  // application discards meanwhile.
+  ASSERT_EQ(::madvise((small + 4 * kPageSize).ptr(), 4 * kPageSize, MADV_DONTNEED), 0);
+  mig.pages();
+  mig.finalize();
+  for (std::size_t i = 0; i < kSmall; ++i) {
+    const std::uint64_t w = (small + i * kPageSize).as<volatile std::uint64_t>()[0];
+    if (i >= 4 && i < 8) {
+      EXPECT_EQ(w, 0u) << "discarded page " << i << " came back";
+    } else {
+      EXPECT_EQ(w, test::pattern_word(1000 + i, 0)) << "page " << i;
+    }
+  }
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
 // Regression (found by a stress test): a fault next to the discarded part,
 // in the same 2 MiB block, brings back the block around it (fault-around);
 // it must not bring back the discarded pages.  It did, twice over: the

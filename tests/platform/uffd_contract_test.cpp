@@ -1,0 +1,67 @@
+// The kernel behaviour uhmm's event handling relies on
+// (docs/address-space-events.md): a call that changes a registered range
+// and raises a userfaultfd event (MADV_DONTNEED: REMOVE, munmap: UNMAP)
+// does not return before that event has been read.  A kernel that let it
+// return earlier would break the rule that an access after the change sees
+// the change.
+#include <gtest/gtest.h>
+#include <linux/userfaultfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include "platform/uffd.hpp"
+
+namespace uhmm {
+namespace {
+
+constexpr std::size_t kLen = 16 * kPageSize;
+
+// Runs `change` on another thread with nobody reading the uffd, checks it
+// is still waiting, then reads one message and checks that it returns.
+void expect_waits_for_read(platform::Uffd& uffd, std::uint8_t event, const std::function<void()>& change) {
+  std::atomic<bool> returned{false};
+  std::thread changer([&] {
+    change();
+    returned.store(true);
+  });
+  // Not a timing assertion: a slow machine can only make this pass
+  // wrongly, never fail wrongly.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(returned.load()) << "the change returned before its event was read";
+  struct uffd_msg msg;
+  ssize_t got = -1;
+  for (int i = 0; i < 1000 && got <= 0; ++i) {
+    got = ::read(uffd.fd(), &msg, sizeof msg);
+    if (got <= 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(got, static_cast<ssize_t>(sizeof msg));
+  EXPECT_EQ(msg.event, event);
+  changer.join();
+  EXPECT_TRUE(returned.load());
+}
+
+TEST(UffdContract, DiscardAndUnmapWaitUntilTheirEventIsRead) {
+  auto uffd = platform::Uffd::open(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP, /*nonblocking=*/true);
+  ASSERT_TRUE(uffd.is_ok()) << uffd.status().to_string();
+  void* p = ::mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  std::memset(p, 7, kLen);
+  const VirtAddr base = VirtAddr::of(p);
+  ASSERT_TRUE(uffd->register_range(base, kLen, UFFDIO_REGISTER_MODE_MISSING).is_ok());
+
+  expect_waits_for_read(*uffd, UFFD_EVENT_REMOVE, [&] { ::madvise(p, kPageSize, MADV_DONTNEED); });
+  EXPECT_EQ(static_cast<volatile char*>(p)[kPageSize], 7);  // the rest is untouched
+  expect_waits_for_read(*uffd, UFFD_EVENT_UNMAP, [&] { ::munmap((base + 8 * kPageSize).ptr(), 8 * kPageSize); });
+  // Unregistered first: nobody would read this munmap's event.
+  ASSERT_TRUE(uffd->unregister_range(base, 8 * kPageSize).is_ok());
+  ::munmap(p, 8 * kPageSize);
+}
+
+}  // namespace
+}  // namespace uhmm
