@@ -32,6 +32,14 @@ Status AddressSpace::Impl::init() {
       /*nonblocking=*/true);
   if (!u) return u.status();
   uffd = std::move(*u);
+  // Until a pending event is read, COPY and MOVE into managed ranges fail
+  // with EAGAIN, and the installing thread may be the only reader free: it
+  // reads (docs/address-space-events.md), then lets the changing thread
+  // run, which is what ends the EAGAIN.
+  uffd.set_on_busy([this] {
+    drain_events();
+    std::this_thread::yield();
+  });
   UHMM_TRY(staging.init(options.staging_reserve_bytes, options.staging_keep_bytes));
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
   if (!zero) return zero.status();

@@ -211,13 +211,16 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       }
       continue;  // the page moved meanwhile: serve the fault again
     }
+    // migrate_to_ram brought it back, or declined because someone else holds
+    // it: look again.  Decided before the wake: once woken, the application
+    // goes on, may move the page out again (or discard it), and this fault,
+    // served already, must not bring it back a second time.
+    const bool back = PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kSystem;
     // migrate_vma_finalize leaves waking to us when called for a fault: wake
     // everything the driver may have brought back (its window lies within
     // the region), now that the fault is completely done.
     wake(region->info.start, region->info.length / kPageSize);
-    // migrate_to_ram brought it back, or declined because someone else holds
-    // it: look again.
-    if (PageEntry{slot->load(std::memory_order_acquire)}.state() == PageState::kSystem) break;
+    if (back) break;
   }
   if (device_fault) stats.fault_latency().record(std::chrono::steady_clock::now() - started);
   return FaultResult::kResolved;

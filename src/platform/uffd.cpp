@@ -48,6 +48,7 @@ Uffd& Uffd::operator=(Uffd&& other) noexcept {
     if (fd_ >= 0) ::close(fd_);
     fd_ = other.fd_;
     features_ = other.features_;
+    on_busy_ = std::move(other.on_busy_);
     other.fd_ = -1;
   }
   return *this;
@@ -128,7 +129,10 @@ PartialResult Uffd::move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint6
       break;
     }
     if (rc != 0) {
-      if (e == EAGAIN) continue;
+      if (e == EAGAIN) {
+        if (on_busy_) on_busy_();
+        continue;
+      }
       r.error = e;
       return r;
     }
@@ -148,7 +152,10 @@ PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wa
     const int e = rc == 0 ? 0 : errno;
     if (c.copy > 0) r.bytes_done += static_cast<std::size_t>(c.copy);
     if (rc != 0) {
-      if (e == EAGAIN) continue;
+      if (e == EAGAIN) {
+        if (on_busy_) on_busy_();
+        continue;
+      }
       r.error = e;
       return r;
     }

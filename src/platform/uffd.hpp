@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "uhmm/status.hpp"
@@ -50,7 +51,9 @@ class Uffd {
  public:
   Uffd() = default;
   ~Uffd();
-  Uffd(Uffd&& other) noexcept : fd_(other.fd_), features_(other.features_) { other.fd_ = -1; }
+  Uffd(Uffd&& other) noexcept : fd_(other.fd_), features_(other.features_), on_busy_(std::move(other.on_busy_)) {
+    other.fd_ = -1;
+  }
   Uffd& operator=(Uffd&& other) noexcept;
   Uffd(const Uffd&) = delete;
   Uffd& operator=(const Uffd&) = delete;
@@ -70,6 +73,11 @@ class Uffd {
   PartialResult move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint64_t mode);
   /// UFFDIO_COPY, continuing after EAGAIN.
   PartialResult copy(VirtAddr dst, const void* src, std::size_t len, bool wake);
+  /// Called before MOVE or COPY retries after EAGAIN.  The kernel says EAGAIN
+  /// while an event (munmap, madvise, mremap) waits to be read from this uffd,
+  /// so a caller that may be the only reader must read here, not spin.  Set
+  /// before other threads use the uffd.
+  void set_on_busy(std::function<void()> fn) { on_busy_ = std::move(fn); }
   Status zeropage(VirtAddr dst, std::size_t len, bool wake);
   Status poison(VirtAddr dst, std::size_t len);
   Status wake(VirtAddr start, std::size_t len);
@@ -77,6 +85,7 @@ class Uffd {
  private:
   int fd_ = -1;
   std::uint64_t features_ = 0;
+  std::function<void()> on_busy_;
 };
 
 /// Maps anonymous private memory, PROT_READ|PROT_WRITE unless told otherwise.

@@ -9,7 +9,9 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <chrono>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "e2e/test_support.hpp"
@@ -242,6 +244,44 @@ TEST(AddressSpaceEventsRegression, OwnZapNeverWaitsForABlockedServiceThread) {
     if ((*as)->stats().get(Counter::hole_faults) < 8) return 13;
     return 0;
   });
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << "child " << r.describe();
+}
+
+// Regression (the stress test's rare hang): while an application's munmap
+// waits in the kernel for its UNMAP event to be read, the kernel refuses
+// UFFDIO_COPY and UFFDIO_MOVE on the managed uffd with EAGAIN.  A service
+// thread installing a page must then read the uffd itself: here it is the
+// only reader, busy in a slow migrate_to_ram when the munmap comes.  In a
+// child, so that a hang ends as a failure.
+TEST(AddressSpaceEventsRegression, InstallingAPageReadsTheEventThatHoldsItBack) {
+  const test::ChildResult r = test::run_in_child(
+      [] {
+        AddressSpaceOptions o;
+        o.fault_threads = 1;
+        auto as = AddressSpace::create(o);
+        sim::SimDeviceOptions d;
+        d.memory_bytes = 4 << 20;
+        d.warm_memory = false;
+        d.prefetch_blocks = 0;
+        d.link.setup_latency = std::chrono::milliseconds(300);
+        auto dev = sim::SimDevice::create(d);
+        if (!as.is_ok() || !dev.is_ok()) return 10;
+        auto m = (*as)->map(kHugePageSize);
+        auto other = (*as)->map(kHugePageSize);
+        if (!m.is_ok() || !other.is_ok()) return 11;
+        // A few pages, installed with UFFDIO_COPY: a whole block would move
+        // in after a zap of uhmm's own, whose backup reader reads the event.
+        test::fill_range(*m, 4);
+        auto rep = (*dev)->migrate_to_device(**as, *m, 4 * kPageSize);
+        if (!rep.is_ok() || rep->pages_migrated != 4) return 12;
+        bool intact = false;
+        std::thread cpu([&] { intact = test::page_has_pattern(m->ptr(), 0); });  // 300 ms in migrate_to_ram
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        ::munmap(other->ptr(), kHugePageSize);  // returns once its event is read
+        cpu.join();
+        return intact ? 0 : 13;
+      },
+      10);
   EXPECT_TRUE(r.exited && r.exit_code == 0) << "child " << r.describe();
 }
 
