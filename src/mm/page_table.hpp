@@ -50,6 +50,11 @@ class PageEntry {
     return PageEntry{(reinterpret_cast<std::uint64_t>(page) << kPointerShift) |
                      (writable ? kDeviceWrite : 0) | static_cast<std::uint64_t>(PageState::kDevicePrivate)};
   }
+  /// A coherent device page whose frame is mapped at the entry's address.
+  static PageEntry device_coherent(DevicePage* page, bool writable) {
+    return PageEntry{(reinterpret_cast<std::uint64_t>(page) << kPointerShift) |
+                     (writable ? kDeviceWrite : 0) | static_cast<std::uint64_t>(PageState::kDeviceCoherent)};
+  }
 
   PageState state() const { return static_cast<PageState>(bits_ & kStateMask); }
   bool locked() const { return bits_ & kLocked; }
@@ -57,6 +62,10 @@ class PageEntry {
   bool has_waiters() const { return bits_ & kWaiters; }
   bool poisoned() const { return bits_ & kPoisoned; }
   DevicePage* device_page() const { return reinterpret_cast<DevicePage*>(bits_ >> kPointerShift); }
+  /// Device-private or device-coherent: the entry holds a DevicePage reference.
+  bool holds_device_page() const {
+    return state() == PageState::kDevicePrivate || state() == PageState::kDeviceCoherent;
+  }
   std::uint64_t bits() const { return bits_; }
 
   PageEntry with(std::uint64_t flag) const { return PageEntry{bits_ | flag}; }

@@ -218,9 +218,18 @@ class Walk {
         if (e.poisoned()) return Stop{Stop::kError, addr, false, EFAULT};
         return fault(need);
       }
-      case PageState::kDeviceCoherent:
+      case PageState::kDeviceCoherent: {
+        // Mapped for the CPU like a system page, so present for every
+        // device alike: its device pfn (where a device reaches it), never
+        // faulted.  Only a write asked of a read-only range needs more
+        // (EPERM).  The entry's reference keeps the descriptor valid.
+        const Need need = need_fault(q, true, writable_);
+        if (need != Need::kNothing) return fault(need);
+        out = e.device_page()->pfn().value | HMM_PFN_VALID | (writable_ ? std::uint64_t{HMM_PFN_WRITE} : 0);
+        return Stop{};
+      }
       case PageState::kDeviceExclusive:
-        // Not produced yet (issue 3, items 4 and 5): looks like a hole.
+        // Not produced yet (issue 3, item 4): looks like a hole.
       case PageState::kNone:
         break;
     }
