@@ -230,9 +230,13 @@ int frame_home(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
 // Otherwise the entry and the page are unlocked again (the caller keeps its
 // reference, to drop).  A frame shared copy-on-write with a forked child
 // (EBUSY) is made private with a write fault in the kernel
-// (MADV_POPULATE_WRITE) while nothing is held, since that fault may need
+// (MADV_POPULATE_WRITE) with its entry and page let go, since that fault may need
 // the fault service, then taken again; `may_retry` is false from a fault's
 // own migration, which must not wait for the fault service.
+// FIXME(issue 3): if the application discards that very page in the moment
+// between, while this migration still holds other entries that its change
+// also covers, the write fault waits for the change and the change for
+// those entries.  A copy-on-write break that never waits would close it.
 bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, PageEntry seen,
                             DevicePage& page, bool may_retry) {
   int err = frame_home(as, page, addr);
