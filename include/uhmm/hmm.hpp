@@ -21,11 +21,11 @@
 //             flags (HmmPfnFlag values), a map order, and a pfn.
 //   pfn       for a device-private page of `dev_private_owner`, and for
 //             any device-coherent page: its device pfn (>= kDevicePfnBase;
-//             a coherent page is also at its virtual address for the CPU).  For a system page: in uhmm, the
-//             virtual page number of the page itself (the device reaches
-//             system memory through the process's own mapping; a real
-//             driver would DMA-map that address).  is_device_pfn() tells
-//             them apart.
+//             a coherent page is also at its virtual address for the CPU).
+//             For a system page: in uhmm, the virtual page number of the
+//             page itself (the device reaches system memory through the
+//             process's own mapping; a real driver would DMA-map that
+//             address).  is_device_pfn() tells them apart.
 //
 // Concurrency contract: hmm_range_fault may be called from any thread
 // except uhmm's own (fault service, DMA workers) and except from an

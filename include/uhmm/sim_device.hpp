@@ -146,9 +146,10 @@ class SimDevice {
   /// Device access to a virtual range through the device's mirror of `as`:
   /// pages resident on this device are read or written in device memory,
   /// system pages and device-coherent pages (which the CPU maps) at their
-  /// virtual address, fault-safe (AddressSpace::read/write).  Pages not mirrored
-  /// yet are one device fault, serviced with hmm_range_fault (pages on the
-  /// CPU stay there; other devices' pages come back; holes are zero-filled).
+  /// virtual address, fault-safe (AddressSpace::read/write).  Pages not
+  /// mirrored yet are one device fault, serviced with hmm_range_fault
+  /// (pages on the CPU stay there; other devices' pages come back; holes
+  /// are zero-filled).
   /// EFAULT outside managed memory; EPERM for a write to a read-only page;
   /// EBUSY if the range keeps changing for a second.
   Status device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out);

@@ -142,10 +142,17 @@ class Installer {
   // place.
   void install_home_run(const Run& r) {
     auto copy_in = [&](VirtAddr slot, VirtAddr dst, std::size_t pages) {
-      const platform::PartialResult c = as_.uffd.copy(dst, slot.ptr(), pages * kPageSize, /*wake=*/false);
-      // ENOENT: the application unmapped the range meanwhile (its UNMAP
-      // event drops the entry, releasing the device page).
-      UHMM_CHECK(c.error == 0 || c.error == ENOENT, "cannot install a coherent page in managed memory");
+      for (std::size_t k = 0; k < pages; ++k) {
+        const VirtAddr from = slot + k * kPageSize, to = dst + k * kPageSize;
+        platform::PartialResult c = as_.uffd.copy(to, from.ptr(), kPageSize, /*wake=*/false);
+        if (c.error == EEXIST) {  // a stale page in the way: the locked entry says it goes
+          as_.clear_poison(to);
+          c = as_.uffd.copy(to, from.ptr(), kPageSize, /*wake=*/false);
+        }
+        // ENOENT: the application unmapped the range meanwhile (its UNMAP
+        // event drops the entry, releasing the device page).
+        UHMM_CHECK(c.error == 0 || c.error == ENOENT, "cannot install a coherent page in managed memory");
+      }
       (void)platform::advise(slot, pages * kPageSize, MADV_DONTNEED);
     };
     if (!as_.read_write_at(r.managed)) {
