@@ -5,7 +5,8 @@
 // an owner cookie and an ops table.  Each device page then has a DevicePage
 // descriptor, found again from its pfn.  The rules (hmm-semantics section 1):
 //   * PRIVATE needs page_free, migrate_to_ram and an owner; COHERENT needs
-//     page_free and an owner; every other type is refused with EINVAL;
+//     page_free, an owner and (a uhmm difference) the CPU-addressable memory
+//     behind the map; every other type is refused with EINVAL;
 //   * empty ranges and ranges overlapping another page map are refused;
 //   * a free page has refcount 0; zone_device_page_init() makes it 1 and
 //     locked before the page is handed to migration; when the last reference
@@ -15,6 +16,13 @@
 // Device pfns are a process-wide numbering space (like physical addresses):
 // request_free_mem_region() hands out ranges that never collide.  That
 // registry is the only process-wide state in uhmm; it holds no policy.
+//
+// Device-coherent memory in user space (docs/differences.md, "coherent"):
+// the map's memory is a pool of anonymous frames of this process, one
+// "home" slot per device page.  A coherent page that is mapped into a
+// managed range has its frame moved there (UFFDIO_MOVE, no copy), so the
+// CPU reaches it with plain loads and stores; migrating it away moves the
+// frame home again, where the driver's copy engine reads it.
 #pragma once
 
 #include <atomic>
@@ -35,7 +43,7 @@ class DevicePage;
 
 enum class PagemapType : std::uint8_t {
   kPrivate = 1,   // MEMORY_DEVICE_PRIVATE: the CPU cannot address it
-  kCoherent = 2,  // MEMORY_DEVICE_COHERENT: CPU-addressable (issue 3)
+  kCoherent = 2,  // MEMORY_DEVICE_COHERENT: CPU-addressable, mapped like system memory
   kFsDax = 3,
   kGeneric = 4,
   kP2pDma = 5,
@@ -77,6 +85,17 @@ struct PagemapConfig {
   /// "My device" cookie; must not be null.
   const void* owner = nullptr;
   PagemapOps ops;
+  /// kCoherent only, and required there: the memory the CPU reaches the
+  /// device pages through, private anonymous read-write memory of this
+  /// process, page aligned, one page per device page (page i at
+  /// coherent_memory + i * kPageSize).  The page map registers it with a
+  /// userfaultfd of its own (frames are moved into it) and advises it
+  /// MADV_NOHUGEPAGE (frames travel one by one); it must stay mapped until
+  /// the map is destroyed.  While a device page is mapped in a managed
+  /// range its frame is there and its home slot is empty: a driver writes a
+  /// page's home slot only while it owns the page (allocated, or collected
+  /// by a migration).
+  void* coherent_memory = nullptr;
 };
 
 /// The descriptor of one device page (struct page for ZONE_DEVICE).
@@ -159,6 +178,18 @@ class DevicePagemap {
   const PagemapOps& ops() const { return ops_; }
 
   DevicePage& page_at(std::uint64_t index) { return pages_[index]; }
+  /// Coherent maps: the home slot of `page`, where its frame lives while no
+  /// managed range maps it (the driver's copy engine reads and writes it
+  /// there).  VirtAddr{0} for other types.
+  VirtAddr home_address(const DevicePage& page) const;
+
+  /// For the migration layer.  Moves the frame mapped at `from` (a page of a
+  /// managed range of this process) into the home slot of `page`, without
+  /// copying: 0, or the errno of the move (ENOENT: nothing mapped at
+  /// `from`; EBUSY: the frame is pinned or shared copy-on-write with a
+  /// forked child; EINVAL: the protections of the two sides differ).  A
+  /// stale frame left in the home slot is discarded first.
+  int move_frame_home(const DevicePage& page, VirtAddr from);
   /// nullptr if the pfn is outside this map.
   DevicePage* page(DevicePfn pfn);
   /// Pages whose refcount is not zero.
@@ -173,6 +204,7 @@ class DevicePagemap {
   friend void zone_device_page_init(DevicePage&);
   explicit DevicePagemap(PagemapConfig config, DevicePfnRange range);
   void page_became_free(DevicePage& page);
+  void discard_home(const DevicePage& page);
 
   PagemapType type_;
   const void* owner_;
@@ -180,6 +212,11 @@ class DevicePagemap {
   DevicePfnRange range_;
   bool range_owned_ = false;  // came from request_free_mem_region
   std::unique_ptr<DevicePage[]> pages_;
+  // Coherent maps: the home slots and the userfaultfd they are registered
+  // with (UFFDIO_MOVE is issued on the destination's userfaultfd).
+  VirtAddr home_;
+  struct HomeUffd;
+  std::unique_ptr<HomeUffd> home_uffd_;
   std::atomic<std::uint64_t> in_use_{0};
   std::atomic<bool> registered_{false};
 };

@@ -19,12 +19,13 @@
 //             are HmmPfnRequest values.
 //   result    what hmm_range_fault writes back into hmm_pfns[i]: result
 //             flags (HmmPfnFlag values), a map order, and a pfn.
-//   pfn       for a device-private page of `dev_private_owner`: its device
-//             pfn (>= kDevicePfnBase).  For a system page: in uhmm, the
-//             virtual page number of the page itself (the device reaches
-//             system memory through the process's own mapping; a real
-//             driver would DMA-map that address).  is_device_pfn() tells
-//             them apart.
+//   pfn       for a device-private page of `dev_private_owner`, and for
+//             any device-coherent page: its device pfn (>= kDevicePfnBase;
+//             a coherent page is also at its virtual address for the CPU).
+//             For a system page: in uhmm, the virtual page number of the
+//             page itself (the device reaches system memory through the
+//             process's own mapping; a real driver would DMA-map that
+//             address).  is_device_pfn() tells them apart.
 //
 // Concurrency contract: hmm_range_fault may be called from any thread
 // except uhmm's own (fault service, DMA workers) and except from an
@@ -119,6 +120,8 @@ struct HmmRange {
 /// default_flags:
 ///   present system page           pfn | VALID (| WRITE if the range is writable)
 ///   device page of dev_private_owner  device pfn | VALID (| WRITE), never faulted
+///   device-coherent page (any owner)  device pfn | VALID (| WRITE if the range
+///                                 is writable), never faulted: it is mapped
 ///   hole, another owner's device page, page under migration
 ///   (a poisoned page: EFAULT when a fault is asked for)
 ///                                 0 without REQ_FAULT; with it the page is

@@ -1,7 +1,11 @@
 // uhmm/sim_device.hpp: the simulated device, uhmm's default device.
 //
-// Device memory is a host arena that uhmm never maps into managed ranges
-// (the CPU cannot reach it through a managed address: it is device-private).
+// Device memory is a host arena.  By default it is device-private: uhmm
+// never maps it into managed ranges, and the CPU cannot reach it through a
+// managed address.  With memory_type = kCoherent it is device-coherent
+// memory: the arena is the page map's coherent_memory, a page on the device
+// has its frame mapped at its virtual address, and the CPU uses it there
+// without faulting (docs/migration.md, "Device-coherent pages").
 // A DMA engine of worker threads copies between staging pages and the arena
 // in batches, through an optional link model.  The driver side allocates
 // device pages, implements migrate_to_ram, and offers device reads, writes
@@ -37,6 +41,9 @@ struct LinkModel {
 
 struct SimDeviceOptions {
   std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size
+  /// kPrivate (CPU accesses fault the page back) or kCoherent (the CPU maps
+  /// device pages in place; they come back only when migrated explicitly).
+  PagemapType memory_type = PagemapType::kPrivate;
   unsigned dma_threads = 2;
   LinkModel link;
   /// Touch the whole arena at creation so first use is not slowed by the
@@ -129,7 +136,8 @@ class SimDevice {
   /// that cannot move (pinned, busy, device full, copy error) stay on the
   /// CPU with their data intact; the report says how many.
   Result<MigrateReport> migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length);
-  /// Migrates this device's pages of [addr, addr+length) back to system memory.
+  /// Migrates this device's pages of [addr, addr+length) back to system
+  /// memory (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, or _DEVICE_COHERENT).
   Result<MigrateReport> migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length);
   /// Evicts every page of this device back to system memory
   /// (migrate_device_range over the whole map).
@@ -137,9 +145,11 @@ class SimDevice {
 
   /// Device access to a virtual range through the device's mirror of `as`:
   /// pages resident on this device are read or written in device memory,
-  /// system pages in place through the process mapping.  Pages not mirrored
-  /// yet are one device fault, serviced with hmm_range_fault (pages on the
-  /// CPU stay there; other devices' pages come back; holes are zero-filled).
+  /// system pages and device-coherent pages (which the CPU maps) at their
+  /// virtual address, fault-safe (AddressSpace::read/write).  Pages not
+  /// mirrored yet are one device fault, serviced with hmm_range_fault
+  /// (pages on the CPU stay there; other devices' pages come back; holes
+  /// are zero-filled).
   /// EFAULT outside managed memory; EPERM for a write to a read-only page;
   /// EBUSY if the range keeps changing for a second.
   Status device_read(AddressSpace& as, VirtAddr addr, std::span<std::byte> out);
@@ -148,7 +158,11 @@ class SimDevice {
   /// gets each page's device memory and its virtual address.  EFAULT if a
   /// page of the range is not on this device (nothing is faulted or moved).
   /// `fn` runs under the mirror's page-table lock: it must not touch managed
-  /// memory of `as` nor call this device.
+  /// memory of `as` nor call this device.  On a coherent device the page is
+  /// the frame the CPU maps at `va`: `fn` gets a copy of it (read and
+  /// written back fault-safe, after the lock), so a CPU store to the same
+  /// page while the kernel runs may be overwritten, as on real hardware
+  /// without atomics.
   Status run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length,
                     const std::function<void(std::span<std::byte> page, VirtAddr va)>& fn);
 
@@ -171,7 +185,9 @@ class SimDevice {
   /// Pages of [addr, addr + length) mirrored for `as` now (for tests).
   std::size_t mirrored_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const;
 
-  /// Device memory behind a device page (for tests and the DMA engine).
+  /// Device memory behind a device page (for tests and the DMA engine); for
+  /// a coherent device the page's home slot, which holds the data only while
+  /// no managed range maps the page.
   std::byte* page_memory(const DevicePage& page);
 
  private:

@@ -5,8 +5,11 @@
 #include <vector>
 #include <thread>
 
+#include <sys/mman.h>
+
 #include "core/assert.hpp"
 #include "core/sync.hpp"
+#include "platform/uffd.hpp"
 #include "uhmm/device_memory.hpp"
 
 namespace uhmm {
@@ -149,8 +152,35 @@ void zone_device_page_init(DevicePage& page) {
 
 // ---- DevicePagemap ---------------------------------------------------------
 
+// A coherent map's own userfaultfd: frames can only be moved into memory
+// registered with the userfaultfd the move is issued on, and the home slots
+// may serve several address spaces.  Write-protect mode only (and no
+// events), so the driver touching a slot never blocks and discarding one
+// never waits for an event reader.
+struct DevicePagemap::HomeUffd {
+  platform::Uffd uffd;
+};
+
+namespace {
+Status check_coherent_memory(void* memory, std::uint64_t npages) {
+  if (memory == nullptr) return Status::error(EINVAL, "a device-coherent page map needs its coherent_memory");
+  const VirtAddr base = VirtAddr::of(memory);
+  if (!base.page_aligned()) return Status::error(EINVAL, "coherent_memory not page aligned");
+  int prot = 0;
+  if (!platform::is_private_anonymous_mapping(base, npages * kPageSize, &prot) || prot != (PROT_READ | PROT_WRITE))
+    return Status::error(EINVAL, "coherent_memory must be one private anonymous read-write mapping of npages pages");
+  return Status::ok();
+}
+
+bool resident(VirtAddr page) {
+  unsigned char v = 0;
+  return platform::resident_pages(page, kPageSize, &v).is_ok() && (v & 1);
+}
+}  // namespace
+
 DevicePagemap::DevicePagemap(PagemapConfig config, DevicePfnRange range)
-    : type_(config.type), owner_(config.owner), ops_(std::move(config.ops)), range_(range) {
+    : type_(config.type), owner_(config.owner), ops_(std::move(config.ops)), range_(range),
+      home_(VirtAddr::of(config.coherent_memory)) {
   pages_.reset(new DevicePage[range.count.value]);
   for (std::uint64_t i = 0; i < range.count.value; ++i) {
     pages_[i].pagemap_ = this;
@@ -172,6 +202,8 @@ Result<std::unique_ptr<DevicePagemap>> DevicePagemap::create(PagemapConfig confi
     default:
       return Status::error(EINVAL, "unsupported page map type");
   }
+  if (config.type != PagemapType::kCoherent && config.coherent_memory != nullptr)
+    return Status::error(EINVAL, "only a device-coherent page map has coherent_memory");
   DevicePfnRange range{};
   bool owned = false;
   if (config.range) {
@@ -188,6 +220,24 @@ Result<std::unique_ptr<DevicePagemap>> DevicePagemap::create(PagemapConfig confi
   }
   std::unique_ptr<DevicePagemap> map(new DevicePagemap(std::move(config), range));
   map->range_owned_ = owned;
+  if (map->type_ == PagemapType::kCoherent) {
+    Status s = check_coherent_memory(map->home_.ptr(), range.count.value);
+    if (s.is_ok()) {
+      auto uffd = platform::Uffd::open(platform::kFeatureMove, /*nonblocking=*/true);
+      if (uffd) {
+        map->home_uffd_ = std::make_unique<HomeUffd>(HomeUffd{std::move(*uffd)});
+        (void)platform::advise(map->home_, range.count.value * kPageSize, MADV_NOHUGEPAGE);
+        s = map->home_uffd_->uffd.register_range(map->home_, range.count.value * kPageSize, UFFDIO_REGISTER_MODE_WP);
+      } else {
+        s = uffd.status();
+      }
+    }
+    if (!s) {
+      if (owned) release_mem_region(range);
+      map->range_owned_ = false;
+      return s;
+    }
+  }
   if (Status s = PfnRegistry::instance().add(map.get()); !s) {
     if (owned) release_mem_region(range);
     map->range_owned_ = false;
@@ -227,6 +277,36 @@ DevicePage* DevicePagemap::page(DevicePfn pfn) {
 }
 
 DevicePage* DevicePagemap::page_from_pfn(DevicePfn pfn) { return PfnRegistry::instance().lookup(pfn); }
+
+VirtAddr DevicePagemap::home_address(const DevicePage& page) const {
+  if (type_ != PagemapType::kCoherent) return VirtAddr{0};
+  return home_ + page.index() * kPageSize;
+}
+
+int DevicePagemap::move_frame_home(const DevicePage& page, VirtAddr from) {
+  UHMM_CHECK(type_ == PagemapType::kCoherent && home_uffd_ != nullptr, "move_frame_home on a map that is not coherent");
+  const VirtAddr home = home_address(page);
+  for (int attempt = 0;; ++attempt) {
+    const platform::PartialResult r = home_uffd_->uffd.move(home, from, kPageSize, 0);
+    if (r.error == 0) return 0;
+    // The kernel may report an error for a page it did move (seen with huge
+    // pages split under it; see move_verified in mm/address_space.cpp): the
+    // page tables have the last word.
+    if (!resident(from) && resident(home)) return 0;
+    // A frame in the way: the slot was touched while its page was mapped
+    // elsewhere (or a copy left it there).  It holds nothing the page needs.
+    if (r.error == EEXIST && attempt == 0) {
+      discard_home(page);
+      continue;
+    }
+    return r.error;
+  }
+}
+
+void DevicePagemap::discard_home(const DevicePage& page) {
+  // No events are requested on the home userfaultfd: this never waits.
+  (void)platform::advise(home_address(page), kPageSize, MADV_DONTNEED);
+}
 
 void DevicePagemap::page_became_free(DevicePage& page) {
   page.clear_mapping();

@@ -2,6 +2,10 @@
 // what between them, are described once in docs/migration.md.
 #include "uhmm/migrate.hpp"
 
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -26,23 +30,32 @@ bool is_device_entry(std::uint64_t e) { return entry_valid(e) && is_device_pfn(m
 // Runs shorter than this are installed with UFFDIO_COPY instead of MOVE.
 constexpr std::size_t kCopyInstallPages = 16;
 
-// Installs pages into managed memory, moving staging slots in runs: one
-// UFFDIO_MOVE per run of consecutive slots and consecutive addresses.
+// Where a page being installed comes from.
+enum class Source {
+  kStaging,  // a staging slot (system data)
+  kHome,     // a coherent device page's home slot: its frame moves in, and
+             // must not be copied unless the kernel refuses the move
+};
+
+// Installs pages into managed memory, moving staging slots (and coherent
+// pages' home slots) in runs: one UFFDIO_MOVE per run of consecutive slots
+// and consecutive addresses.
 class Installer {
  public:
   explicit Installer(AddressSpace::Impl& as) : as_(as) {}
   /// `entry` is the destination's (locked) page-table entry: a poisoned one
   /// still has a SIGBUS marker in the kernel's table, cleared here first.
-  void add(VirtAddr slot, VirtAddr managed, const mm::EntrySlot& entry) {
+  void add(VirtAddr slot, VirtAddr managed, const mm::EntrySlot& entry, Source source = Source::kStaging) {
     if (PageEntry{entry.load(std::memory_order_acquire)}.poisoned()) as_.clear_poison(managed);
+    const bool home = source == Source::kHome;
     if (!runs_.empty()) {
       Run& r = runs_.back();
-      if (r.slot + r.pages * kPageSize == slot && r.managed + r.pages * kPageSize == managed) {
+      if (r.home == home && r.slot + r.pages * kPageSize == slot && r.managed + r.pages * kPageSize == managed) {
         ++r.pages;
         return;
       }
     }
-    runs_.push_back(Run{slot, managed, 1});
+    runs_.push_back(Run{slot, managed, 1, home});
   }
   // Moves everything without waking anyone; falls back to copying for pages
   // MOVE refuses, so the data always lands.  The slots end up empty (moved)
@@ -50,6 +63,10 @@ class Installer {
   // settled: an access must not resume before its entry is unlocked.
   void run() {
     for (const Run& r : runs_) {
+      if (r.home) {
+        install_home_run(r);
+        continue;
+      }
       // A short run is copied in: installing a page where none was needs no
       // TLB flush, while moving one out of staging flushes it, which costs
       // an interrupt to every other CPU the process ran on (~10-20 us on a
@@ -115,7 +132,48 @@ class Installer {
     VirtAddr slot;
     VirtAddr managed;
     std::size_t pages;
+    bool home = false;
   };
+
+  // Coherent frames move in (zero copy: the frame is the device memory the
+  // CPU now maps).  Where the kernel refuses (a range that is not
+  // read-write, a frame shared with a forked child) the data is copied and
+  // the home slot's stale copy discarded, so a frame is only ever in one
+  // place.
+  void install_home_run(const Run& r) {
+    auto copy_in = [&](VirtAddr slot, VirtAddr dst, std::size_t pages) {
+      for (std::size_t k = 0; k < pages; ++k) {
+        const VirtAddr from = slot + k * kPageSize, to = dst + k * kPageSize;
+        platform::PartialResult c = as_.uffd.copy(to, from.ptr(), kPageSize, /*wake=*/false);
+        if (c.error == EEXIST) {  // a stale page in the way: the locked entry says it goes
+          as_.clear_poison(to);
+          c = as_.uffd.copy(to, from.ptr(), kPageSize, /*wake=*/false);
+        }
+        // ENOENT: the application unmapped the range meanwhile (its UNMAP
+        // event drops the entry, releasing the device page).
+        UHMM_CHECK(c.error == 0 || c.error == ENOENT, "cannot install a coherent page in managed memory");
+      }
+      (void)platform::advise(slot, pages * kPageSize, MADV_DONTNEED);
+    };
+    if (!as_.read_write_at(r.managed)) {
+      copy_in(r.slot, r.managed, r.pages);
+      return;
+    }
+    std::size_t done = 0;
+    while (done < r.pages) {
+      const platform::PartialResult res =
+          as_.move_in(r.slot + done * kPageSize, r.managed + done * kPageSize, r.pages - done, /*wake=*/false);
+      done += res.bytes_done / kPageSize;
+      if (res.error == 0) break;
+      // As for staging pages: the locked entry makes the frame the page's
+      // content, so whatever is in the way (a marker, a stale page) goes.
+      const VirtAddr bad_slot = r.slot + done * kPageSize;
+      const VirtAddr bad_dst = r.managed + done * kPageSize;
+      as_.clear_poison(bad_dst);
+      if (as_.move_in(bad_slot, bad_dst, 1, /*wake=*/false).error != 0) copy_in(bad_slot, bad_dst, 1);
+      ++done;
+    }
+  }
   AddressSpace::Impl& as_;
   std::vector<Run> runs_;
 };
@@ -134,12 +192,77 @@ void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
 }
 
 // Installs a driver's device page at a locked entry (value kept locked).
-void install_device_page(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, std::uint64_t d) {
+// A coherent page's frame is queued on `installer` to move in from its home
+// slot, where the driver copied the data.
+void install_device_page(AddressSpace::Impl& as, Installer& installer, mm::EntrySlot& slot, VirtAddr addr,
+                         std::uint64_t d) {
   DevicePage* page = migrate_pfn_to_device_page(d);
   UHMM_CHECK(page != nullptr, "destination device pfn has no page map");
   page->set_mapping(as.self, addr);
-  mm::update_locked_entry(slot, PageEntry::device_private(page, d & MIGRATE_PFN_WRITE));
+  if (page->pagemap().type() == PagemapType::kCoherent) {
+    installer.add(page->pagemap().home_address(*page), addr, slot, Source::kHome);
+    mm::update_locked_entry(slot, PageEntry::device_coherent(page, d & MIGRATE_PFN_WRITE));
+  } else {
+    mm::update_locked_entry(slot, PageEntry::device_private(page, d & MIGRATE_PFN_WRITE));
+  }
   page->unlock();  // the entry keeps the reference zone_device_page_init took
+}
+
+bool is_coherent(const DevicePage* page) { return page->pagemap().type() == PagemapType::kCoherent; }
+
+// Takes a coherent page's frame from `addr` to its home slot, where the
+// driver's copy engine reads it.  0, or the errno that left it in place.
+int frame_home(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
+  DevicePagemap& map = page.pagemap();
+  const int err = map.move_frame_home(page, addr);
+  if (err == 0 || err == ENOENT || err == EBUSY) return err;
+  // Refused for another reason (a range that is not read-write: both sides
+  // of a move must have the same protection): copy the data home and drop
+  // the frame.  The entry is locked and the frame present, so the read
+  // does not fault.
+  struct iovec local {
+    map.home_address(page).ptr(), kPageSize
+  };
+  struct iovec remote {
+    addr.ptr(), kPageSize
+  };
+  if (::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) != static_cast<ssize_t>(kPageSize)) return err;
+  as.zap_own(addr, kPageSize);
+  return 0;
+}
+
+// Brings home the frame of a coherent page that the caller has collected:
+// its entry at `addr` locked (it was `seen`), the page locked and
+// referenced.  True when the frame is home and everything still held.
+// Otherwise the entry and the page are unlocked again (the caller keeps its
+// reference, to drop).  A frame shared copy-on-write with a forked child
+// (EBUSY) is made private with a write fault in the kernel
+// (MADV_POPULATE_WRITE) with its entry and page let go, since that fault may need
+// the fault service, then taken again; `may_retry` is false from a fault's
+// own migration, which must not wait for the fault service.
+// FIXME(issue 3): if the application discards that very page in the moment
+// between, while this migration still holds other entries that its change
+// also covers, the write fault waits for the change and the change for
+// those entries.  A copy-on-write break that never waits would close it.
+bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, PageEntry seen,
+                            DevicePage& page, bool may_retry) {
+  int err = frame_home(as, page, addr);
+  if (err == 0) return true;
+  page.unlock();
+  as.unlock_and_wake(slot, seen.settled(), addr);
+  if (err != EBUSY || !may_retry) return false;
+  (void)platform::advise(addr, kPageSize, MADV_POPULATE_WRITE);
+  PageEntry again;
+  if (!mm::try_lock_entry(slot, &again)) return false;
+  if (again.settled() != seen.settled() || !page.trylock()) {
+    as.unlock_and_wake(slot, again, addr);
+    return false;
+  }
+  err = frame_home(as, page, addr);
+  if (err == 0) return true;
+  page.unlock();
+  as.unlock_and_wake(slot, again, addr);
+  return false;
 }
 
 // Releases a device page that left its entry: the migration's reference and
@@ -208,6 +331,7 @@ Status migrate_vma_setup(MigrateVma& m) {
   if (!pin) return Status::error(EINVAL, "range not inside one managed range");
   const bool want_system = (m.flags & MIGRATE_VMA_SELECT_SYSTEM) && !pin->closing.load();
   const bool want_private = m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+  const bool want_coherent = m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT;
   const bool writable = pin->info.prot & PROT_WRITE;
 
   const std::uint64_t n = (m.end - m.start) / kPageSize;
@@ -236,6 +360,12 @@ Status migrate_vma_setup(MigrateVma& m) {
 
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
+  struct Coherent {
+    std::uint64_t i;
+    DevicePage* page;
+    PageEntry seen;
+  };
+  std::vector<Coherent> coherent_pages;  // collected; their frames still to go home
   for (std::uint64_t i = 0; i < n; ++i) {
     const VirtAddr addr = m.start + i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
@@ -284,17 +414,40 @@ Status migrate_vma_setup(MigrateVma& m) {
                    (before.device_writable() ? MIGRATE_PFN_WRITE : 0);
         break;
       }
+      case PageState::kDeviceCoherent: {
+        // Mapped like a system page, but SELECT_SYSTEM never takes it: only
+        // its owner moves it, explicitly.
+        DevicePage* page = before.device_page();
+        const bool mine = want_coherent && is_coherent(page) && page->pagemap().owner() == m.pgmap_owner;
+        if (!mine || !page->trylock()) {
+          if (mine) as.stats.add(Counter::migrate_skipped_locked);
+          as.unlock_and_wake(*slot, before, addr);
+          break;
+        }
+        page->get();  // the migration's reference, dropped at finalize
+        coherent_pages.push_back(Coherent{i, page, before});
+        break;
+      }
       case PageState::kDeviceExclusive:
         // A device holds it for its atomics: not collected, as the kernel
         // skips its device-exclusive entries.
         as.stats.add(Counter::migrate_skipped_locked);
         as.unlock_and_wake(*slot, before, addr);
         break;
-      case PageState::kDeviceCoherent:
-        // Not produced yet (issue 3, item 5): never selected.
-        as.unlock_and_wake(*slot, before, addr);
-        break;
     }
+  }
+
+  // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
+  // slot, where the driver reads it as device memory (docs/migration.md).
+  for (const Coherent& c : coherent_pages) {
+    const VirtAddr addr = m.start + c.i * kPageSize;
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page, /*may_retry=*/m.fault_page == nullptr)) {
+      c.page->put();
+      as.stats.add(Counter::migrate_skipped_pinned);
+      continue;
+    }
+    m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
   }
 
   // Pass 2: take the system pages away from the CPU, in pieces of
@@ -467,7 +620,7 @@ void migrate_vma_finalize(MigrateVma& m) {
     if (migrating) {
       ++success;
       if (is_device_entry(d)) {
-        install_device_page(as, *slot, addr, d);
+        install_device_page(as, installer, *slot, addr, d);
         unlocks.push_back({slot, addr, {}, true});
         ++to_device;
       } else {
@@ -485,6 +638,8 @@ void migrate_vma_finalize(MigrateVma& m) {
         unlocks.push_back({slot, addr, PageEntry::system(), false});
       } else {
         DevicePage* page = migrate_pfn_to_device_page(s);
+        // A coherent page stays: its frame goes back where the CPU maps it.
+        if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), addr, *slot, Source::kHome);
         if (page != m.fault_page) page->unlock();
         page->put();
         unlocks.push_back({slot, addr, {}, true});
@@ -501,10 +656,18 @@ void migrate_vma_finalize(MigrateVma& m) {
   const auto discarded = as.pending_event_ranges(m.start, m.end, /*discards_only=*/true);
   if (!discarded.empty()) {
     for (Unlock& u : unlocks) {
-      if (u.keep_current || u.value.state() != PageState::kSystem) continue;
+      // A coherent frame moved in is mapped data too.
+      const PageEntry now = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)} : u.value;
+      if (now.state() != PageState::kSystem && now.state() != PageState::kDeviceCoherent) continue;
       for (const auto& [lo, hi] : discarded) {
         if (u.addr < lo || u.addr >= hi) continue;
         as.zap_own(u.addr, kPageSize);
+        if (now.state() == PageState::kDeviceCoherent) {
+          DevicePage* page = now.device_page();
+          page->clear_mapping();
+          page->put();  // the entry's reference: page_free once nobody else holds it
+        }
+        u.keep_current = false;
         u.value = PageEntry::none();
         break;
       }
@@ -570,13 +733,22 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
     page->put();
     return Status::ok();
   }
-  if (before.state() != PageState::kDevicePrivate || before.device_page() != page) {
+  if (!before.holds_device_page() || before.device_page() != page) {
     as.unlock_and_wake(*slot, before, where.address);
     page->unlock();
     page->put();
     return Status::ok();
   }
-  *src_entry = migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (before.device_writable() ? MIGRATE_PFN_WRITE : 0);
+  bool writable = before.device_writable();
+  if (before.state() == PageState::kDeviceCoherent) {
+    // Its frame goes home first, where the driver copies it from.
+    if (!collect_coherent_frame(as, *slot, where.address, before, *page, /*may_retry=*/true)) {
+      page->put();
+      return Status::ok();
+    }
+    writable = as.read_write_at(where.address);
+  }
+  *src_entry = migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
   return Status::ok();
 }
 
@@ -625,8 +797,11 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
     mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
     if (entry_migrating(src[i])) {
       if (is_device_entry(dst[i])) {
-        install_device_page(as, *slot, where.address, dst[i]);
+        Installer installer(as);
+        install_device_page(as, installer, *slot, where.address, dst[i]);
+        installer.run();
         as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
+        installer.wake();
       } else {
         Installer installer(as);
         installer.add(system_page_address(dst[i]), where.address, *slot);
@@ -639,7 +814,12 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
       release_old_device_page(page, nullptr);
     } else {
       release_unused_dst(&as, dst[i]);
+      // A coherent page stays: its frame goes back where the CPU maps it.
+      Installer installer(as);
+      if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), where.address, *slot, Source::kHome);
+      installer.run();
       as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
+      installer.wake();
       page->unlock();
       page->put();
       as.stats.add(Counter::pgmigrate_fail);

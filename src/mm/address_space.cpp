@@ -344,7 +344,7 @@ Status AddressSpace::protect(VirtAddr start, std::size_t length, int prot) {
   // as the kernel downgrades its device-private entries.
   if (!(prot & PROT_WRITE)) {
     impl_->table.for_each_populated(start.vpn(), length / kPageSize, [&](Vpn v, PageEntry e) {
-      if (e.state() != PageState::kDevicePrivate || !e.device_writable()) return;
+      if (!e.holds_device_page() || !e.device_writable()) return;
       mm::EntrySlot* slot = impl_->table.slot(v, false);
       PageEntry before;
       while (!mm::try_lock_entry(*slot, &before)) std::this_thread::yield();
@@ -406,7 +406,7 @@ PageInfo AddressSpace::page_info(VirtAddr addr) const {
   info.locked = e.locked();
   info.writable = e.device_writable();
   info.poisoned = e.poisoned();
-  if (e.state() == PageState::kDevicePrivate) info.device_page = e.device_page();
+  if (e.holds_device_page()) info.device_page = e.device_page();
   return info;
 }
 
@@ -476,10 +476,14 @@ Status AddressSpace::check_invariants() const {
         bad = Status::error(EINVAL, "entry locked with no migration running");
         return;
       }
-      if (e.state() == PageState::kDevicePrivate) {
+      if (e.holds_device_page()) {
         DevicePage* page = e.device_page();
         if (page == nullptr) {
           bad = Status::error(EINVAL, "device entry without a page");
+          return;
+        }
+        if ((page->pagemap().type() == PagemapType::kCoherent) != (e.state() == PageState::kDeviceCoherent)) {
+          bad = Status::error(EINVAL, "device entry state disagrees with its page map's type");
           return;
         }
         if (page->refcount() == 0) bad = Status::error(EINVAL, "device entry names a free page");

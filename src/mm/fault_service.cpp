@@ -170,6 +170,14 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       if (restore_exclusive(*slot, addr)) break;
       continue;
     }
+    if (e.state() == PageState::kDeviceCoherent && !events_checked) {
+      // A coherent page is mapped: a fault on it means the application
+      // discarded its frame, or a migration just put it back.  The change
+      // must be processed first, or the fault would outrun it.
+      events_checked = true;
+      if (waits_for_event(addr)) return FaultResult::kParked;
+      continue;
+    }
     if (e.state() != PageState::kDevicePrivate) {
       if (resolve_missing(*region, addr)) break;
       continue;
@@ -259,8 +267,12 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
   }
   // A page the table calls present is either present already (another
   // thread's fault won the race: spurious) or was dropped by the kernel;
-  // either way only this page is looked at.  Fault-around is for holes:
-  // lock never-populated neighbours in the same 2 MiB block.
+  // either way only this page is looked at.  A coherent page is present
+  // too: a fault finds its frame back in place (a migration that held it
+  // restored it) or gone with a change the kernel made, which releases it.
+  // Fault-around is for holes: lock never-populated neighbours in the same
+  // 2 MiB block.
+  const bool coherent = before.state() == PageState::kDeviceCoherent;
   const bool was_hole = before.state() == PageState::kNone;
   const std::size_t around = was_hole ? options.hole_fault_around_pages : 1;
   VirtAddr block = addr.huge_down();
@@ -318,9 +330,23 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
                  platform::errno_text(r.error).c_str());
     break;
   }
+  DevicePage* released = nullptr;
   for (VirtAddr a = lo; a < hi; a = a + kPageSize) {
     const bool filled = a < cur;
-    (void)mm::unlock_entry(*table.slot(a.vpn(), false), filled ? PageEntry::system() : PageEntry::none());
+    PageEntry after = filled ? PageEntry::system() : PageEntry::none();
+    if (coherent) {
+      if (filled && !already_present) {
+        released = before.device_page();
+      } else {
+        after = before;
+      }
+    }
+    (void)mm::unlock_entry(*table.slot(a.vpn(), false), after);
+  }
+  if (released != nullptr) {
+    released->clear_mapping();
+    released->put();  // page_free once nobody else holds it
+    stats.add(Counter::device_pages_dropped);
   }
   stats.add(already_present ? Counter::faults_spurious : Counter::hole_faults);
   // Wake only now, with every entry settled and the staging pages returned.

@@ -10,7 +10,11 @@
 // memory with the right data, and the kernel's copy-on-write covers both
 // sides, device writes included (the sim writes system pages through the
 // parent's own mapping).  The price is that device residency does not
-// survive a fork.  Details: docs/address-space-events.md ("fork").
+// survive a fork.  Device-coherent pages are not device residency in that
+// sense: they are mapped for the CPU, so the kernel copies them to the child
+// like any present page and the parent keeps them (neither the eviction nor
+// holds_device_or_moving_pages looks at them).  Details:
+// docs/address-space-events.md ("fork").
 #include <pthread.h>
 
 #include <algorithm>

@@ -50,6 +50,11 @@ class PageEntry {
     return PageEntry{(reinterpret_cast<std::uint64_t>(page) << kPointerShift) |
                      (writable ? kDeviceWrite : 0) | static_cast<std::uint64_t>(PageState::kDevicePrivate)};
   }
+  /// A coherent device page whose frame is mapped at the entry's address.
+  static PageEntry device_coherent(DevicePage* page, bool writable) {
+    return PageEntry{(reinterpret_cast<std::uint64_t>(page) << kPointerShift) |
+                     (writable ? kDeviceWrite : 0) | static_cast<std::uint64_t>(PageState::kDeviceCoherent)};
+  }
 
   /// `frame`: the staging slot that holds the page while a device has it.
   static PageEntry device_exclusive(VirtAddr frame) {
@@ -63,6 +68,10 @@ class PageEntry {
   bool poisoned() const { return bits_ & kPoisoned; }
   DevicePage* device_page() const { return reinterpret_cast<DevicePage*>(bits_ >> kPointerShift); }
   VirtAddr held_frame() const { return VirtAddr{static_cast<std::uintptr_t>(bits_ >> kPointerShift)}; }
+  /// Device-private or device-coherent: the entry holds a DevicePage reference.
+  bool holds_device_page() const {
+    return state() == PageState::kDevicePrivate || state() == PageState::kDeviceCoherent;
+  }
   std::uint64_t bits() const { return bits_; }
 
   PageEntry with(std::uint64_t flag) const { return PageEntry{bits_ | flag}; }

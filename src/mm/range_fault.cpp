@@ -218,12 +218,20 @@ class Walk {
         if (e.poisoned()) return Stop{Stop::kError, addr, false, EFAULT};
         return fault(need);
       }
+      case PageState::kDeviceCoherent: {
+        // Mapped for the CPU like a system page, so present for every
+        // device alike: its device pfn (where a device reaches it), never
+        // faulted.  Only a write asked of a read-only range needs more
+        // (EPERM).  The entry's reference keeps the descriptor valid.
+        const Need need = need_fault(q, true, writable_);
+        if (need != Need::kNothing) return fault(need);
+        out = e.device_page()->pfn().value | HMM_PFN_VALID | (writable_ ? std::uint64_t{HMM_PFN_WRITE} : 0);
+        return Stop{};
+      }
       case PageState::kDeviceExclusive:
         // A device's exclusive entry, whoever's: not present for this
         // walk; faulting it in revokes the device's access (as for a hole,
         // below).
-      case PageState::kDeviceCoherent:
-        // Not produced yet (issue 3, item 5): looks like a hole.
       case PageState::kNone:
         break;
     }

@@ -286,7 +286,9 @@ void AddressSpace::Impl::drop_entries(VirtAddr start, VirtAddr end) {
     // A migration holds it: it finishes on its own (it never waits for
     // this worker), then the entry goes.
     while (!mm::try_lock_entry(*slot, &before)) std::this_thread::yield();
-    if (before.state() == PageState::kDevicePrivate) {
+    // A coherent page's frame went with the change (the kernel freed or
+    // moved it); only the device page's reference is left to drop.
+    if (before.holds_device_page()) {
       DevicePage* page = before.device_page();
       page->clear_mapping();
       page->put();  // page_free once nobody else holds it
@@ -374,7 +376,7 @@ void AddressSpace::Impl::process_remap(VirtAddr from, VirtAddr to, std::size_t l
     PageEntry dst_before;
     while (!mm::try_lock_entry(*dst, &dst_before)) std::this_thread::yield();
     const VirtAddr new_addr = to + i * kPageSize;
-    if (before.state() == PageState::kDevicePrivate) before.device_page()->set_mapping(self, new_addr);
+    if (before.holds_device_page()) before.device_page()->set_mapping(self, new_addr);
     unlock_and_wake(*dst, before.settled(), new_addr);
     unlock_and_wake(*src, PageEntry::none(), from + i * kPageSize);
   }

@@ -1,6 +1,8 @@
 // Helpers shared by the devmem tests.
 #pragma once
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <memory>
 
@@ -18,7 +20,16 @@ struct FreeCounter {
 inline const int kOwnerA = 0;
 inline const int kOwnerB = 0;
 
-/// A complete, valid config: every op set, an owner.
+/// Private anonymous read-write memory of `npages` pages for a coherent
+/// map; never unmapped (a map may outlive the test that made it, and the
+/// amounts are small).
+inline void* coherent_memory(std::uint64_t npages) {
+  void* p = ::mmap(nullptr, npages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+/// A complete, valid config: every op set, an owner, and for a coherent map
+/// its memory.
 inline PagemapConfig valid_config(PagemapType type, std::uint64_t npages, FreeCounter* counter = nullptr) {
   PagemapConfig c;
   c.type = type;
@@ -31,6 +42,7 @@ inline PagemapConfig valid_config(PagemapType type, std::uint64_t npages, FreeCo
     counter->calls.fetch_add(1);
   };
   c.ops.migrate_to_ram = [](const CpuFault&) { return FaultOutcome::kSigbus; };
+  if (type == PagemapType::kCoherent && npages > 0) c.coherent_memory = coherent_memory(npages);
   return c;
 }
 

@@ -8,6 +8,8 @@
 #include <memory>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "devmem_test_util.hpp"
 #include "uhmm/device_memory.hpp"
 
@@ -79,6 +81,70 @@ TEST(PagemapCreate, CoherentNeedsNoMigrateToRam) {
   ASSERT_TRUE(m.is_ok()) << m.status().to_string();
   EXPECT_EQ((*m)->type(), PagemapType::kCoherent);
   EXPECT_TRUE((*m)->registered());
+}
+
+// uhmm's coherent memory is a pool of frames of this process
+// (docs/differences.md): the map cannot exist without it.
+TEST(PagemapCreate, CoherentWithoutMemoryIsEinval) {
+  auto c = valid_config(PagemapType::kCoherent, 8);
+  c.coherent_memory = nullptr;
+  auto m = DevicePagemap::create(std::move(c));
+  ASSERT_FALSE(m.is_ok());
+  EXPECT_EQ(m.code(), EINVAL);
+}
+
+TEST(PagemapCreate, CoherentMemoryMustBeOneReadWriteAnonymousMappingOfTheMapsSize) {
+  {
+    auto c = valid_config(PagemapType::kCoherent, 8);
+    c.coherent_memory = static_cast<std::byte*>(c.coherent_memory) + 8;  // unaligned
+    EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
+  }
+  {
+    auto c = valid_config(PagemapType::kCoherent, 8);
+    c.coherent_memory = coherent_memory(4);  // too small (its neighbour is not part of it)
+    ASSERT_EQ(::munmap(static_cast<std::byte*>(c.coherent_memory) + 4 * kPageSize, 4 * kPageSize), 0);
+    EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
+  }
+  {
+    auto c = valid_config(PagemapType::kCoherent, 8);
+    ASSERT_EQ(::mprotect(c.coherent_memory, 8 * kPageSize, PROT_READ), 0);
+    EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
+  }
+  {
+    static int on_stack_like = 0;  // not anonymous memory
+    auto c = valid_config(PagemapType::kCoherent, 1);
+    c.coherent_memory = reinterpret_cast<void*>(reinterpret_cast<std::uintptr_t>(&on_stack_like) & ~(kPageSize - 1));
+    EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
+  }
+}
+
+TEST(PagemapCreate, CoherentMemoryServesOneMapOnly) {
+  auto c = valid_config(PagemapType::kCoherent, 8);
+  void* memory = c.coherent_memory;
+  auto first = DevicePagemap::create(std::move(c));
+  ASSERT_TRUE(first.is_ok()) << first.status().to_string();
+  auto c2 = valid_config(PagemapType::kCoherent, 8);
+  c2.coherent_memory = memory;
+  auto second = DevicePagemap::create(std::move(c2));
+  ASSERT_FALSE(second.is_ok());
+  EXPECT_EQ(second.code(), EBUSY);  // already registered with the first map's userfaultfd
+}
+
+TEST(PagemapCreate, CoherentHomeAddressesFollowTheMemory) {
+  auto c = valid_config(PagemapType::kCoherent, 8);
+  const VirtAddr memory = VirtAddr::of(c.coherent_memory);
+  auto m = DevicePagemap::create(std::move(c));
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  for (std::uint64_t i = 0; i < 8; ++i) EXPECT_EQ((*m)->home_address((*m)->page_at(i)), memory + i * kPageSize);
+  auto p = DevicePagemap::create(valid_config(PagemapType::kPrivate, 8));
+  ASSERT_TRUE(p.is_ok());
+  EXPECT_EQ((*p)->home_address((*p)->page_at(0)).value, 0u);
+}
+
+TEST(PagemapCreate, OnlyCoherentMapsTakeCoherentMemory) {
+  auto c = valid_config(PagemapType::kPrivate, 8);
+  c.coherent_memory = coherent_memory(8);
+  EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
 }
 
 TEST(PagemapCreate, UnsupportedTypesAreEinval) {
@@ -157,6 +223,7 @@ TEST(PagemapCreate, AdjacentExplicitRangesDoNotOverlap) {
   c2.range = explicit_range(3, 16, 16);
   auto c3 = valid_config(PagemapType::kCoherent, 0);
   c3.range = explicit_range(3, 32, 1);
+  c3.coherent_memory = coherent_memory(1);
   auto m1 = DevicePagemap::create(std::move(c1));
   auto m2 = DevicePagemap::create(std::move(c2));
   auto m3 = DevicePagemap::create(std::move(c3));

@@ -44,6 +44,10 @@ struct MigrateVmaTest : ::testing::Test {
       EXPECT_TRUE(drv->books_balanced());
     }
     drv.reset();
+    if (coh) {
+      EXPECT_TRUE(coh->books_balanced());
+    }
+    coh.reset();
   }
 
   VirtAddr map_pages(std::size_t n) {
@@ -63,8 +67,18 @@ struct MigrateVmaTest : ::testing::Test {
     return m.migrating();
   }
 
+  // Moves [start, start + n pages) to the coherent driver `coh`.
+  std::size_t to_coherent(VirtAddr start, std::size_t n) {
+    RawMigration m(*as, start, start + n * kPageSize, coh->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+    EXPECT_TRUE(m.setup().is_ok()) << m.setup_status.to_string();
+    coh->copy_to_device(m.src.data(), m.dst.data(), n);
+    m.pages_and_finalize();
+    return m.migrating();
+  }
+
   std::unique_ptr<AddressSpace> as;
   std::unique_ptr<TestDriver> drv;
+  std::unique_ptr<TestDriver> coh;  // a device-coherent driver, for the tests that want one
 };
 
 // ---- setup argument checking ------------------------------------------------
@@ -207,6 +221,9 @@ TEST_F(MigrateVmaTest, SetupRejectsFaultPageThatIsNotLockedDevicePrivate) {
     config.owner = &coherent_owner;
     int freed = 0;
     config.ops.page_free = [&freed](DevicePage&) { ++freed; };
+    void* memory = ::mmap(nullptr, 4 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(memory, MAP_FAILED);
+    config.coherent_memory = memory;
     auto map = DevicePagemap::create(std::move(config));
     ASSERT_TRUE(map.is_ok()) << map.status().to_string();
     DevicePage& cpage = (*map)->page_at(0);
@@ -220,6 +237,8 @@ TEST_F(MigrateVmaTest, SetupRejectsFaultPageThatIsNotLockedDevicePrivate) {
     cpage.put();
     EXPECT_EQ(freed, 1);
     EXPECT_TRUE((*map)->unregister(std::chrono::milliseconds(100)).is_ok());
+    map->reset();
+    ::munmap(memory, 4 * kPageSize);
   }
   // Still on the device, still intact.
   EXPECT_EQ(count_states(*as, base, n).device, n);
@@ -639,6 +658,158 @@ TEST_F(MigrateVmaTest, MigrateDeviceRangeOutsideAnyMapIsEinval) {
   EXPECT_EQ(migrate_device_range(nullptr, range.first, PageCount{4}).code(), EINVAL);
   EXPECT_EQ(migrate_device_range(src.data(), range.first, PageCount{0}).code(), EINVAL);
   EXPECT_EQ(drv->pagemap().pages_in_use(), 0u);
+}
+
+// ---- device-coherent pages ---------------------------------------------------
+
+// Coherent pages are mapped like system pages, but only their owner moves
+// them, with SELECT_DEVICE_COHERENT: SELECT_SYSTEM and SELECT_DEVICE_PRIVATE
+// (any owner) leave them, as does SELECT_DEVICE_COHERENT with another owner.
+TEST_F(MigrateVmaTest, OnlyTheirOwnerWithSelectDeviceCoherentCollectsCoherentPages) {
+  coh = TestDriver::create(64, PagemapType::kCoherent);
+  ASSERT_NE(coh, nullptr);
+  constexpr std::size_t n = 8;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n);
+  ASSERT_EQ(to_coherent(base, n), n);
+  ASSERT_EQ(count_states(*as, base, n).coherent, n);
+  const std::uint64_t busy_before = counter(Counter::migrate_skipped_locked);
+
+  struct Case {
+    const void* owner;
+    std::uint32_t flags;
+    const char* what;
+  } cases[] = {
+      {coh->owner(), MIGRATE_VMA_SELECT_SYSTEM, "SELECT_SYSTEM, own owner"},
+      {drv->owner(), MIGRATE_VMA_SELECT_SYSTEM, "SELECT_SYSTEM, another owner"},
+      {coh->owner(), MIGRATE_VMA_SELECT_DEVICE_PRIVATE, "SELECT_DEVICE_PRIVATE, own owner"},
+      {drv->owner(), MIGRATE_VMA_SELECT_DEVICE_COHERENT, "SELECT_DEVICE_COHERENT, another owner"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    RawMigration m(*as, base, base + n * kPageSize, c.owner, c.flags);
+    ASSERT_TRUE(m.setup().is_ok());
+    EXPECT_EQ(m.args.cpages, 0u);
+    for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(m.src[i], 0u) << i;
+    EXPECT_EQ(count_states(*as, base, n).locked, 0u);
+    m.pages_and_finalize();
+    EXPECT_EQ(count_states(*as, base, n).coherent, n);
+  }
+  EXPECT_EQ(counter(Counter::migrate_skipped_locked), busy_before);
+  EXPECT_TRUE(range_has_pattern(base, n));
+  EXPECT_EQ(coh->page_free_calls(), 0u);
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// setup takes the frame home (the driver reads it there, the CPU waits);
+// without a destination finalize puts it back: the page stays coherent,
+// data intact, and no page_free runs.  Migrated for real afterwards, each
+// page is freed exactly once.
+TEST_F(MigrateVmaTest, CoherentPageWithoutDestinationIsRestoredWithItsData) {
+  coh = TestDriver::create(64, PagemapType::kCoherent);
+  ASSERT_NE(coh, nullptr);
+  constexpr std::size_t n = 8;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n, 40);
+  ASSERT_EQ(to_coherent(base, n), n);
+  std::vector<DevicePage*> pages(n);
+  for (std::size_t i = 0; i < n; ++i) pages[i] = as->page_info(base + i * kPageSize).device_page;
+  const std::uint64_t faults_before = counter(Counter::uffd_faults);
+
+  {
+    RawMigration m(*as, base, base + n * kPageSize, coh->owner(), MIGRATE_VMA_SELECT_DEVICE_COHERENT);
+    ASSERT_TRUE(m.setup().is_ok());
+    EXPECT_EQ(m.args.cpages, n);
+    for (std::size_t i = 0; i < n; ++i) {
+      EXPECT_EQ(m.src[i], migrate_pfn(pages[i]->pfn()) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE) << i;
+      EXPECT_EQ(migrate_pfn_to_device_page(m.src[i]), pages[i]);
+      // The frame is home, where the driver's copy engine reads it.
+      EXPECT_TRUE(test::buffer_has_pattern(coh->memory(*pages[i]), 40 + i)) << i;
+      EXPECT_TRUE(pages[i]->is_locked());
+    }
+    EXPECT_EQ(count_states(*as, base, n).locked, n);
+    std::fill(m.dst.begin(), m.dst.end(), 0);  // the driver migrates none of them
+    m.pages_and_finalize();
+    for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(m.src[i] & MIGRATE_PFN_MIGRATE, 0u) << i;
+  }
+  EXPECT_EQ(count_states(*as, base, n).coherent, n);
+  EXPECT_EQ(coh->page_free_calls(), 0u);
+  for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(as->page_info(base + i * kPageSize).device_page, pages[i]);
+  EXPECT_TRUE(range_has_pattern(base, n, 40));
+  EXPECT_EQ(counter(Counter::uffd_faults), faults_before) << "the restored frames are mapped again";
+  UHMM_EXPECT_INVARIANTS(*as);
+
+  RawMigration back(*as, base, base + n * kPageSize, coh->owner(), MIGRATE_VMA_SELECT_DEVICE_COHERENT);
+  ASSERT_TRUE(back.setup().is_ok());
+  EXPECT_EQ(coh->copy_to_ram(*as, back.src.data(), back.dst.data(), n), n);
+  back.pages_and_finalize();
+  EXPECT_EQ(count_states(*as, base, n).system, n);
+  EXPECT_TRUE(range_has_pattern(base, n, 40));
+  EXPECT_EQ(coh->page_free_calls(), n);
+  for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(coh->page_free_calls(pages[i]->index()), 1u);
+  EXPECT_TRUE(coh->books_balanced());
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// Eviction collects coherent pages too: their frames go home, the driver
+// copies them to system pages, each device page is freed once.
+TEST_F(MigrateVmaTest, MigrateDeviceRangeEvictsCoherentPages) {
+  coh = TestDriver::create(64, PagemapType::kCoherent);
+  ASSERT_NE(coh, nullptr);
+  constexpr std::size_t n = 12;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n, 9);
+  ASSERT_EQ(to_coherent(base, n), n);
+  const DevicePfnRange range = coh->pagemap().range();
+  std::vector<std::uint64_t> src(range.count.value), dst(range.count.value, 0);
+  ASSERT_TRUE(migrate_device_range(src.data(), range.first, range.count).is_ok());
+  std::size_t collected = 0;
+  for (std::uint64_t s : src)
+    if (s & MIGRATE_PFN_MIGRATE) ++collected;
+  EXPECT_EQ(collected, n);
+  EXPECT_EQ(count_states(*as, base, n).locked, n);
+  EXPECT_EQ(coh->copy_to_ram(*as, src.data(), dst.data(), src.size()), n);
+  migrate_device_pages(src.data(), dst.data(), range.count);
+  migrate_device_finalize(src.data(), dst.data(), range.count);
+  EXPECT_EQ(count_states(*as, base, n).system, n);
+  EXPECT_TRUE(range_has_pattern(base, n, 9));
+  EXPECT_EQ(coh->pagemap().pages_in_use(), 0u);
+  EXPECT_EQ(coh->page_free_calls(), n);
+  EXPECT_TRUE(coh->books_balanced());
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// Eviction without destinations leaves coherent pages mapped, data intact.
+TEST_F(MigrateVmaTest, MigrateDeviceRangeWithoutDestinationLeavesCoherentPagesMapped) {
+  coh = TestDriver::create(64, PagemapType::kCoherent);
+  ASSERT_NE(coh, nullptr);
+  constexpr std::size_t n = 4;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n, 3);
+  ASSERT_EQ(to_coherent(base, n), n);
+  const DevicePfnRange range = coh->pagemap().range();
+  std::vector<std::uint64_t> src(range.count.value), dst(range.count.value, 0);
+  ASSERT_TRUE(migrate_device_range(src.data(), range.first, range.count).is_ok());
+  migrate_device_pages(src.data(), dst.data(), range.count);
+  migrate_device_finalize(src.data(), dst.data(), range.count);
+  EXPECT_EQ(count_states(*as, base, n).coherent, n);
+  EXPECT_TRUE(range_has_pattern(base, n, 3));
+  EXPECT_EQ(coh->page_free_calls(), 0u);
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// The address space's teardown drops coherent entries: page_free once each.
+TEST_F(MigrateVmaTest, UnmapWithCoherentPagesFreesThemOnce) {
+  coh = TestDriver::create(64, PagemapType::kCoherent);
+  ASSERT_NE(coh, nullptr);
+  constexpr std::size_t n = 6;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n);
+  ASSERT_EQ(to_coherent(base, n), n);
+  ASSERT_TRUE(as->unmap(base).is_ok());
+  EXPECT_EQ(coh->pagemap().pages_in_use(), 0u);
+  EXPECT_EQ(coh->page_free_calls(), n);
+  EXPECT_TRUE(coh->books_balanced());
 }
 
 }  // namespace

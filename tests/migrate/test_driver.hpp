@@ -7,6 +7,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cstring>
@@ -22,14 +23,26 @@ namespace uhmm::test {
 class TestDriver {
  public:
   /// nullptr (with a gtest failure) if the page map cannot be registered.
-  static std::unique_ptr<TestDriver> create(std::size_t npages) {
+  /// kCoherent: device memory is an anonymous mapping (the map's
+  /// coherent_memory), and there is no migrate_to_ram.
+  static std::unique_ptr<TestDriver> create(std::size_t npages, PagemapType type = PagemapType::kPrivate) {
     std::unique_ptr<TestDriver> d(new TestDriver(npages));
     PagemapConfig config;
-    config.type = PagemapType::kPrivate;
+    config.type = type;
     config.npages = PageCount{npages};
     config.owner = d->owner();
     config.ops.page_free = [drv = d.get()](DevicePage& page) { drv->page_free(page); };
-    config.ops.migrate_to_ram = [drv = d.get()](const CpuFault& fault) { return drv->migrate_to_ram(fault); };
+    if (type == PagemapType::kCoherent) {
+      void* m = ::mmap(nullptr, npages * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m == MAP_FAILED) {
+        ADD_FAILURE() << "mmap of coherent memory failed";
+        return nullptr;
+      }
+      d->coherent_ = static_cast<std::byte*>(m);
+      config.coherent_memory = m;
+    } else {
+      config.ops.migrate_to_ram = [drv = d.get()](const CpuFault& fault) { return drv->migrate_to_ram(fault); };
+    }
     auto map = DevicePagemap::create(std::move(config));
     if (!map.is_ok()) {
       ADD_FAILURE() << "DevicePagemap::create: " << map.status().to_string();
@@ -47,7 +60,10 @@ class TestDriver {
       // reports the failure instead of hanging.
       ADD_FAILURE() << "test driver destroyed with device pages in use: " << s.to_string();
       (void)map_.release();
+      return;
     }
+    map_.reset();
+    if (coherent_ != nullptr) ::munmap(coherent_, npages_ * kPageSize);
   }
   TestDriver(const TestDriver&) = delete;
   TestDriver& operator=(const TestDriver&) = delete;
@@ -56,7 +72,11 @@ class TestDriver {
   DevicePagemap& pagemap() { return *map_; }
   std::size_t npages() const { return npages_; }
 
-  std::byte* memory(const DevicePage& page) { return store_.data() + page.index() * kPageSize; }
+  /// The page's device memory (for a coherent driver: its home slot, which
+  /// holds the data only while no managed range maps the page).
+  std::byte* memory(const DevicePage& page) {
+    return (coherent_ != nullptr ? coherent_ : store_.data()) + page.index() * kPageSize;
+  }
 
   /// Takes a free device page: refcount 1, locked (zone_device_page_init).
   DevicePage* alloc() {
@@ -194,6 +214,7 @@ class TestDriver {
   const char cookie_ = 0;
   std::unique_ptr<DevicePagemap> map_;
   std::vector<std::byte> store_;
+  std::byte* coherent_ = nullptr;
   mutable std::mutex mutex_;
   std::vector<std::uint64_t> free_;
   std::vector<bool> allocated_;

@@ -222,6 +222,9 @@ class SimDevice::Mirror final : public IntervalNotifierOps {
     bool writable = false;
     bool device = false;  // one of this device's pages
     bool atomic = false;  // held exclusively for the device's atomics (memory: the frame uhmm holds)
+    // A device-coherent page (this device's or another's): CPU memory at its
+    // virtual address, reached fault-safe like a system page.
+    bool coherent = false;
   };
 
   Mirror(Mirrors& stats, const void* owner) : stats_(stats), owner_(owner) {}
@@ -308,15 +311,23 @@ Status SimDevice::init() {
   auto arena = platform::map_anonymous_aligned(arena_bytes_, kHugePageSize, PROT_READ | PROT_WRITE, false);
   if (!arena) return arena.status();
   arena_ = arena->as<std::byte>();
-  (void)platform::advise(*arena, arena_bytes_, MADV_HUGEPAGE);
+  const bool coherent = options_.memory_type == PagemapType::kCoherent;
+  // Coherent frames travel one by one (the page map advises the arena
+  // MADV_NOHUGEPAGE), so huge pages would only be split.
+  if (!coherent) (void)platform::advise(*arena, arena_bytes_, MADV_HUGEPAGE);
   if (options_.warm_memory) (void)platform::advise(*arena, arena_bytes_, MADV_POPULATE_WRITE);
 
   PagemapConfig config;
-  config.type = PagemapType::kPrivate;
+  config.type = options_.memory_type;
   config.npages = PageCount{arena_bytes_ / kPageSize};
   config.owner = this;
   config.ops.page_free = [this](DevicePage& page) { free_page(page); };
-  config.ops.migrate_to_ram = [this](const CpuFault& fault) { return migrate_to_ram(fault); };
+  // The CPU never faults on coherent pages: no migrate_to_ram.
+  if (!coherent) {
+    config.ops.migrate_to_ram = [this](const CpuFault& fault) { return migrate_to_ram(fault); };
+  } else {
+    config.coherent_memory = arena_;
+  }
   auto map = DevicePagemap::create(std::move(config));
   if (!map) return map.status();
   pagemap_ = std::move(*map);
@@ -491,8 +502,10 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     VirtAddr next = VirtAddr{(cur.value / batch + 1) * batch};
     if (next > addr + length) next = addr + length;
     auto flight = std::make_unique<InFlight>();
-    flight->mig = std::make_unique<ScopedMigrateVma>(
-        as, cur, next, owner(), to_device ? MIGRATE_VMA_SELECT_SYSTEM : MIGRATE_VMA_SELECT_DEVICE_PRIVATE);
+    const std::uint32_t back = options_.memory_type == PagemapType::kCoherent ? MIGRATE_VMA_SELECT_DEVICE_COHERENT
+                                                                              : MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+    flight->mig = std::make_unique<ScopedMigrateVma>(as, cur, next, owner(),
+                                                     to_device ? MIGRATE_VMA_SELECT_SYSTEM : back);
     if (Status s = flight->mig->setup(); !s) {
       failed = s;
       break;
@@ -699,8 +712,10 @@ Status SimDevice::service_device_fault(Mirror& m, AddressSpace& as, std::uint64_
       Mirror::Entry e;
       e.writable = (w & HMM_PFN_WRITE) != 0;
       if (DevicePage* page = hmm_pfn_to_device_page(w)) {
-        e.device = true;
-        e.memory = page_memory(*page);
+        e.device = page->pagemap().owner() == owner();
+        e.coherent = page->pagemap().type() == PagemapType::kCoherent;
+        e.memory = e.coherent ? static_cast<std::byte*>(VirtAddr::from_vpn(Vpn{first_vpn + i}).ptr())
+                              : page_memory(*page);
       } else {
         e.memory = static_cast<std::byte*>(hmm_pfn_to_host(w));
       }
@@ -709,9 +724,11 @@ Status SimDevice::service_device_fault(Mirror& m, AddressSpace& as, std::uint64_
     // A look-only walk (run_kernel) leaves a page that is not on this
     // device as a system page or nothing: the kernel cannot run there.
     if (need == Need::kResident)
-      for (const std::uint64_t w : pfns)
-        if (!(w & HMM_PFN_VALID) || !is_device_pfn(hmm_pfn_to_pfn(w)))
+      for (const std::uint64_t w : pfns) {
+        const DevicePage* page = hmm_pfn_to_device_page(w);
+        if (page == nullptr || page->pagemap().owner() != owner())
           return Status::error(EFAULT, "page not resident on this device");
+      }
     return Status::ok();
   }
 }
@@ -781,7 +798,7 @@ Status SimDevice::device_read(AddressSpace& as, VirtAddr addr, std::span<std::by
   std::vector<std::pair<VirtAddr, VirtAddr>> system_pieces;
   UHMM_TRY(mirrored_access(as, first, npages, Need::kRead, [&](const Mirror::Entry& e, VirtAddr page) {
     const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + out.size());
-    if (e.device || e.atomic) {
+    if ((e.device && !e.coherent) || e.atomic) {
       std::memcpy(out.data() + (lo - addr), e.memory + (lo - page), hi - lo);
     } else {
       system_pieces.emplace_back(lo, hi);
@@ -801,7 +818,7 @@ Status SimDevice::device_write(AddressSpace& as, VirtAddr addr, std::span<const 
   std::vector<std::pair<VirtAddr, VirtAddr>> system_pieces;
   UHMM_TRY(mirrored_access(as, first, npages, Need::kWrite, [&](const Mirror::Entry& e, VirtAddr page) {
     const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + in.size());
-    if (e.device || e.atomic) {
+    if ((e.device && !e.coherent) || e.atomic) {
       std::memcpy(e.memory + (lo - page), in.data() + (lo - addr), hi - lo);
     } else {
       system_pieces.emplace_back(lo, hi);
@@ -817,9 +834,25 @@ Status SimDevice::run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length
     return Status::error(EINVAL, "range not page aligned or empty");
   if (!as.find_region(addr) || !as.find_region(addr + (length - 1)))
     return Status::error(EFAULT, "range not managed");
-  return mirrored_access(as, addr, length / kPageSize, Need::kResident, [&](const Mirror::Entry& e, VirtAddr page) {
-    fn(std::span<std::byte>(e.memory, kPageSize), page);
-  });
+  // Coherent pages are managed memory the CPU maps: never loaded or stored
+  // in place under the lock (a page the application discards meanwhile
+  // would fault, and the fault's invalidation needs that lock), but copied
+  // through afterwards.
+  std::vector<VirtAddr> coherent_pages;
+  UHMM_TRY(mirrored_access(as, addr, length / kPageSize, Need::kResident, [&](const Mirror::Entry& e, VirtAddr page) {
+    if (e.coherent) {
+      coherent_pages.push_back(page);
+    } else {
+      fn(std::span<std::byte>(e.memory, kPageSize), page);
+    }
+  }));
+  std::vector<std::byte> copy(kPageSize);
+  for (const VirtAddr page : coherent_pages) {
+    UHMM_TRY(as.read(page, copy));
+    fn(copy, page);
+    UHMM_TRY(as.write(page, copy));
+  }
+  return Status::ok();
 }
 
 Status SimDevice::make_exclusive(AddressSpace& as, VirtAddr addr, std::size_t length) {
@@ -833,7 +866,7 @@ Status SimDevice::make_exclusive(AddressSpace& as, VirtAddr addr, std::size_t le
     Result<DeviceExclusivePage> held = make_device_exclusive(as, page, owner());
     if (!held.is_ok()) return held.status();
     MutexLock lock(m->mutex);
-    m->entries[page.vpn().value] = Mirror::Entry{held->memory(), true, false, true};
+    m->entries[page.vpn().value] = Mirror::Entry{.memory = held->memory(), .writable = true, .atomic = true};
   }
   return Status::ok();
 }
