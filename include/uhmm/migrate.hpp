@@ -90,8 +90,10 @@ void migrate_vma_finalize(MigrateVma& args);
 
 /// Device-side eviction without a mapping: collects every in-use page of
 /// [start, start + npages) into src[] (VALID|MIGRATE, |WRITE), locking each
-/// page and its CPU mapping.  Free pages give 0.  EINVAL if the range is not
-/// inside one registered page map.
+/// page and its CPU mapping (mirrors get a kClear invalidation of it first).
+/// Free pages give 0.  EINVAL if the range is not inside one registered
+/// page map.  A fork of the process waits until migrate_device_finalize,
+/// which must be called on the same thread.
 Status migrate_device_range(std::uint64_t* src, DevicePfn start, PageCount npages);
 /// Same for a list of pfns (migrate_device_pfns).
 Status migrate_device_pfns(std::uint64_t* src, std::span<const DevicePfn> pfns);

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "core/assert.hpp"
@@ -583,6 +584,24 @@ void migrate_vma_pages(MigrateVma& m) {
   // interval notifiers here, once mirroring exists.
 }
 
+namespace {
+// A page just installed (its entry still locked, about to hold `installed`)
+// that the application discarded while it was in transit: discards it
+// again and returns the entry value to unlock with
+// (docs/address-space-events.md, case 3).
+PageEntry discard_again(AddressSpace::Impl& as, VirtAddr addr, PageEntry installed) {
+  as.zap_own(addr, kPageSize);
+  if (installed.state() == PageState::kDeviceCoherent) {
+    DevicePage* page = installed.device_page();
+    page->clear_mapping();
+    page->put();  // the entry's reference: page_free once nobody else holds it
+  }
+  return PageEntry::none();
+}
+
+bool maps_data(PageEntry e) { return e.state() == PageState::kSystem || e.state() == PageState::kDeviceCoherent; }
+}  // namespace
+
 void migrate_vma_finalize(MigrateVma& m) {
   if (m.internal_pin == nullptr) return;
   AddressSpace::Impl& as = m.address_space->impl();
@@ -606,6 +625,16 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
   };
   std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
+  // The application may have discarded pages while they were in transit:
+  // its zap found nothing mapped (the kernel's zaps its migration entries
+  // instead).  Such pages are not put back (docs/address-space-events.md,
+  // case 3).
+  const auto discarded_before = as.discards_read(m.start, m.end);
+  auto was_discarded = [&](VirtAddr addr) {
+    for (const auto& [lo, hi] : discarded_before)
+      if (addr >= lo && addr < hi) return true;
+    return false;
+  };
 
   for (std::uint64_t i = 0; i < m.npages; ++i) {
     const std::uint64_t s = m.src[i];
@@ -617,12 +646,16 @@ void migrate_vma_finalize(MigrateVma& m) {
       continue;
     }
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
+    const bool discarded = !discarded_before.empty() && was_discarded(addr);
     if (migrating) {
       ++success;
       if (is_device_entry(d)) {
         install_device_page(as, installer, *slot, addr, d);
         unlocks.push_back({slot, addr, {}, true});
         ++to_device;
+      } else if (discarded) {
+        release_unused_dst(&as, d);
+        unlocks.push_back({slot, addr, PageEntry::none(), false});
       } else {
         installer.add(system_page_address(d), addr, *slot);
         unlocks.push_back({slot, addr, PageEntry::system(), false});
@@ -634,41 +667,42 @@ void migrate_vma_finalize(MigrateVma& m) {
       ++fail;
       release_unused_dst(&as, d);
       if (is_system_entry(s)) {
-        installer.add(system_page_address(s), addr, *slot);  // put the old page back
-        unlocks.push_back({slot, addr, PageEntry::system(), false});
+        if (discarded) {
+          free_staging(system_page_address(s));
+          unlocks.push_back({slot, addr, PageEntry::none(), false});
+        } else {
+          installer.add(system_page_address(s), addr, *slot);  // put the old page back
+          unlocks.push_back({slot, addr, PageEntry::system(), false});
+        }
       } else {
         DevicePage* page = migrate_pfn_to_device_page(s);
+        const bool coherent = is_coherent(page);
         // A coherent page stays: its frame goes back where the CPU maps it.
-        if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), addr, *slot, Source::kHome);
+        if (coherent && !discarded) installer.add(page->pagemap().home_address(*page), addr, *slot, Source::kHome);
         if (page != m.fault_page) page->unlock();
         page->put();
-        unlocks.push_back({slot, addr, {}, true});
+        if (coherent && discarded) {
+          page->clear_mapping();
+          page->put();  // the entry's reference
+          unlocks.push_back({slot, addr, PageEntry::none(), false});
+        } else {
+          unlocks.push_back({slot, addr, {}, true});
+        }
       }
     }
   }
   installer.run();
-  // The application may have discarded pages while they were in transit
-  // (MADV_DONTNEED zaps nothing then: they were not mapped), and its event
-  // is read before its zap, so it is queued by now unless the zap comes
-  // after this look, when it removes what was just installed.  The kernel's
-  // zap removes its migration entries instead.  Installed pages under such
-  // an event are discarded again, as the application asked.
-  const auto discarded = as.pending_event_ranges(m.start, m.end, /*discards_only=*/true);
+  // A discard read since the look above may have zapped before a page went
+  // in: look again (a discard read later zaps after this install).
+  const auto discarded = as.discards_read(m.start, m.end);
   if (!discarded.empty()) {
     for (Unlock& u : unlocks) {
-      // A coherent frame moved in is mapped data too.
-      const PageEntry now = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)} : u.value;
-      if (now.state() != PageState::kSystem && now.state() != PageState::kDeviceCoherent) continue;
+      const PageEntry now = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)}.settled() : u.value;
+      if (!maps_data(now)) continue;
       for (const auto& [lo, hi] : discarded) {
         if (u.addr < lo || u.addr >= hi) continue;
-        as.zap_own(u.addr, kPageSize);
-        if (now.state() == PageState::kDeviceCoherent) {
-          DevicePage* page = now.device_page();
-          page->clear_mapping();
-          page->put();  // the entry's reference: page_free once nobody else holds it
-        }
+        u.value = discard_again(as, u.addr, now);
         u.keep_current = false;
-        u.value = PageEntry::none();
         break;
       }
     }
@@ -709,17 +743,28 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   DevicePage* page = DevicePagemap::page_from_pfn(pfn);
   if (page == nullptr) return Status::error(EINVAL, "pfn outside every registered page map");
   if (!page->try_get()) return Status::ok();  // free
-  if (!page->trylock()) {
-    page->put();
-    return Status::ok();
-  }
   const DevicePage::Mapping where = page->mapping();
   if (where.address_space == nullptr) {
-    page->unlock();
     page->put();
     return Status::ok();
   }
   AddressSpace::Impl& as = where.address_space->impl();
+  // No page is in transit while the process forks (mm/fork.cpp): wait at
+  // the gate holding nothing but a reference, and stay inside until
+  // finalize.
+  as.migration_begin(/*for_fault=*/false);
+  if (!page->trylock()) {
+    as.migration_end();
+    page->put();
+    return Status::ok();
+  }
+  if (const DevicePage::Mapping now = page->mapping(); now.address_space != where.address_space ||
+                                                         now.address != where.address) {
+    page->unlock();
+    as.migration_end();
+    page->put();
+    return Status::ok();
+  }
   mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
   // Mirrors of the page drop it before its entry is locked for the move;
   // once locked, a device fault on it waits for the migration to end.  The
@@ -730,12 +775,14 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   PageEntry before;
   if (slot == nullptr || !invalidation.ok() || !mm::try_lock_entry(*slot, &before)) {
     page->unlock();
+    as.migration_end();
     page->put();
     return Status::ok();
   }
   if (!before.holds_device_page() || before.device_page() != page) {
     as.unlock_and_wake(*slot, before, where.address);
     page->unlock();
+    as.migration_end();
     page->put();
     return Status::ok();
   }
@@ -743,6 +790,7 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   if (before.state() == PageState::kDeviceCoherent) {
     // Its frame goes home first, where the driver copies it from.
     if (!collect_coherent_frame(as, *slot, where.address, before, *page, /*may_retry=*/true)) {
+      as.migration_end();
       page->put();
       return Status::ok();
     }
@@ -795,19 +843,28 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
     const DevicePage::Mapping where = page->mapping();
     AddressSpace::Impl& as = where.address_space->impl();
     mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
+    // Installs, honours a discard made while the page was in transit (see
+    // migrate_vma_finalize), unlocks and wakes.
+    // `value`: the entry to unlock with; none: what the install left.
+    auto settle = [&](Installer& installer, std::optional<PageEntry> to) {
+      installer.run();
+      PageEntry value = to ? *to : PageEntry{slot->load(std::memory_order_acquire)}.settled();
+      if (maps_data(value) && !as.discards_read(where.address, where.address + kPageSize).empty())
+        value = discard_again(as, where.address, value);
+      as.unlock_and_wake(*slot, value, where.address);
+      installer.wake();
+    };
+    Installer installer(as);
     if (entry_migrating(src[i])) {
       if (is_device_entry(dst[i])) {
-        Installer installer(as);
         install_device_page(as, installer, *slot, where.address, dst[i]);
-        installer.run();
-        as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
-        installer.wake();
+        settle(installer, std::nullopt);
+      } else if (!as.discards_read(where.address, where.address + kPageSize).empty()) {
+        release_unused_dst(&as, dst[i]);  // discarded in transit: not put back
+        as.unlock_and_wake(*slot, PageEntry::none(), where.address);
       } else {
-        Installer installer(as);
         installer.add(system_page_address(dst[i]), where.address, *slot);
-        installer.run();
-        as.unlock_and_wake(*slot, PageEntry::system(), where.address);
-        installer.wake();
+        settle(installer, PageEntry::system());
         as.stats.add(Counter::pgmigrate_to_ram);
       }
       as.stats.add(Counter::pgmigrate_success);
@@ -815,15 +872,13 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
     } else {
       release_unused_dst(&as, dst[i]);
       // A coherent page stays: its frame goes back where the CPU maps it.
-      Installer installer(as);
       if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), where.address, *slot, Source::kHome);
-      installer.run();
-      as.unlock_and_wake(*slot, PageEntry{slot->load()}.settled(), where.address);
-      installer.wake();
+      settle(installer, std::nullopt);
       page->unlock();
       page->put();
       as.stats.add(Counter::pgmigrate_fail);
     }
+    as.migration_end();  // collect_device_page's
   }
 }
 

@@ -174,6 +174,10 @@ struct AddressSpace::Impl {
   /// only MADV_DONTNEED-like discards (REMOVE events).
   std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end,
                                                                   bool discards_only = false) const;
+  /// The discards (REMOVE events) read so far and not processed that
+  /// overlap [start, end), including one a read in progress is queueing:
+  /// every discard whose madvise has returned is among them.
+  std::vector<std::pair<VirtAddr, VirtAddr>> discards_read(VirtAddr start, VirtAddr end);
   /// Reads the uffd and waits until no queued event overlaps [start, end):
   /// before a new managed range goes there (an munmap of an old range at
   /// the same addresses may still be queued, and would take the new one).

@@ -192,6 +192,13 @@ std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ran
   return out;
 }
 
+std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::discards_read(VirtAddr start, VirtAddr end) {
+  // The kernel completes an event (and lets its madvise go on) inside the
+  // read; the reader queues it under read_mutex right after.
+  { MutexLock read_lock(read_mutex); }
+  return pending_event_ranges(start, end, /*discards_only=*/true);
+}
+
 void AddressSpace::Impl::settle_events_in(VirtAddr start, VirtAddr end) {
   drain_events();
   MutexLock lock(events_mutex);

@@ -5,7 +5,10 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "e2e/test_support.hpp"
@@ -618,6 +621,57 @@ TEST_F(MigrateVmaTest, MigrateDeviceRangeOfWholeMapEvictsEverything) {
   EXPECT_TRUE(range_has_pattern(base, present, 77));
   for (std::size_t i = present; i < n; ++i) EXPECT_EQ(*(base + i * kPageSize).as<volatile std::uint64_t>(), 0u);
   EXPECT_EQ(counter(Counter::device_private_faults), faults_before) << "eviction must not go through CPU faults";
+}
+
+TEST_F(MigrateVmaTest, MigrateDeviceRangeDiscardWhileInTransitWins) {
+  constexpr std::size_t n = 8;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n, 5);
+  ASSERT_EQ(to_device(base, n), n);
+  const DevicePfnRange range = drv->pagemap().range();
+  std::vector<std::uint64_t> src(kDevicePages, 0), dst(kDevicePages, 0);
+  ASSERT_TRUE(migrate_device_range(src.data(), range.first, range.count).is_ok());
+  // The pages are in transit (nothing mapped): the discard zaps nothing.
+  ASSERT_EQ(::madvise((base + 2 * kPageSize).ptr(), 2 * kPageSize, MADV_DONTNEED), 0);
+  EXPECT_EQ(drv->copy_to_ram(*as, src.data(), dst.data(), kDevicePages), n);
+  migrate_device_pages(src.data(), dst.data(), range.count);
+  migrate_device_finalize(src.data(), dst.data(), range.count);
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t w = *(base + i * kPageSize).as<volatile std::uint64_t>();
+    if (i == 2 || i == 3) {
+      EXPECT_EQ(w, 0u) << "discarded page " << i << " came back";
+    } else {
+      EXPECT_EQ(w, test::pattern_word(5 + i, 0)) << i;
+    }
+  }
+  EXPECT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+TEST_F(MigrateVmaTest, ForkWaitsForADeviceEvictionInTransit) {
+  constexpr std::size_t n = 4;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n, 9);
+  ASSERT_EQ(to_device(base, n), n);
+  const DevicePfnRange range = drv->pagemap().range();
+  std::vector<std::uint64_t> src(kDevicePages, 0), dst(kDevicePages, 0);
+  ASSERT_TRUE(migrate_device_range(src.data(), range.first, range.count).is_ok());
+  std::atomic<bool> forked{false};
+  test::ChildResult child;
+  std::thread forker([&] {
+    child = test::run_in_child([&] { return range_has_pattern(base, n, 9) ? 0 : 1; });
+    forked.store(true);
+  });
+  // Not a timing assertion: a slow machine can only make this pass wrongly.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(forked.load()) << "fork went ahead with pages in transit";
+  EXPECT_EQ(drv->copy_to_ram(*as, src.data(), dst.data(), kDevicePages), n);
+  migrate_device_pages(src.data(), dst.data(), range.count);
+  migrate_device_finalize(src.data(), dst.data(), range.count);
+  forker.join();
+  EXPECT_TRUE(child.exited && child.exit_code == 0) << child.describe();
+  EXPECT_TRUE(range_has_pattern(base, n, 9));
+  UHMM_EXPECT_INVARIANTS(*as);
 }
 
 TEST_F(MigrateVmaTest, MigrateDevicePagesWithoutDestinationLeavesPagesOnDevice) {
