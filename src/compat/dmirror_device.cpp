@@ -20,6 +20,7 @@
 #include "compat/ioctl_decode.hpp"
 #include "compat/maps.hpp"
 #include "core/sync.hpp"
+#include "mm/address_space_impl.hpp"
 #include "uhmm/address_space.hpp"
 #include "uhmm/hmm.hpp"
 #include "uhmm/notifier.hpp"
@@ -187,6 +188,9 @@ Status DmirrorFile::adopt_mapping(const Mapping& m) {
 }
 
 Result<std::vector<DmirrorFile::Span>> DmirrorFile::layout(std::uintptr_t start, std::uintptr_t end) {
+  // An munmap uhmm has not processed yet would leave a stale managed range
+  // where the program has mapped something new.
+  as_.impl().settle_events_in(VirtAddr{start}, VirtAddr{end});
   auto maps = read_maps();
   if (!maps) return maps.status();
   std::vector<Span> out;
@@ -675,11 +679,23 @@ Result<int> DmirrorProcess::open(int minor, int flags) {
   std::lock_guard table(table_mutex_);
   fds_[fd] = FdEntry{minor, st.st_ino, std::move(*file), generation_};
   open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+  set_mark(fd, true);
   return fd;
 }
 
+void DmirrorProcess::set_mark(int fd, bool on) {
+  if (fd < 0 || fd >= kMarkedFds) return;
+  const std::uint64_t bit = std::uint64_t{1} << (fd % 64);
+  auto& word = marks_[static_cast<unsigned>(fd) / 64];
+  if (on) {
+    word.fetch_or(bit, std::memory_order_acq_rel);
+  } else {
+    word.fetch_and(~bit, std::memory_order_acq_rel);
+  }
+}
+
 bool DmirrorProcess::is_device_fd(int fd) {
-  if (!any_open()) return false;
+  if (!maybe_device_fd(fd)) return false;
   struct stat st {};
   if (::fstat(fd, &st) != 0) return false;
   std::lock_guard table(table_mutex_);
@@ -688,7 +704,7 @@ bool DmirrorProcess::is_device_fd(int fd) {
 }
 
 Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::file_for(int fd) {
-  if (!any_open()) return std::shared_ptr<DmirrorFile>();
+  if (!maybe_device_fd(fd)) return std::shared_ptr<DmirrorFile>();
   struct stat st {};
   if (::fstat(fd, &st) != 0) return std::shared_ptr<DmirrorFile>();
   int minor = 0;
@@ -700,6 +716,7 @@ Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::file_for(int fd) {
       // The number was closed and reused behind our back (dup2, close_range).
       fds_.erase(it);
       open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+      set_mark(fd, false);
       return std::shared_ptr<DmirrorFile>();
     }
     if (it->second.file && it->second.generation == generation_) return it->second.file;
@@ -727,7 +744,7 @@ std::optional<int> DmirrorProcess::ioctl(int fd, unsigned long request, std::uin
 }
 
 std::optional<int> DmirrorProcess::close(int fd) {
-  if (!any_open()) return std::nullopt;
+  if (!maybe_device_fd(fd)) return std::nullopt;
   struct stat st {};
   if (::fstat(fd, &st) != 0) return std::nullopt;
   std::shared_ptr<DmirrorFile> file;
@@ -738,6 +755,7 @@ std::optional<int> DmirrorProcess::close(int fd) {
     if (it->second.generation == generation_) file = std::move(it->second.file);
     fds_.erase(it);
     open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+    set_mark(fd, false);
   }
   // Closing evicts the whole device, for every mirror (dmirror-abi.md).
   if (file) (void)file->device().evict_all();

@@ -41,9 +41,17 @@ class DmirrorProcess {
   Result<int> open(int minor, int flags);
   /// Whether any device fd may be open: false means every fd is the
   /// program's own (one atomic load, for the interposers' fast path).
-  /// Static so that the fast path allocates nothing, even before the
-  /// instance exists.
-  static bool any_open() { return open_count_.load(std::memory_order_acquire) != 0; }
+  /// Whether `fd` may be a device fd: false means it is certainly not.
+  /// Lock-free and allocation-free, even before the instance exists: every
+  /// ioctl, mmap and close of the process comes through here, uhmm's own
+  /// (its fault service issues userfaultfd ioctls) included, and those must
+  /// never wait for the library's locks.
+  static bool maybe_device_fd(int fd) {
+    if (fd < 0) return false;
+    if (fd < kMarkedFds)
+      return (marks_[static_cast<unsigned>(fd) / 64].load(std::memory_order_acquire) >> (fd % 64)) & 1;
+    return open_count_.load(std::memory_order_acquire) != 0;
+  }
   /// Whether `fd` is a device fd.
   bool is_device_fd(int fd);
   /// Closes a device fd: evicts its device (every page of the device comes
@@ -79,6 +87,10 @@ class DmirrorProcess {
   Runtime* runtime_ = nullptr;
   std::uint64_t generation_ = 0;
   bool atfork_installed_ = false;
+  static void set_mark(int fd, bool on);
+  static constexpr int kMarkedFds = 1 << 16;
+  // One bit per fd below kMarkedFds: set while fds_ holds it.
+  static inline std::atomic<std::uint64_t> marks_[kMarkedFds / 64] = {};
   static inline std::atomic<int> open_count_{0};  // entries in fds_
 };
 

@@ -165,7 +165,7 @@ int uhmm_dm_openat64_2(int dirfd, const char* path, int flags) {
 }
 
 int uhmm_dm_close(int fd) {
-  if (DmirrorProcess::any_open()) {
+  if (DmirrorProcess::maybe_device_fd(fd)) {
     try {
       (void)DmirrorProcess::instance().close(fd);  // evicts the device if fd is one; the fd itself is closed below either way
     } catch (...) {
@@ -180,7 +180,7 @@ int uhmm_dm_ioctl(int fd, unsigned long request, ...) {
   va_start(ap, request);
   void* arg = va_arg(ap, void*);
   va_end(ap);
-  if (DmirrorProcess::any_open()) {
+  if (DmirrorProcess::maybe_device_fd(fd)) {
     try {
       if (const auto r = DmirrorProcess::instance().ioctl(fd, request, reinterpret_cast<std::uintptr_t>(arg)))
         return *r == 0 ? 0 : fail(*r);
@@ -204,7 +204,7 @@ void* map_device(MmapFn next, void* addr, size_t len, int prot, int flags) {
 
 void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
   const MmapFn next = UHMM_NEXT(MmapFn, "mmap");
-  if (fd >= 0 && !(flags & MAP_ANONYMOUS) && DmirrorProcess::any_open() &&
+  if (fd >= 0 && !(flags & MAP_ANONYMOUS) && DmirrorProcess::maybe_device_fd(fd) &&
       DmirrorProcess::instance().is_device_fd(fd))
     return map_device(next, addr, len, prot, flags);
   return next(addr, len, prot, flags, fd, off);
@@ -212,7 +212,7 @@ void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t of
 
 void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
   const MmapFn next = UHMM_NEXT(MmapFn, "mmap64");
-  if (fd >= 0 && !(flags & MAP_ANONYMOUS) && DmirrorProcess::any_open() &&
+  if (fd >= 0 && !(flags & MAP_ANONYMOUS) && DmirrorProcess::maybe_device_fd(fd) &&
       DmirrorProcess::instance().is_device_fd(fd))
     return map_device(next, addr, len, prot, flags);
   return next(addr, len, prot, flags, fd, off);
