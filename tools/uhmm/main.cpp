@@ -1,6 +1,7 @@
 // tools/uhmm: the `uhmm` command-line tool.
 //
 //   uhmm demo [--size 1GiB] [--device-memory SIZE] [--json] ...
+//   uhmm run --dmirror -- PROGRAM ARGS...
 //
 // Exit codes: 0 success, 1 the demo's data did not verify, 2 an error (a bad
 // command line or a failing library call; one line on stderr).
@@ -9,8 +10,10 @@
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "demo.hpp"
+#include "run.hpp"
 #include "size.hpp"
 
 namespace {
@@ -82,6 +85,18 @@ int main(int argc, char** argv) {
       ->type_name("BYTES")
       ->group("Testing");
 
+  bool dmirror = false;
+  std::vector<std::string> program;
+  CLI::App* run_cmd = app.add_subcommand("run", "Run a program with emulated devices");
+  run_cmd->footer(
+      "--dmirror preloads libuhmm-dmirror.so (appended to LD_PRELOAD): the program's\n"
+      "/dev/hmm_dmirror0 and 1 (the kernel's HMM test device) are emulated by uhmm,\n"
+      "with no change to the program.  The program replaces this process; its exit\n"
+      "status is the command's.  127: it could not be run.\n"
+      "Example: uhmm run --dmirror -- ./hmm-tests");
+  run_cmd->add_flag("--dmirror", dmirror, "Emulate the kernel's HMM test device (/dev/hmm_dmirror*)")->required();
+  run_cmd->add_option("program", program, "PROGRAM and its arguments (after --)")->required()->expected(1, -1);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -96,6 +111,7 @@ int main(int argc, char** argv) {
       if (demo_cmd->count("--corrupt-offset") != 0) demo.corrupt_offset = corrupt_offset;
       return uhmm::tool::run_demo(demo);
     }
+    if (run_cmd->parsed()) return uhmm::tool::run_with_dmirror(program);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "uhmm: error: %s\n", e.what());
     return uhmm::tool::kExitError;

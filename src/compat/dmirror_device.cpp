@@ -1,0 +1,794 @@
+// compat: the emulated devices (dmirror_device.hpp).  What each command
+// does: dmirror-abi.md; how memory is found and mirrored:
+// docs/adr/0005-dmirror-emulation.md.
+#include "compat/dmirror_device.hpp"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "compat/ioctl_decode.hpp"
+#include "compat/maps.hpp"
+#include "core/sync.hpp"
+#include "mm/address_space_impl.hpp"
+#include "uhmm/address_space.hpp"
+#include "uhmm/hmm.hpp"
+#include "uhmm/notifier.hpp"
+#include "uhmm/sim_device.hpp"
+
+namespace uhmm::compat {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr auto kPatience = std::chrono::seconds(1);  // the kernel driver's retry timeout
+constexpr std::size_t kUserSpan = std::size_t{1} << 47;
+constexpr int kPrivateMinors = 2;
+
+// A buffer the library maps itself: never merged with (so never adopted as
+// part of) the program's memory, and not inherited by a child.  Device
+// memory is copied into it under a mirror's lock, where a fault must not
+// happen (see the ADR).
+class Bounce {
+ public:
+  static Result<Bounce> make(std::size_t bytes) {
+    Bounce b;
+    if (bytes == 0) return b;
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return Status::error(ENOMEM, "cannot map a bounce buffer");
+    (void)::madvise(p, bytes, MADV_DONTFORK);
+    b.data_ = static_cast<std::byte*>(p);
+    b.size_ = bytes;
+    return b;
+  }
+  Bounce() = default;
+  Bounce(Bounce&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  Bounce& operator=(Bounce&&) = delete;
+  ~Bounce() {
+    if (data_ != nullptr) ::munmap(data_, size_);
+  }
+  std::byte* data() const { return data_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHugePageSize; }
+
+}  // namespace
+
+// What exists per fork generation.  Leaked, not destroyed, in a forked
+// child (its threads do not exist there).
+struct Runtime {
+  std::unique_ptr<AddressSpace> as;
+  std::array<std::unique_ptr<sim::SimDevice>, kPrivateMinors> devices;
+  std::mutex adopt_mutex;  // one adoption at a time (adopt's overlap check is not atomic with ours)
+};
+
+// One open fd: its mirror of the address space and its flags.
+class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
+ public:
+  DmirrorFile(Runtime& rt, sim::SimDevice& dev) : rt_(rt), as_(*rt.as), dev_(dev) {}
+  ~DmirrorFile() override { interval_notifier_remove(sub_); }
+  DmirrorFile(const DmirrorFile&) = delete;
+  DmirrorFile& operator=(const DmirrorFile&) = delete;
+
+  Status subscribe() { return interval_notifier_insert(sub_, as_, VirtAddr{0}, kUserSpan, *this); }
+  sim::SimDevice& device() { return dev_; }
+
+  int run(DmirrorOp op, DmirrorCmd& cmd) override;
+  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override;
+
+ private:
+  // One page of the device's page table.
+  struct Entry {
+    DevicePage* page = nullptr;  // this device's page, whose memory is `memory`
+    std::byte* memory = nullptr;  // device memory, or the exclusive frame; null: a system page at its address
+    bool write = false;
+    bool atomic = false;  // held exclusively (make_device_exclusive)
+  };
+  enum class Kind : std::uint8_t { kGap, kManaged, kOther };
+  struct Span {
+    std::uintptr_t start = 0, end = 0;
+    Kind kind = Kind::kGap;
+    int prot = 0;
+    bool shared = false;
+  };
+  // Outcome of one pass over the mirror: the first page it could not serve.
+  struct Pass {
+    int err = 0;
+    std::uint64_t first_missing = 0;
+  };
+
+  Result<std::vector<Span>> layout(std::uintptr_t start, std::uintptr_t end);
+  Status adopt_mapping(const Mapping& m);
+  Status walk_and_map(std::uintptr_t start, std::uintptr_t end, std::uint64_t flags, bool only_own,
+                      Clock::time_point deadline);
+  int fault_rest(const std::vector<Span>& spans, std::uintptr_t from, bool write, Clock::time_point deadline);
+  Pass read_pass(const std::vector<Span>& spans, std::uintptr_t addr, std::byte* out, std::vector<bool>& done,
+                 std::uint64_t other_from);
+  Pass write_pass(const std::vector<Span>& spans, std::uintptr_t addr, const std::byte* in, std::vector<bool>& done,
+                  std::uint64_t other_from);
+
+  int cmd_read(DmirrorCmd& cmd);
+  int cmd_write(DmirrorCmd& cmd);
+  int cmd_migrate_to_dev(DmirrorCmd& cmd);
+  int cmd_migrate_to_sys(DmirrorCmd& cmd);
+  int cmd_snapshot(DmirrorCmd& cmd);
+  int cmd_exclusive(DmirrorCmd& cmd);
+  int cmd_check_exclusive(DmirrorCmd& cmd);
+
+  void drop(std::uint64_t first_vpn, std::uint64_t end_vpn) UHMM_REQUIRES(mutex_);
+
+  Runtime& rt_;
+  AddressSpace& as_;
+  sim::SimDevice& dev_;
+  IntervalNotifier sub_;
+  // The device page-table lock: taken by invalidate() and around page-table
+  // updates and device-memory copies; never across a uhmm call.
+  Mutex mutex_{LockRank::kDeviceDriver};
+  std::map<std::uint64_t, Entry> entries_ UHMM_GUARDED_BY(mutex_);
+  std::atomic<std::uint64_t> flags_{0};
+};
+
+// ---- mirror ----------------------------------------------------------------
+
+bool DmirrorFile::invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) {
+  if (!range.blockable) return false;
+  // Our own exclusive request: the page is mapped right after it.  Our own
+  // migrations are *not* skipped (ADR 0005, "Mirror coherence").
+  if (range.event == NotifyEvent::kExclusive && range.owner == dev_.owner()) return true;
+  MutexLock lock(mutex_);
+  sub.set_seq(cur_seq);
+  if (range.event == NotifyEvent::kRelease) {
+    entries_.clear();
+  } else {
+    drop(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
+  }
+  return true;
+}
+
+void DmirrorFile::drop(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+  entries_.erase(entries_.lower_bound(first_vpn), entries_.lower_bound(end_vpn));
+}
+
+// ---- memory layout ---------------------------------------------------------
+
+// Adopts the parts of mapping `m` that uhmm does not manage yet.
+Status DmirrorFile::adopt_mapping(const Mapping& m) {
+  std::lock_guard lock(rt_.adopt_mutex);
+  std::uintptr_t p = m.start;
+  while (p < m.end) {
+    if (const auto r = as_.find_region(VirtAddr{p})) {
+      p = r->end().value;
+      continue;
+    }
+    const Status whole = as_.adopt(VirtAddr{p}, m.end - p);
+    if (whole) break;
+    if (whole.code() != EBUSY) return whole;
+    // A managed range further on: adopt only the gap before it.
+    std::uintptr_t q = p + kPageSize;
+    while (q < m.end && !as_.find_region(VirtAddr{q})) q += kPageSize;
+    UHMM_TRY(as_.adopt(VirtAddr{p}, q - p));
+    p = q;
+  }
+  return Status::ok();
+}
+
+Result<std::vector<DmirrorFile::Span>> DmirrorFile::layout(std::uintptr_t start, std::uintptr_t end) {
+  // An munmap uhmm has not processed yet would leave a stale managed range
+  // where the program has mapped something new.
+  as_.impl().settle_events_in(VirtAddr{start}, VirtAddr{end});
+  auto maps = read_maps();
+  if (!maps) return maps.status();
+  std::vector<Span> out;
+  for (const Piece& piece : split_range(*maps, start, end)) {
+    Span s{piece.start, piece.end, Kind::kGap, 0, false};
+    if (piece.mapping != nullptr) {
+      s.prot = piece.mapping->prot;
+      s.shared = piece.mapping->shared;
+      s.kind = Kind::kOther;
+      // A managed range stays managed whatever the maps say (adoption
+      // itself splits the kernel's mappings at its edges).
+      if (as_.find_region(VirtAddr{piece.start}) ||
+          (piece.mapping->adoptable() && adopt_mapping(*piece.mapping).is_ok())) {
+        s.kind = Kind::kManaged;
+      }
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+// One hmm_range_fault walk of [start, end) under the notifier's sequence
+// protocol (docs/notifiers.md), its results programmed into the mirror.
+// only_own: map only this device's pages (after a migration).
+Status DmirrorFile::walk_and_map(std::uintptr_t start, std::uintptr_t end, std::uint64_t flags, bool only_own,
+                                 Clock::time_point deadline) {
+  std::vector<std::uint64_t> pfns((end - start) / kPageSize);
+  HmmRange range;
+  range.address_space = &as_;
+  range.notifier = &sub_;
+  range.start = VirtAddr{start};
+  range.end = VirtAddr{end};
+  range.hmm_pfns = pfns.data();
+  range.default_flags = flags;
+  range.dev_private_owner = dev_.owner();
+  for (;;) {
+    if (Clock::now() > deadline) return Status::error(EBUSY, "the range keeps changing");
+    range.notifier_seq = sub_.read_begin();
+    std::fill(pfns.begin(), pfns.end(), 0);
+    const Status s = hmm_range_fault(range);  // no lock held: it may fault pages in
+    if (s.code() == EBUSY) continue;
+    if (!s) return s;
+    MutexLock lock(mutex_);
+    if (sub_.read_retry(range.notifier_seq)) continue;
+    for (std::size_t i = 0; i < pfns.size(); ++i) {
+      const std::uint64_t w = pfns[i];
+      if (!(w & HMM_PFN_VALID)) continue;
+      Entry e;
+      e.write = (w & HMM_PFN_WRITE) != 0;
+      if (DevicePage* page = hmm_pfn_to_device_page(w)) {
+        if (page->pagemap().owner() != dev_.owner() || page->pagemap().type() != PagemapType::kPrivate) continue;
+        e.page = page;
+        e.memory = dev_.page_memory(*page);
+      } else if (only_own) {
+        continue;
+      }
+      entries_.insert_or_assign((start >> kPageShift) + i, e);
+    }
+    return Status::ok();
+  }
+}
+
+// The device faults in everything from `from` to the end of the range, in
+// chunks, as the kernel's driver does at the first page it misses.
+int DmirrorFile::fault_rest(const std::vector<Span>& spans, std::uintptr_t from, bool write,
+                            Clock::time_point deadline) {
+  for (const Span& s : spans) {
+    if (s.end <= from) continue;
+    const std::uintptr_t lo = std::max(s.start, from);
+    switch (s.kind) {
+      case Kind::kGap:
+        return EFAULT;
+      case Kind::kOther:
+        if (!(s.prot & PROT_READ)) return EFAULT;
+        if (write && !(s.prot & PROT_WRITE)) return EPERM;
+        break;
+      case Kind::kManaged:
+        for (std::uintptr_t c = lo; c < s.end;) {
+          const std::uintptr_t ce = std::min(s.end, c + kFaultChunkPages * kPageSize);
+          const Status st =
+              walk_and_map(c, ce, write ? (HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE) : HMM_PFN_REQ_FAULT, false, deadline);
+          if (!st) return st.code();
+          c = ce;
+        }
+        break;
+    }
+  }
+  return 0;
+}
+
+// Copies what the mirror holds of the range into `out`, page by page in
+// order, skipping pages already `done`; stops at the first page the mirror
+// lacks.  Pages of unmanaged mappings are never mirrored: they are read in
+// place when at or past `other_from` (the device has faulted them), else
+// they count as missing.
+DmirrorFile::Pass DmirrorFile::read_pass(const std::vector<Span>& spans, std::uintptr_t addr, std::byte* out,
+                                         std::vector<bool>& done, std::uint64_t other_from) {
+  for (const Span& s : spans) {
+    const std::uint64_t i0 = (s.start - addr) / kPageSize, i1 = (s.end - addr) / kPageSize;
+    if (s.kind != Kind::kManaged) {
+      for (std::uint64_t i = i0; i < i1; ++i) {
+        if (done[i]) continue;
+        if (i < other_from || s.kind == Kind::kGap) return Pass{0, i};
+        if (!copy_from_user(out + i * kPageSize, addr + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
+        done[i] = true;
+      }
+      continue;
+    }
+    // System pages are read through the process's mapping after the lock:
+    // a fault there (the page went to a device meanwhile) raises an
+    // invalidation that needs the lock.
+    std::vector<std::uint64_t> system_pages;
+    std::uint64_t missing = i1;
+    {
+      MutexLock lock(mutex_);
+      auto it = entries_.lower_bound((addr >> kPageShift) + i0);
+      for (std::uint64_t i = i0; i < i1; ++i) {
+        if (done[i]) continue;
+        const std::uint64_t vpn = (addr >> kPageShift) + i;
+        while (it != entries_.end() && it->first < vpn) ++it;
+        if (it == entries_.end() || it->first != vpn) {
+          missing = i;
+          break;
+        }
+        if (it->second.memory != nullptr) {
+          std::memcpy(out + i * kPageSize, it->second.memory, kPageSize);
+        } else {
+          system_pages.push_back(i);
+        }
+        done[i] = true;
+      }
+    }
+    for (const std::uint64_t i : system_pages)
+      if (!copy_from_user(out + i * kPageSize, addr + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
+    if (missing != i1) return Pass{0, missing};
+  }
+  return Pass{0, done.size()};
+}
+
+// As read_pass, writing `in` into the range: a mirrored page must be
+// write-tagged; unmanaged pages past `other_from` are written in place.
+DmirrorFile::Pass DmirrorFile::write_pass(const std::vector<Span>& spans, std::uintptr_t addr, const std::byte* in,
+                                          std::vector<bool>& done, std::uint64_t other_from) {
+  for (const Span& s : spans) {
+    const std::uint64_t i0 = (s.start - addr) / kPageSize, i1 = (s.end - addr) / kPageSize;
+    if (s.kind != Kind::kManaged) {
+      for (std::uint64_t i = i0; i < i1; ++i) {
+        if (done[i]) continue;
+        if (i < other_from || s.kind == Kind::kGap) return Pass{0, i};
+        if (!copy_to_user(addr + i * kPageSize, in + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
+        done[i] = true;
+      }
+      continue;
+    }
+    std::vector<std::uint64_t> system_pages;
+    std::uint64_t missing = i1;
+    {
+      MutexLock lock(mutex_);
+      auto it = entries_.lower_bound((addr >> kPageShift) + i0);
+      for (std::uint64_t i = i0; i < i1; ++i) {
+        if (done[i]) continue;
+        const std::uint64_t vpn = (addr >> kPageShift) + i;
+        while (it != entries_.end() && it->first < vpn) ++it;
+        if (it == entries_.end() || it->first != vpn || !it->second.write) {
+          missing = i;
+          break;
+        }
+        if (it->second.memory != nullptr) {
+          std::memcpy(it->second.memory, in + i * kPageSize, kPageSize);
+        } else {
+          system_pages.push_back(i);
+        }
+        done[i] = true;
+      }
+    }
+    for (const std::uint64_t i : system_pages)
+      if (!copy_to_user(addr + i * kPageSize, in + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
+    if (missing != i1) return Pass{0, missing};
+  }
+  return Pass{0, done.size()};
+}
+
+// ---- commands --------------------------------------------------------------
+
+int DmirrorFile::run(DmirrorOp op, DmirrorCmd& cmd) {
+  switch (op) {
+    case DmirrorOp::kRead:
+      return cmd_read(cmd);
+    case DmirrorOp::kWrite:
+      return cmd_write(cmd);
+    case DmirrorOp::kMigrateToDev:
+      return cmd_migrate_to_dev(cmd);
+    case DmirrorOp::kMigrateToSys:
+      return cmd_migrate_to_sys(cmd);
+    case DmirrorOp::kSnapshot:
+      return cmd_snapshot(cmd);
+    case DmirrorOp::kExclusive:
+      return cmd_exclusive(cmd);
+    case DmirrorOp::kCheckExclusive:
+      return cmd_check_exclusive(cmd);
+    case DmirrorOp::kRelease: {
+      const auto r = dev_.evict_all();
+      return r ? 0 : r.code();
+    }
+    case DmirrorOp::kFlags:
+      flags_.store(cmd.npages);
+      // FIXME(issue 4): device-wide, where the kernel's flag is per fd (ADR 0005).
+      if (cmd.npages & kDmirrorFlagFailAlloc) dev_.faults().fail_alloc_after(0);
+      return 0;
+  }
+  return EINVAL;
+}
+
+int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
+  const std::uint64_t n = cmd_pages(cmd);
+  const std::uintptr_t end = cmd.addr + n * kPageSize;
+  auto spans = layout(cmd.addr, end);
+  if (!spans) return spans.code();
+  auto bounce = Bounce::make(n * kPageSize);
+  if (!bounce) return bounce.code();
+  std::vector<bool> done(n);
+  std::uint64_t other_from = n;
+  const auto deadline = Clock::now() + kPatience;
+  for (;;) {
+    const Pass p = read_pass(*spans, cmd.addr, bounce->data(), done, other_from);
+    if (p.err != 0) return p.err;
+    if (p.first_missing == n) break;
+    if (Clock::now() > deadline) return EBUSY;
+    ++cmd.faults;
+    if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, false, deadline)) return err;
+    other_from = std::min(other_from, p.first_missing);
+  }
+  if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
+  cmd.cpages = n;
+  return 0;
+}
+
+int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
+  const std::uint64_t n = cmd_pages(cmd);
+  const std::uintptr_t end = cmd.addr + n * kPageSize;
+  auto bounce = Bounce::make(n * kPageSize);
+  if (!bounce) return bounce.code();
+  if (!copy_from_user(bounce->data(), cmd.ptr, n * kPageSize)) return EFAULT;
+  auto spans = layout(cmd.addr, end);
+  if (!spans) return spans.code();
+  std::vector<bool> done(n);
+  std::uint64_t other_from = n;
+  const auto deadline = Clock::now() + kPatience;
+  for (;;) {
+    const Pass p = write_pass(*spans, cmd.addr, bounce->data(), done, other_from);
+    if (p.err != 0) return p.err;
+    if (p.first_missing == n) break;
+    if (Clock::now() > deadline) return EBUSY;
+    ++cmd.faults;
+    if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, true, deadline)) return err;
+    other_from = std::min(other_from, p.first_missing);
+  }
+  cmd.cpages = n;
+  return 0;
+}
+
+int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
+  const std::uint64_t n = cmd_pages(cmd);
+  const std::uintptr_t end = cmd.addr + n * kPageSize;
+  auto spans = layout(cmd.addr, end);
+  if (!spans) return spans.code();
+  for (const Span& s : *spans)
+    if (s.kind == Kind::kGap || !(s.prot & PROT_READ)) return EINVAL;
+  for (const Span& s : *spans) {
+    if (s.kind != Kind::kManaged) continue;  // cannot move: ENOENT below
+    // Steps of at most 512 pages that keep 2 MiB units whole.
+    for (std::uintptr_t c = s.start; c < s.end;) {
+      const auto region = as_.find_region(VirtAddr{c});
+      if (!region) return EINVAL;
+      const std::uintptr_t ce = std::min({s.end, region->end().value, huge_up(c)});
+      const auto moved = dev_.migrate_to_device(as_, VirtAddr{c}, ce - c);
+      if (!moved) return moved.code();
+      const Status mapped = walk_and_map(c, ce, 0, /*only_own=*/true, Clock::now() + kPatience);
+      if (!mapped) return mapped.code();
+      c = ce;
+    }
+  }
+  // What the device holds now, read back for the caller to verify.
+  auto bounce = Bounce::make(n * kPageSize);
+  if (!bounce) return bounce.code();
+  std::vector<bool> done(n);
+  const Pass p = read_pass(*spans, cmd.addr, bounce->data(), done, n);
+  if (p.err != 0) return p.err;
+  if (p.first_missing != n) return ENOENT;
+  if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
+  cmd.cpages = n;
+  return 0;
+}
+
+int DmirrorFile::cmd_migrate_to_sys(DmirrorCmd& cmd) {
+  const std::uint64_t n = cmd_pages(cmd);
+  auto spans = layout(cmd.addr, cmd.addr + n * kPageSize);
+  if (!spans) return spans.code();
+  for (const Span& s : *spans)
+    if (s.kind == Kind::kGap) return EINVAL;
+  for (const Span& s : *spans) {
+    if (s.kind != Kind::kManaged) continue;  // no device page can be there
+    for (std::uintptr_t c = s.start; c < s.end;) {
+      const auto region = as_.find_region(VirtAddr{c});
+      if (!region) return EINVAL;
+      const std::uintptr_t ce = std::min({s.end, region->end().value, huge_up(c)});
+      auto moved = dev_.migrate_to_system(as_, VirtAddr{c}, ce - c);
+      if (!moved) return moved.code();
+      cmd.cpages += moved->pages_migrated;
+      c = ce;
+    }
+  }
+  return 0;
+}
+
+int DmirrorFile::cmd_snapshot(DmirrorCmd& cmd) {
+  const std::uint64_t n = cmd_pages(cmd);
+  auto spans = layout(cmd.addr, cmd.addr + n * kPageSize);
+  if (!spans) return spans.code();
+  std::vector<std::uint8_t> bytes(n, snapshot::kError);
+  int pagemap = -1;
+  for (const Span& s : *spans) {
+    const std::uint64_t i0 = (s.start - cmd.addr) / kPageSize;
+    const std::uint64_t count = (s.end - s.start) / kPageSize;
+    if (s.kind == Kind::kGap || !(s.prot & PROT_READ)) continue;  // ERROR
+    if (s.kind == Kind::kOther) {
+      // Not managed: the kernel's own page table says what is present.
+      if (pagemap < 0) pagemap = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+      std::vector<std::uint64_t> words(count);
+      const auto want = static_cast<ssize_t>(count * sizeof(std::uint64_t));
+      const bool ok = pagemap >= 0 && ::pread(pagemap, words.data(), static_cast<std::size_t>(want),
+                                              static_cast<off_t>((s.start >> kPageShift) * 8)) == want;
+      for (std::uint64_t k = 0; k < count; ++k) {
+        const bool present = ok && (words[k] >> 63) & 1;
+        bytes[i0 + k] = !present                 ? snapshot::kNone
+                        : (s.prot & PROT_WRITE) ? snapshot::kWrite
+                                                : snapshot::kRead;
+      }
+      continue;
+    }
+    std::vector<std::uint64_t> pfns(count);
+    HmmRange range;
+    range.address_space = &as_;
+    range.start = VirtAddr{s.start};
+    range.end = VirtAddr{s.end};
+    range.hmm_pfns = pfns.data();
+    range.dev_private_owner = dev_.owner();
+    if (const Status st = hmm_range_fault(range); !st) {
+      if (pagemap >= 0) ::close(pagemap);
+      return st.code();
+    }
+    for (std::uint64_t k = 0; k < count; ++k) {
+      const std::uint64_t w = pfns[k];
+      std::uint8_t b = snapshot::kNone;
+      if (w & HMM_PFN_ERROR) {
+        b = snapshot::kError;
+      } else if (w & HMM_PFN_VALID) {
+        if (const DevicePage* page = hmm_pfn_to_device_page(w)) {
+          const bool local = page->pagemap().owner() == dev_.owner();
+          if (page->pagemap().type() == PagemapType::kCoherent) {
+            b = local ? snapshot::kDevCoherentLocal : snapshot::kDevCoherentRemote;
+          } else {
+            b = local ? snapshot::kDevPrivateLocal : snapshot::kDevPrivateRemote;
+          }
+        }
+        b |= (w & HMM_PFN_WRITE) ? snapshot::kWrite : snapshot::kRead;
+      }
+      bytes[i0 + k] = b;
+    }
+  }
+  if (pagemap >= 0) ::close(pagemap);
+  if (!copy_to_user(cmd.ptr, bytes.data(), n)) return EFAULT;
+  cmd.cpages = n;
+  return 0;
+}
+
+int DmirrorFile::cmd_exclusive(DmirrorCmd& cmd) {
+  const std::uint64_t n = cmd_pages(cmd);
+  auto spans = layout(cmd.addr, cmd.addr + n * kPageSize);
+  if (!spans) return spans.code();
+  for (const Span& s : *spans) {
+    if (s.kind == Kind::kGap || !(s.prot & PROT_WRITE)) return EFAULT;
+    if (s.kind == Kind::kOther) return EOPNOTSUPP;  // only private anonymous pages can be held
+  }
+  for (const Span& s : *spans) {
+    for (std::uintptr_t va = s.start; va < s.end; va += kPageSize) {
+      // The page comes back locked: nothing revokes it before it is mapped.
+      Result<DeviceExclusivePage> held = make_device_exclusive(as_, VirtAddr{va}, dev_.owner());
+      if (!held) return held.code();
+      MutexLock lock(mutex_);
+      entries_.insert_or_assign(va >> kPageShift, Entry{nullptr, held->memory(), true, true});
+    }
+  }
+  auto bounce = Bounce::make(n * kPageSize);
+  if (!bounce) return bounce.code();
+  std::vector<bool> done(n);
+  const Pass p = read_pass(*spans, cmd.addr, bounce->data(), done, n);
+  if (p.err != 0) return p.err;
+  if (p.first_missing != n) return EBUSY;  // revoked before it could be read: the range keeps changing
+  if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
+  cmd.cpages = n;
+  return 0;
+}
+
+int DmirrorFile::cmd_check_exclusive(DmirrorCmd& cmd) {
+  const std::uint64_t first = cmd.addr >> kPageShift;
+  MutexLock lock(mutex_);
+  for (auto it = entries_.lower_bound(first); it != entries_.end() && it->first < first + cmd_pages(cmd); ++it)
+    if (it->second.atomic) return EPERM;
+  return 0;
+}
+
+// ---- the process -----------------------------------------------------------
+
+namespace {
+void atfork_prepare() { DmirrorProcess::instance().prepare_fork(); }
+void atfork_parent() { DmirrorProcess::instance().parent_after_fork(); }
+void atfork_child() { DmirrorProcess::instance().child_after_fork(); }
+}  // namespace
+
+DmirrorProcess& DmirrorProcess::instance() {
+  static DmirrorProcess* const p = new DmirrorProcess();  // never destroyed (see the header)
+  return *p;
+}
+
+Result<Runtime*> DmirrorProcess::runtime_locked() {
+  if (runtime_ != nullptr) return runtime_;
+  AddressSpaceOptions options;
+  options.fault_mode = FaultMode::kServiceThreads;  // syscalls on device pages must work
+  auto as = AddressSpace::create(options);
+  if (!as) {
+    static std::once_flag said;
+    std::call_once(said, [&] {
+      std::fprintf(stderr, "uhmm-dmirror: cannot emulate /dev/hmm_dmirror*: %s\n", as.status().to_string().c_str());
+    });
+    return as.status();
+  }
+  auto* rt = new Runtime;
+  rt->as = std::move(*as);
+  // After the address space: uhmm's own child handler (registered by its
+  // creation) must run before ours.
+  if (!atfork_installed_) {
+    if (::pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+      delete rt;
+      return Status::error(ENOMEM, "pthread_atfork failed");
+    }
+    atfork_installed_ = true;
+  }
+  std::lock_guard table(table_mutex_);
+  runtime_ = rt;
+  return rt;
+}
+
+Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::make_file_locked(int minor) {
+  auto rt = runtime_locked();
+  if (!rt) return rt.status();
+  std::unique_ptr<sim::SimDevice>& dev = (*rt)->devices[static_cast<std::size_t>(minor)];
+  if (!dev) {
+    sim::SimDeviceOptions o;
+    // FIXME(issue 4): a fixed 2 GiB, populated on use; the kernel's grows in 256 MiB chunks without limit.
+    o.memory_bytes = std::size_t{2} << 30;
+    o.warm_memory = false;
+    o.fault_around_pages = 1;  // the kernel's driver brings back the faulting page only
+    o.prefetch_blocks = 0;
+    o.batch_pages = kMigrateStepPages;
+    auto made = sim::SimDevice::create(o);
+    if (!made) return made.status();
+    dev = std::move(*made);
+  }
+  auto file = std::make_shared<DmirrorFile>(**rt, *dev);
+  UHMM_TRY(file->subscribe());
+  return file;
+}
+
+Result<int> DmirrorProcess::open(int minor, int flags) {
+  // Without special-purpose memory the kernel creates no coherent devices.
+  if (minor < 0 || minor >= kPrivateMinors) return Status::error(ENOENT, "no such device");
+  std::lock_guard init(init_mutex_);
+  auto file = make_file_locked(minor);
+  if (!file) return file.status();
+  const std::string name = std::string("hmm_dmirror") + std::to_string(minor);
+  const int fd = ::memfd_create(name.c_str(), (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0u);
+  if (fd < 0) return Status::error(errno, "memfd_create");
+  struct stat st {};
+  (void)::fstat(fd, &st);
+  std::lock_guard table(table_mutex_);
+  fds_[fd] = FdEntry{minor, st.st_ino, std::move(*file), generation_};
+  open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+  set_mark(fd, true);
+  return fd;
+}
+
+void DmirrorProcess::set_mark(int fd, bool on) {
+  if (fd < 0 || fd >= kMarkedFds) return;
+  const std::uint64_t bit = std::uint64_t{1} << (fd % 64);
+  auto& word = marks_[static_cast<unsigned>(fd) / 64];
+  if (on) {
+    word.fetch_or(bit, std::memory_order_acq_rel);
+  } else {
+    word.fetch_and(~bit, std::memory_order_acq_rel);
+  }
+}
+
+bool DmirrorProcess::is_device_fd(int fd) {
+  if (!maybe_device_fd(fd)) return false;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return false;
+  std::lock_guard table(table_mutex_);
+  const auto it = fds_.find(fd);
+  return it != fds_.end() && it->second.inode == st.st_ino;
+}
+
+Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::file_for(int fd) {
+  if (!maybe_device_fd(fd)) return std::shared_ptr<DmirrorFile>();
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return std::shared_ptr<DmirrorFile>();
+  int minor = 0;
+  {
+    std::lock_guard table(table_mutex_);
+    const auto it = fds_.find(fd);
+    if (it == fds_.end()) return std::shared_ptr<DmirrorFile>();
+    if (it->second.inode != st.st_ino) {
+      // The number was closed and reused behind our back (dup2, close_range).
+      fds_.erase(it);
+      open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+      set_mark(fd, false);
+      return std::shared_ptr<DmirrorFile>();
+    }
+    if (it->second.file && it->second.generation == generation_) return it->second.file;
+    minor = it->second.minor;
+  }
+  // Inherited across fork: this process gets a mirror of its own.
+  std::lock_guard init(init_mutex_);
+  auto file = make_file_locked(minor);
+  if (!file) return file.status();
+  std::lock_guard table(table_mutex_);
+  const auto it = fds_.find(fd);
+  if (it == fds_.end()) return std::shared_ptr<DmirrorFile>();
+  if (!it->second.file || it->second.generation != generation_) {
+    it->second.file = *file;
+    it->second.generation = generation_;
+  }
+  return it->second.file;
+}
+
+std::optional<int> DmirrorProcess::ioctl(int fd, unsigned long request, std::uintptr_t arg) {
+  auto file = file_for(fd);
+  if (!file) return file.code();
+  if (!*file) return std::nullopt;
+  return dispatch_ioctl(**file, request, arg);
+}
+
+std::optional<int> DmirrorProcess::close(int fd) {
+  if (!maybe_device_fd(fd)) return std::nullopt;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return std::nullopt;
+  std::shared_ptr<DmirrorFile> file;
+  {
+    std::lock_guard table(table_mutex_);
+    const auto it = fds_.find(fd);
+    if (it == fds_.end() || it->second.inode != st.st_ino) return std::nullopt;
+    if (it->second.generation == generation_) file = std::move(it->second.file);
+    fds_.erase(it);
+    open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+    set_mark(fd, false);
+  }
+  // Closing evicts the whole device, for every mirror (dmirror-abi.md).
+  if (file) (void)file->device().evict_all();
+  file.reset();  // unsubscribes (waits for its callbacks; no lock of ours held)
+  return 0;
+}
+
+void DmirrorProcess::prepare_fork() {
+  init_mutex_.lock();
+  table_mutex_.lock();
+}
+
+void DmirrorProcess::parent_after_fork() {
+  table_mutex_.unlock();
+  init_mutex_.unlock();
+}
+
+// The child has one thread, this one.  The runtime's threads are gone, so
+// all of it is leaked, never destroyed: a destructor would join or detach
+// threads that do not exist.  uhmm keeps the inherited address space on its
+// fork list, which is harmless: no page of it was on a device at fork time.
+// Each fd gets a fresh mirror on its next use.
+void DmirrorProcess::child_after_fork() {
+  ++generation_;
+  if (runtime_ != nullptr) {
+    auto* leaked = new std::vector<std::shared_ptr<DmirrorFile>>();
+    for (auto& [fd, entry] : fds_) leaked->push_back(std::move(entry.file));
+    for (auto& dev : runtime_->devices) (void)dev.release();
+    (void)runtime_->as.release();
+    runtime_ = nullptr;  // leaked: its adopt mutex may have been held by a thread that is gone
+  }
+  table_mutex_.unlock();
+  init_mutex_.unlock();
+}
+
+}  // namespace uhmm::compat

@@ -1,0 +1,97 @@
+// compat: the emulated /dev/hmm_dmirror devices of one process.
+//
+// DmirrorProcess is the library's whole state: the fd table, and (per fork
+// generation) the AddressSpace, one simulated device per minor and one
+// mirror per fd.  The design, the memory rules and fork:
+// docs/adr/0005-dmirror-emulation.md.
+//
+// Concurrency: every member may be called from any thread.  Locks (taken in
+// this order, none held across a call into uhmm that may wait for a
+// migration or a fault, so that fork's prepare handler can take them):
+//   init_mutex_   creating the runtime (address space, devices) and files;
+//   table_mutex_  the fd table;
+//   a mirror's mutex (DmirrorFile), taken by its invalidate() callback.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#include "compat/dmirror_abi.hpp"
+#include "uhmm/status.hpp"
+
+namespace uhmm::compat {
+
+class DmirrorFile;
+struct Runtime;
+
+class DmirrorProcess {
+ public:
+  /// The process's instance, made on first use and never destroyed (the
+  /// program may use a device fd from its own atexit handlers).
+  static DmirrorProcess& instance();
+
+  /// Opens minor `minor`: a new fd, or the errno (ENOENT for 2 and 3,
+  /// EPERM when uhmm cannot work in this process, after one line on stderr).
+  Result<int> open(int minor, int flags);
+  /// Whether any device fd may be open: false means every fd is the
+  /// program's own (one atomic load, for the interposers' fast path).
+  /// Whether `fd` may be a device fd: false means it is certainly not.
+  /// Lock-free and allocation-free, even before the instance exists: every
+  /// ioctl, mmap and close of the process comes through here, uhmm's own
+  /// (its fault service issues userfaultfd ioctls) included, and those must
+  /// never wait for the library's locks.
+  static bool maybe_device_fd(int fd) {
+    if (fd < 0) return false;
+    if (fd < kMarkedFds)
+      return (marks_[static_cast<unsigned>(fd) / 64].load(std::memory_order_acquire) >> (fd % 64)) & 1;
+    return open_count_.load(std::memory_order_acquire) != 0;
+  }
+  /// Whether `fd` is a device fd.
+  bool is_device_fd(int fd);
+  /// Closes a device fd: evicts its device (every page of the device comes
+  /// back to system memory), drops its mirror, closes the fd.  nullopt if
+  /// `fd` is not a device fd; else 0 or errno.
+  std::optional<int> close(int fd);
+  /// ioctl on a device fd: nullopt if `fd` is not a device fd; else 0 or errno.
+  std::optional<int> ioctl(int fd, unsigned long request, std::uintptr_t arg);
+
+  /// pthread_atfork handlers (installed after the address space exists).
+  void prepare_fork();
+  void parent_after_fork();
+  void child_after_fork();
+
+ private:
+  struct FdEntry {
+    int minor = 0;
+    ino_t inode = 0;
+    std::shared_ptr<DmirrorFile> file;  // of generation `generation`
+    std::uint64_t generation = 0;
+  };
+  DmirrorProcess() = default;
+  Result<Runtime*> runtime_locked();  // init_mutex_ held
+  Result<std::shared_ptr<DmirrorFile>> make_file_locked(int minor);  // init_mutex_ held
+  /// The fd's file, rebuilt after a fork; nullptr if `fd` is not a device fd.
+  Result<std::shared_ptr<DmirrorFile>> file_for(int fd);
+
+  std::mutex init_mutex_;
+  std::mutex table_mutex_;
+  // Guarded by table_mutex_:
+  std::map<int, FdEntry> fds_;
+  // Written under both mutexes, read under either.
+  Runtime* runtime_ = nullptr;
+  std::uint64_t generation_ = 0;
+  bool atfork_installed_ = false;
+  static void set_mark(int fd, bool on);
+  static constexpr int kMarkedFds = 1 << 16;
+  // One bit per fd below kMarkedFds: set while fds_ holds it.
+  static inline std::atomic<std::uint64_t> marks_[kMarkedFds / 64] = {};
+  static inline std::atomic<int> open_count_{0};  // entries in fds_
+};
+
+}  // namespace uhmm::compat

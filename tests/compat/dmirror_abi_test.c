@@ -1,0 +1,323 @@
+/* A program written against the kernel's HMM test device, as an outside
+ * user would write it: its own struct and command definitions, real open
+ * and ioctl calls.  Run under LD_PRELOAD=libuhmm-dmirror.so
+ * (tests/compat/CMakeLists.txt).  Exit 0: every check passed; 1: a check
+ * failed (each failure is printed); 77: the device cannot be emulated here
+ * (no userfaultfd for kernel-mode faults). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+struct dm_cmd {
+  uint64_t addr, ptr, npages, cpages, faults;
+};
+#define DM_READ _IOWR('H', 0x00, struct dm_cmd)
+#define DM_WRITE _IOWR('H', 0x01, struct dm_cmd)
+#define DM_TO_DEV _IOWR('H', 0x02, struct dm_cmd)
+#define DM_TO_SYS _IOWR('H', 0x03, struct dm_cmd)
+#define DM_SNAPSHOT _IOWR('H', 0x04, struct dm_cmd)
+#define DM_EXCLUSIVE _IOWR('H', 0x05, struct dm_cmd)
+#define DM_CHECK_EXCLUSIVE _IOWR('H', 0x06, struct dm_cmd)
+#define DM_RELEASE _IOWR('H', 0x07, struct dm_cmd)
+#define DM_FLAGS _IOWR('H', 0x08, struct dm_cmd)
+
+#define PAGE 4096UL
+#define N 16UL
+
+extern int __open_2(const char *path, int flags);
+
+static int failures;
+#define CHECK(cond)                                                   \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      fprintf(stderr, "%s:%d: check failed: %s (errno %d %s)\n", __FILE__, __LINE__, #cond, errno, strerror(errno)); \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+static int cmd(int fd, unsigned long req, void *addr, void *ptr, uint64_t npages, struct dm_cmd *out) {
+  struct dm_cmd c = {(uint64_t)(uintptr_t)addr, (uint64_t)(uintptr_t)ptr, npages, 0xdead, 0xbeef};
+  int r = ioctl(fd, req, &c);
+  if (out) *out = c;
+  return r;
+}
+
+static char *map_rw(unsigned long pages) {
+  char *p = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    perror("mmap");
+    exit(1);
+  }
+  return p;
+}
+
+static void fill(char *p, unsigned long pages, unsigned seed) {
+  for (unsigned long i = 0; i < pages * PAGE / sizeof(unsigned); ++i) ((unsigned *)p)[i] = seed + (unsigned)i;
+}
+
+static int same(const char *p, unsigned long pages, unsigned seed) {
+  for (unsigned long i = 0; i < pages * PAGE / sizeof(unsigned); ++i)
+    if (((const unsigned *)p)[i] != seed + (unsigned)i) return 0;
+  return 1;
+}
+
+static void test_open_entries(void) {
+  int fd = openat(AT_FDCWD, "/dev/hmm_dmirror0", O_RDWR);
+  CHECK(fd >= 0);
+  close(fd);
+  fd = __open_2("/dev/hmm_dmirror1", O_RDWR);
+  CHECK(fd >= 0);
+  close(fd);
+  errno = 0;
+  CHECK(open("/dev/hmm_dmirror2", O_RDWR) == -1 && errno == ENOENT); /* no coherent memory: as the kernel */
+}
+
+static void test_errors(int fd) {
+  char *buf = map_rw(N), *out = map_rw(N);
+  struct dm_cmd c;
+  errno = 0;
+  CHECK(ioctl(fd, _IOWR('H', 0x09, struct dm_cmd), &(struct dm_cmd){(uintptr_t)buf, (uintptr_t)out, 1, 0, 0}) == -1 &&
+        errno == EINVAL);
+  errno = 0;
+  CHECK(ioctl(fd, DM_READ, (void *)8) == -1 && errno == EFAULT);
+  errno = 0;
+  CHECK(cmd(fd, DM_READ, buf, out, 0, &c) == -1 && errno == EINVAL);
+  errno = 0;
+  CHECK(cmd(fd, DM_READ, buf + 1, out, 1, &c) == -1 && errno == EINVAL);
+  errno = 0;
+  CHECK(cmd(fd, DM_READ, buf, (void *)8, 1, &c) == -1 && errno == EFAULT); /* bad ptr */
+  munmap(buf, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
+static void test_read_write(int fd) {
+  char *buf = map_rw(N), *out = map_rw(N);
+  struct dm_cmd c;
+  fill(buf, N, 100);
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == 0);
+  CHECK(c.cpages == N && c.faults == 1);
+  CHECK(same(out, N, 100));
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == 0);
+  CHECK(c.cpages == N && c.faults == 0); /* all mirrored now */
+  fill(out, N, 200);
+  CHECK(cmd(fd, DM_WRITE, buf, out, N, &c) == 0);
+  CHECK(c.cpages == N && c.faults == 0);
+  CHECK(same(buf, N, 200));
+  /* After munmap the mirror drops the range: a READ there is EFAULT. */
+  munmap(buf + 8 * PAGE, 8 * PAGE);
+  errno = 0;
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == -1 && errno == EFAULT && c.cpages == 0xdead);
+  munmap(buf, 8 * PAGE);
+
+  char *ro = mmap(NULL, N * PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  errno = 0;
+  CHECK(cmd(fd, DM_WRITE, ro, out, N, &c) == -1 && errno == EPERM);
+  CHECK(cmd(fd, DM_READ, ro, out, N, &c) == 0 && c.faults == 1);
+  mprotect(ro, N * PAGE, PROT_NONE);
+  errno = 0;
+  CHECK(cmd(fd, DM_READ, ro, out, N, &c) == -1 && errno == EFAULT);
+  munmap(ro, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
+static void test_migrate(int fd) {
+  char *buf = map_rw(N), *out = map_rw(N);
+  unsigned char snap[N];
+  struct dm_cmd c;
+  fill(buf, N, 300);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0);
+  CHECK(c.cpages == N);
+  CHECK(same(out, N, 300));
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && c.cpages == N);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x22);
+  /* The device reads its own pages without a fault. */
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == 0 && c.faults == 0 && same(out, N, 300));
+  /* A CPU access brings one page back. */
+  CHECK(((unsigned *)(buf + 3 * PAGE))[0] == 300 + 3 * PAGE / sizeof(unsigned));
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  CHECK(snap[3] == 0x02 && snap[2] == 0x22 && snap[4] == 0x22);
+  /* A syscall on a device page works as on the kernel. */
+  int pipefd[2];
+  CHECK(pipe(pipefd) == 0);
+  CHECK(write(pipefd[1], buf + 5 * PAGE, PAGE) == (ssize_t)PAGE);
+  CHECK(read(pipefd[0], out, PAGE) == (ssize_t)PAGE);
+  CHECK(memcmp(out, buf + 5 * PAGE, PAGE) == 0);
+  close(pipefd[0]);
+  close(pipefd[1]);
+  /* Back to system memory: only the pages still on the device move. */
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0);
+  CHECK(c.cpages == N - 2);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x02);
+  CHECK(same(buf, N, 300));
+  /* munmap of part of a migrated range keeps the rest. */
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0);
+  munmap(buf + 4 * PAGE, 4 * PAGE);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  CHECK(snap[4] == 0xFF && snap[7] == 0xFF && snap[8] == 0x22);
+  CHECK(same(buf, 4, 300));
+  CHECK(same(buf + 8 * PAGE, 8, 300 + 8 * PAGE / sizeof(unsigned)));
+  munmap(buf, 4 * PAGE);
+  munmap(buf + 8 * PAGE, 8 * PAGE);
+  munmap(out, N * PAGE);
+}
+
+static void test_snapshot_kinds(int fd) {
+  char *buf = map_rw(4), *out = map_rw(4);
+  unsigned char snap[4];
+  struct dm_cmd c;
+  buf[0] = 1;                            /* page 0 populated writable, 1 untouched */
+  mprotect(buf + 2 * PAGE, PAGE, PROT_READ);
+  (void)*(volatile char *)(buf + 2 * PAGE); /* page 2 read-only, populated */
+  mprotect(buf + 3 * PAGE, PAGE, PROT_NONE);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, 4, &c) == 0);
+  CHECK(snap[0] == 0x02);
+  CHECK(snap[1] == 0x00);
+  CHECK((snap[2] & 0x0F) == 0x01); /* 0x01, or 0x11 where the kernel maps the zero page */
+  CHECK(snap[3] == 0xFF);
+  munmap(buf, 4 * PAGE);
+  munmap(out, 4 * PAGE);
+}
+
+static void test_shared_refuses(int fd) {
+  char *sh = mmap(NULL, N * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  char *out = map_rw(N);
+  struct dm_cmd c;
+  fill(sh, N, 400);
+  errno = 0;
+  CHECK(cmd(fd, DM_TO_DEV, sh, out, N, &c) == -1 && errno == ENOENT);
+  CHECK(cmd(fd, DM_READ, sh, out, N, &c) == 0 && same(out, N, 400)); /* still readable in place */
+  fill(out, N, 401);
+  CHECK(cmd(fd, DM_WRITE, sh, out, N, &c) == 0 && same(sh, N, 401));
+  munmap(sh, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
+static void test_fail_alloc(int fd) {
+  char *buf = map_rw(2), *out = map_rw(2);
+  struct dm_cmd c;
+  fill(buf, 2, 500);
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 1, &c) == 0);
+  errno = 0;
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == -1 && errno == ENOENT); /* the one page was not migrated */
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, 2, &c) == 0 && c.cpages == 2); /* once only */
+  CHECK(same(buf, 2, 500));
+  munmap(buf, 2 * PAGE);
+  munmap(out, 2 * PAGE);
+}
+
+static void test_exclusive(int fd) {
+  char *buf = map_rw(4), *out = map_rw(4);
+  struct dm_cmd c;
+  fill(buf, 4, 600);
+  CHECK(cmd(fd, DM_EXCLUSIVE, buf, out, 4, &c) == 0 && c.cpages == 4);
+  CHECK(same(out, 4, 600));
+  errno = 0;
+  CHECK(cmd(fd, DM_CHECK_EXCLUSIVE, buf, NULL, 4, &c) == -1 && errno == EPERM);
+  for (unsigned long i = 0; i < 4; ++i) ((unsigned *)(buf + i * PAGE))[0] += 1; /* CPU access revokes */
+  CHECK(cmd(fd, DM_CHECK_EXCLUSIVE, buf, NULL, 4, &c) == 0);
+  CHECK(((unsigned *)(buf + PAGE))[0] == 600 + PAGE / sizeof(unsigned) + 1);
+  munmap(buf, 4 * PAGE);
+  munmap(out, 4 * PAGE);
+}
+
+static void test_release_and_close(int fd) {
+  char *buf = map_rw(N), *out = map_rw(N);
+  unsigned char snap[N];
+  struct dm_cmd c;
+  fill(buf, N, 700);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0);
+  CHECK(cmd(fd, DM_RELEASE, buf, NULL, N, &c) == 0);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x02);
+  /* A second fd of the same device: closing it evicts the device. */
+  int fd2 = open("/dev/hmm_dmirror0", O_RDWR);
+  CHECK(fd2 >= 0);
+  CHECK(cmd(fd2, DM_TO_DEV, buf, out, N, &c) == 0);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x22);
+  close(fd2);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x02);
+  CHECK(same(buf, N, 700));
+  /* Another device's pages show as NONE to this one. */
+  int other = open("/dev/hmm_dmirror1", O_RDWR);
+  CHECK(other >= 0);
+  CHECK(cmd(other, DM_TO_DEV, buf, out, N, &c) == 0);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x00);
+  CHECK(cmd(other, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x22);
+  close(other);
+  CHECK(same(buf, N, 700));
+  munmap(buf, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
+static void test_fork(int fd) {
+  char *buf = map_rw(N), *out = map_rw(N);
+  struct dm_cmd c;
+  fill(buf, N, 800);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (!same(buf, N, 800)) _exit(2);
+    /* The inherited fd works in the child, on the child's memory. */
+    char *cb = map_rw(N), *co = map_rw(N);
+    fill(cb, N, 900);
+    if (cmd(fd, DM_TO_DEV, cb, co, N, &c) != 0 || !same(co, N, 900)) _exit(3);
+    if (!same(cb, N, 900)) _exit(4);
+    _exit(0);
+  }
+  int status = 0;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) fprintf(stderr, "child status %d\n", status);
+  CHECK(same(buf, N, 800));
+  munmap(buf, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
+static void test_device_mmap(int fd) {
+  unsigned char snap[2];
+  struct dm_cmd c;
+  char *m = mmap(NULL, 2 * PAGE, PROT_READ, MAP_PRIVATE, fd, 0);
+  CHECK(m != MAP_FAILED);
+  if (m == MAP_FAILED) return;
+  CHECK(m[0] == 0 && m[PAGE] == 0);
+  CHECK(cmd(fd, DM_SNAPSHOT, m, snap, 2, &c) == 0 && (snap[0] & 0x03) == 0x01);
+  munmap(m, 2 * PAGE);
+}
+
+int main(void) {
+  int fd = open("/dev/hmm_dmirror0", O_RDWR);
+  if (fd < 0 && errno != ENOENT && errno != ENOMEM) {
+    fprintf(stderr, "SKIP: cannot open /dev/hmm_dmirror0: %s\n", strerror(errno));
+    return 77;
+  }
+  if (fd < 0) {
+    fprintf(stderr, "open /dev/hmm_dmirror0: %s (is libuhmm-dmirror.so preloaded?)\n", strerror(errno));
+    return 1;
+  }
+  test_open_entries();
+  test_errors(fd);
+  test_read_write(fd);
+  test_migrate(fd);
+  test_snapshot_kinds(fd);
+  test_shared_refuses(fd);
+  test_fail_alloc(fd);
+  test_exclusive(fd);
+  test_release_and_close(fd);
+  test_fork(fd);
+  test_device_mmap(fd);
+  close(fd);
+  if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
+  else printf("dmirror_abi_test: all checks passed\n");
+  return failures ? 1 : 0;
+}
