@@ -1,88 +1,9 @@
-// compat: /proc/self/maps (maps.hpp).
+// compat: splitting a command's range by the program's mappings (maps.hpp).
 #include "compat/maps.hpp"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <charconv>
 
 namespace uhmm::compat {
-
-bool Mapping::adoptable() const {
-  return !shared && anonymous && prot == (PROT_READ | PROT_WRITE) && name != "[stack]";
-}
-
-namespace {
-
-bool parse_hex(std::string_view s, std::uintptr_t* out) {
-  const auto r = std::from_chars(s.data(), s.data() + s.size(), *out, 16);
-  return r.ec == std::errc{} && r.ptr == s.data() + s.size();
-}
-
-// Splits off the next space-separated field.
-std::string_view next_field(std::string_view& line) {
-  const auto b = line.find_first_not_of(' ');
-  if (b == std::string_view::npos) {
-    line = {};
-    return {};
-  }
-  line.remove_prefix(b);
-  const auto e = line.find(' ');
-  std::string_view f = line.substr(0, e);
-  line.remove_prefix(e == std::string_view::npos ? line.size() : e);
-  return f;
-}
-
-}  // namespace
-
-std::vector<Mapping> parse_maps(std::string_view text) {
-  std::vector<Mapping> out;
-  while (!text.empty()) {
-    const auto nl = text.find('\n');
-    std::string_view line = text.substr(0, nl);
-    text.remove_prefix(nl == std::string_view::npos ? text.size() : nl + 1);
-    const std::string_view range = next_field(line), perms = next_field(line);
-    next_field(line);  // offset
-    next_field(line);  // device
-    const std::string_view inode = next_field(line);
-    const auto dash = range.find('-');
-    Mapping m;
-    if (dash == std::string_view::npos || perms.size() < 4 || inode.empty() ||
-        !parse_hex(range.substr(0, dash), &m.start) || !parse_hex(range.substr(dash + 1), &m.end) || m.end <= m.start)
-      continue;
-    const auto b = line.find_first_not_of(' ');
-    m.name = b == std::string_view::npos ? std::string() : std::string(line.substr(b));
-    m.prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) | (perms[2] == 'x' ? PROT_EXEC : 0);
-    m.shared = perms[3] == 's';
-    m.anonymous = inode == "0" && (m.name.empty() || m.name == "[heap]" || m.name == "[stack]" ||
-                                   m.name.rfind("[anon:", 0) == 0);
-    out.push_back(std::move(m));
-  }
-  return out;
-}
-
-Result<std::vector<Mapping>> read_maps() {
-  // Read with plain syscalls: no stdio buffers, and nothing interposed.
-  const int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::error(EIO, "cannot open /proc/self/maps");
-  std::string text;
-  char buf[16384];
-  for (;;) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      ::close(fd);
-      return Status::error(EIO, "cannot read /proc/self/maps");
-    }
-    if (n == 0) break;
-    text.append(buf, static_cast<std::size_t>(n));
-  }
-  ::close(fd);
-  return parse_maps(text);
-}
 
 std::vector<Piece> split_range(const std::vector<Mapping>& maps, std::uintptr_t start, std::uintptr_t end) {
   std::vector<Piece> out;

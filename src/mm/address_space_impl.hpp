@@ -226,6 +226,9 @@ struct AddressSpace::Impl {
                                                   bool write);
   /// Makes the access at `addr` end in SIGBUS (EFAULT for a syscall).
   void poison_or_wake(VirtAddr addr);
+  /// A fault at `addr` beyond every managed range: if mremap grew the range
+  /// below it in place, the range takes the growth (true: look again).
+  bool take_in_place_growth(VirtAddr addr);
   /// Zero-fills never-populated pages around `addr`; false if the faulting
   /// entry was locked meanwhile (the caller re-evaluates).
   bool resolve_missing(mm::Region& region, VirtAddr addr);

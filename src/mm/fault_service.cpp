@@ -17,6 +17,7 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/maps.hpp"
 #include "uhmm/device_memory.hpp"
 
 namespace uhmm {
@@ -130,13 +131,13 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
   mm::RegionPin region = pin_region(addr, addr + kPageSize);
   if (!region && waits_for_event(addr)) return FaultResult::kParked;
   if (!region) region = pin_region(addr, addr + kPageSize);
+  if (!region && take_in_place_growth(addr)) region = pin_region(addr, addr + kPageSize);
   if (!region) {
     // A message from our uffd for an address that is not (or no longer) a
-    // managed range: the part of a range mremap grew in place, or a range
-    // unmapped meanwhile.  Let the access go on as for plain anonymous
-    // memory.  (A SIGBUS may come from any uffd, and the kernel lets one
-    // uffd fill another's range: in SIGBUS mode the address is not ours.
-    // FIXME: the grown part of an mremap'd range then ends in SIGBUS.)
+    // managed range: a range unmapped meanwhile.  Let the access go on as
+    // for plain anonymous memory.  (A SIGBUS may come from any uffd, and
+    // the kernel lets one uffd fill another's range: in SIGBUS mode the
+    // address is not ours.)
     if (options.fault_mode == FaultMode::kServiceThreads && uffd.zeropage(addr, kPageSize, /*wake=*/true).is_ok())
       return FaultResult::kResolved;
     wake(addr, 1);
@@ -351,6 +352,33 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
   stats.add(already_present ? Counter::faults_spurious : Counter::hole_faults);
   // Wake only now, with every entry settled and the staging pages returned.
   wake(lo, (hi - lo) / kPageSize);
+  return true;
+}
+
+bool AddressSpace::Impl::take_in_place_growth(VirtAddr addr) {
+  // mremap grew a managed range in place: the kernel extended its mapping,
+  // registration included, and reports no event.  One mapping then holds
+  // the range and `addr` beyond its end (docs/address-space-events.md).
+  std::shared_ptr<mm::Region> below;
+  std::uintptr_t limit = ~std::uintptr_t{0};  // the next managed range's start
+  {
+    ReaderLock lock(regions_mutex);
+    auto it = regions.upper_bound(addr.value);
+    if (it != regions.end()) limit = it->first;
+    if (it == regions.begin()) return false;
+    below = std::prev(it)->second;
+  }
+  const std::optional<platform::Mapping> m = platform::mapping_at(addr);
+  if (!m || m->start > below->info.start.value || !m->private_anonymous()) return false;
+  WriterLock lock(regions_mutex);
+  auto it = regions.find(below->info.start.value);
+  if (it == regions.end() || it->second != below) return true;  // replaced meanwhile: look again
+  auto grown = std::make_shared<mm::Region>();
+  grown->info = below->info;
+  grown->info.length = std::min(m->end, limit) - below->info.start.value;
+  // Operations in flight keep the old object and its (shorter) view.
+  it->second = std::move(grown);
+  stats.add(Counter::uffd_events);
   return true;
 }
 

@@ -1,5 +1,7 @@
 #include "platform/uffd.hpp"
 
+#include "platform/maps.hpp"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -8,8 +10,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 namespace uhmm::platform {
@@ -235,32 +235,10 @@ Status advise(VirtAddr start, std::size_t len, int advice) {
 }
 
 bool is_private_anonymous_mapping(VirtAddr start, std::size_t len, int* prot_out) {
-  std::ifstream maps("/proc/self/maps");
-  std::string line;
-  while (std::getline(maps, line)) {
-    std::istringstream in(line);
-    std::string range, perms, offset, dev, inode_s, path;
-    in >> range >> perms >> offset >> dev >> inode_s;
-    std::getline(in, path);
-    const auto dash = range.find('-');
-    const std::uintptr_t lo = std::stoull(range.substr(0, dash), nullptr, 16);
-    const std::uintptr_t hi = std::stoull(range.substr(dash + 1), nullptr, 16);
-    if (start.value < lo || start.value >= hi) continue;
-    // Found the mapping holding start: it must cover the whole range.
-    if (start.value + len > hi) return false;
-    if (perms.size() < 4 || perms[3] != 'p') return false;
-    if (inode_s != "0") return false;
-    const auto first = path.find_first_not_of(' ');
-    const std::string name = first == std::string::npos ? "" : path.substr(first);
-    if (!name.empty() && name != "[heap]" && name.rfind("[anon:", 0) != 0) return false;
-    int prot = 0;
-    if (perms[0] == 'r') prot |= 1;
-    if (perms[1] == 'w') prot |= 2;
-    if (perms[2] == 'x') prot |= 4;
-    if (prot_out) *prot_out = prot;
-    return true;
-  }
-  return false;
+  const std::optional<Mapping> m = mapping_at(start);
+  if (!m || start.value + len > m->end || !m->private_anonymous()) return false;
+  if (prot_out) *prot_out = m->prot;
+  return true;
 }
 
 Status resident_pages(VirtAddr start, std::size_t len, unsigned char* out) {

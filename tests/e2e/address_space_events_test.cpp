@@ -216,6 +216,37 @@ TEST_P(AddressSpaceEvents, MremapDontunmapLeavesTheOldRangeManagedAndEmpty) {
   EXPECT_TRUE(as->unmap(to).is_ok());
 }
 
+// mremap growing a range in place reports no event: the first access to
+// the new part tells uhmm, which takes it into the range.
+TEST_P(AddressSpaceEvents, MremapGrowingInPlaceExtendsTheManagedRange) {
+  void* p = ::mmap(nullptr, 16 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  const VirtAddr mine = VirtAddr::of(p);
+  ASSERT_EQ(::munmap((mine + 8 * kPageSize).ptr(), 8 * kPageSize), 0);  // room to grow into
+  test::fill_range(mine, 8, 500);
+  ASSERT_TRUE(as->adopt(mine, 8 * kPageSize).is_ok());
+  ASSERT_TRUE(dev->migrate_to_device(*as, mine, 8 * kPageSize).is_ok());
+  void* grown = ::mremap(p, 8 * kPageSize, 16 * kPageSize, 0);
+  if (grown == MAP_FAILED) GTEST_SKIP() << "something was mapped right after the range meanwhile";
+  ASSERT_EQ(grown, p);
+  // The new part reads as zeros and takes writes, in both fault modes.
+  EXPECT_EQ((mine + 12 * kPageSize).as<volatile std::uint64_t>()[0], 0u);
+  test::fill_range(mine + 8 * kPageSize, 8, 508);
+  const auto region = as->find_region(mine + 12 * kPageSize);
+  ASSERT_TRUE(region.has_value());
+  EXPECT_EQ(region->start, mine);
+  EXPECT_EQ(region->length, 16 * kPageSize);
+  // It is managed memory like the rest: it migrates and comes back.
+  auto rep = dev->migrate_to_device(*as, mine, 16 * kPageSize);
+  ASSERT_TRUE(rep.is_ok());
+  EXPECT_EQ(rep->pages_migrated, 8u);  // the first half is there already
+  EXPECT_TRUE(range_has_pattern(mine, 16, 500));
+  ASSERT_TRUE(test::settles(*as));
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(as->unmap(mine).is_ok());
+  ::munmap(p, 16 * kPageSize);
+}
+
 INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
                          ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
                          [](const ::testing::TestParamInfo<FaultMode>& mode) { return test::fault_mode_name(mode.param); });

@@ -1,0 +1,37 @@
+// platform: the process's mappings, as /proc/self/maps lists them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "uhmm/status.hpp"
+#include "uhmm/types.hpp"
+
+namespace uhmm::platform {
+
+struct Mapping {
+  std::uintptr_t start = 0;
+  std::uintptr_t end = 0;
+  int prot = 0;          // PROT_READ | PROT_WRITE | PROT_EXEC bits
+  bool shared = false;   // 's' in the permissions
+  bool anonymous = false;  // no file behind it: inode 0 and no name, [heap], [stack] or [anon:...]
+  std::string name;
+
+  /// Private anonymous memory other than the main stack: what uhmm can
+  /// manage (AddressSpace::adopt also wants it read-write).
+  bool private_anonymous() const { return !shared && anonymous && name != "[stack]"; }
+  /// Whether AddressSpace::adopt accepts it: private anonymous, read-write.
+  bool adoptable() const;
+};
+
+/// Parses the text of /proc/<pid>/maps.  Lines that do not parse are skipped.
+std::vector<Mapping> parse_maps(std::string_view text);
+/// /proc/self/maps, parsed.  EIO if it cannot be read.
+Result<std::vector<Mapping>> read_maps();
+/// The mapping holding `addr`, if any (nullopt also when the maps cannot be read).
+std::optional<Mapping> mapping_at(VirtAddr addr);
+
+}  // namespace uhmm::platform
