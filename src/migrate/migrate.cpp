@@ -580,8 +580,8 @@ void migrate_vma_pages(MigrateVma& m) {
     }
     if (!ok) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
   }
-  // FIXME(issue 3): fire the MIGRATE invalidation (with pgmap_owner) to
-  // interval notifiers here, once mirroring exists.
+  // (The MIGRATE invalidation went out in setup, before anything was
+  // unmapped, as the kernel's collect step sends it.)
 }
 
 namespace {
