@@ -196,6 +196,7 @@ class SimDevice {
   DevicePage* alloc_page();
   void free_page(DevicePage& page);
   FaultOutcome migrate_to_ram(const CpuFault& fault);
+  FaultOutcome migrate_one_to_ram(AddressSpace& as, const CpuFault& fault);
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
                                       bool to_device);
   class Mirror;

@@ -49,8 +49,13 @@ struct Rig {
   VirtAddr other;   // kPages that stay on the CPU
 };
 
-// Builds the scenario in the child; returns 0 or a ChildCode.
-int build(Rig& rig) {
+// How the device fails to bring a page back.
+enum class Failure { kMigrateToRam, kOnePageCopy };
+
+// Builds the scenario in the child; returns 0 or a ChildCode.  With
+// kOnePageCopy, a fault brings back the faulting page alone (the device's
+// one-page path) and its copy fails.
+int build(Rig& rig, Failure failure = Failure::kMigrateToRam) {
   auto as_r = AddressSpace::create();
   if (!as_r.is_ok()) return kNoAddressSpace;
   rig.as = std::move(*as_r);
@@ -58,6 +63,7 @@ int build(Rig& rig) {
   o.memory_bytes = 16 << 20;
   o.warm_memory = false;
   o.dma_threads = 1;
+  if (failure == Failure::kOnePageCopy) o.fault_around_pages = 1;
   auto dev_r = sim::SimDevice::create(o);
   if (!dev_r.is_ok()) return kNoDevice;
   rig.dev = std::move(*dev_r);
@@ -71,14 +77,18 @@ int build(Rig& rig) {
   if (!test::eventually([&] { return rig.as->check_invariants().is_ok(); })) return kNotSettled;
   auto rep = rig.dev->migrate_to_device(*rig.as, rig.base, kPages * kPageSize);
   if (!rep.is_ok() || rep->pages_migrated != kPages) return kNotMigrated;
-  rig.dev->faults().fail_migrate_to_ram(true);
+  if (failure == Failure::kMigrateToRam) {
+    rig.dev->faults().fail_migrate_to_ram(true);
+  } else {
+    rig.dev->faults().fail_copy_after(0);
+  }
   return kOk;
 }
 
-int access_child(bool write) {
+int access_child(bool write, Failure failure = Failure::kMigrateToRam) {
   ::signal(SIGBUS, SIG_DFL);  // the default action, even under a sanitizer
   Rig rig;
-  if (const int rc = build(rig); rc != kOk) return rc;
+  if (const int rc = build(rig, failure); rc != kOk) return rc;
   auto* p = (rig.base + kBadPage * kPageSize).as<volatile std::uint64_t>();
   if (write) {
     p[7] = 42;
@@ -96,6 +106,30 @@ TEST(SigbusTest, ReadOfPageTheDeviceCannotReturnRaisesSigbus) {
 TEST(SigbusTest, WriteToPageTheDeviceCannotReturnRaisesSigbus) {
   const test::ChildResult r = test::run_in_child([] { return access_child(true); });
   EXPECT_TRUE(r.signaled && r.signal == SIGBUS) << "child " << r.describe();
+}
+
+TEST(SigbusTest, FailedCopyOfAOnePageFaultRaisesSigbus) {
+  const test::ChildResult r = test::run_in_child([] { return access_child(false, Failure::kOnePageCopy); });
+  EXPECT_TRUE(r.signaled && r.signal == SIGBUS) << "child " << r.describe();
+}
+
+// After the failed copy the data is still on the device, intact.
+TEST(SigbusTest, FailedCopyOfAOnePageFaultLosesNothing) {
+  const test::ChildResult r = test::run_in_child([] {
+    Rig rig;
+    if (const int rc = build(rig, Failure::kOnePageCopy); rc != kOk) return rc;
+    int p[2];
+    if (::pipe(p) != 0) return static_cast<int>(kSyscallDidNotFail);
+    if (::write(p[1], (rig.base + kBadPage * kPageSize).ptr(), kPageSize) != -1 || errno != EFAULT)
+      return static_cast<int>(kSyscallDidNotFail);
+    if (rig.dev->stats().get(Counter::dma_copy_fail) != 1) return static_cast<int>(kNoFailCount);
+    rig.dev->faults().disarm();
+    auto back = rig.dev->migrate_to_system(*rig.as, rig.base, kPages * kPageSize);
+    if (!back.is_ok() || back->pages_migrated != kPages) return static_cast<int>(kRecoveryFailed);
+    if (!test::range_has_pattern(rig.base, kPages)) return static_cast<int>(kRecoveredDataWrong);
+    return static_cast<int>(kOk);
+  });
+  EXPECT_TRUE(r.exited && r.exit_code == kOk) << "child " << r.describe();
 }
 
 int syscall_child() {

@@ -562,6 +562,7 @@ FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
       if (span == kHugePageSize) prefetcher_->on_fault(as, block, *region);
     }
   }
+  if (hi - lo == kPageSize) return migrate_one_to_ram(as, fault);
   ScopedMigrateVma mig(as, lo, hi, owner(), MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.page);
   if (!mig.setup().is_ok()) return FaultOutcome::kSigbus;
   const std::size_t fault_index = (fault.address - lo) / kPageSize;
@@ -575,6 +576,40 @@ FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
   mig.finalize();
   if (fault_page_collected && !fault_page_copied) return FaultOutcome::kSigbus;
   return FaultOutcome::kOk;
+}
+
+FaultOutcome SimDevice::migrate_one_to_ram(AddressSpace& as, const CpuFault& fault) {
+  // The same three phases for the faulting page alone, with nothing on the
+  // heap: this is the whole of a one-page fault's service time.
+  std::uint64_t src = 0, dst = 0;
+  MigrateVma m;
+  m.address_space = &as;
+  m.start = fault.address;
+  m.end = fault.address + kPageSize;
+  m.src = &src;
+  m.dst = &dst;
+  m.pgmap_owner = owner();
+  m.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+  m.fault_page = fault.page;
+  if (!migrate_vma_setup(m).is_ok()) return FaultOutcome::kSigbus;
+  const bool collected = src & MIGRATE_PFN_MIGRATE;
+  std::uint64_t pfn = 0;
+  const bool allocated = collected && alloc_system_pages(as, std::span<std::uint64_t>(&pfn, 1)).is_ok();
+  if (allocated) {
+    CopyOp op{page_memory(*migrate_pfn_to_device_page(src)), reinterpret_cast<std::byte*>(pfn << kPageShift)};
+    dma_->copy(std::span<CopyOp>(&op, 1));
+    if (op.ok) {
+      stats_.add(Counter::dma_bytes_from_device, kPageSize);
+      dst = migrate_pfn(pfn);
+    } else {
+      stats_.add(Counter::dma_copy_fail);
+      free_system_pages(as, std::span<const std::uint64_t>(&pfn, 1));
+    }
+  }
+  migrate_vma_pages(m);
+  migrate_vma_finalize(m);
+  if (collected && !allocated) return FaultOutcome::kOom;
+  return collected && dst == 0 ? FaultOutcome::kSigbus : FaultOutcome::kOk;
 }
 
 Result<MigrateReport> SimDevice::evict_all() {
