@@ -641,6 +641,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
   }
   std::lock_guard table(table_mutex_);
   runtime_ = rt;
+  published_as_.store(rt->as.get(), std::memory_order_release);
   return rt;
 }
 
@@ -785,6 +786,7 @@ void DmirrorProcess::child_after_fork() {
     for (auto& [fd, entry] : fds_) leaked->push_back(std::move(entry.file));
     for (auto& dev : runtime_->devices) (void)dev.release();
     (void)runtime_->as.release();
+    published_as_.store(nullptr, std::memory_order_release);
     runtime_ = nullptr;  // leaked: its adopt mutex may have been held by a thread that is gone
   }
   table_mutex_.unlock();
