@@ -65,6 +65,12 @@ class DmirrorProcess {
   /// ioctl on a device fd: nullopt if `fd` is not a device fd; else 0 or errno.
   std::optional<int> ioctl(int fd, unsigned long request, std::uintptr_t arg);
 
+  /// mprotect(addr, len, prot) of memory uhmm manages: nullopt when no
+  /// managed range overlaps it (the caller then calls libc's mprotect);
+  /// else 0 or the errno, the whole range handled (ADR 0005, "mprotect").
+  /// Lock-free when the library has no address space yet.
+  std::optional<int> mprotect(std::uintptr_t addr, std::size_t len, int prot);
+
   /// The address space of the current fork generation, or nullptr before
   /// the first open (and in a forked child until its first command).
   /// Lock-free, for the interposed pagemap reads; what it points to is

@@ -39,6 +39,7 @@ UHMM_EXPORT int uhmm_dm_close(int fd) __asm__("close");
 UHMM_EXPORT int uhmm_dm_ioctl(int fd, unsigned long request, ...) __asm__("ioctl");
 UHMM_EXPORT void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) __asm__("mmap");
 UHMM_EXPORT void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t off) __asm__("mmap64");
+UHMM_EXPORT int uhmm_dm_mprotect(void* addr, size_t len, int prot) __asm__("mprotect");
 UHMM_EXPORT ssize_t uhmm_dm_read(int fd, void* buf, size_t n) __asm__("read");
 UHMM_EXPORT ssize_t uhmm_dm_read_chk(int fd, void* buf, size_t n, size_t buflen) __asm__("__read_chk");
 UHMM_EXPORT ssize_t uhmm_dm_pread(int fd, void* buf, size_t n, off_t off) __asm__("pread");
@@ -246,6 +247,23 @@ void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t 
       DmirrorProcess::instance().is_device_fd(fd))
     return map_device(next, addr, len, prot, flags);
   return next(addr, len, prot, flags, fd, off);
+}
+
+// mprotect of memory uhmm manages goes through uhmm (ADR 0005, "mprotect");
+// before the first device open, and for everything else, straight to libc.
+int uhmm_dm_mprotect(void* addr, size_t len, int prot) {
+  using MprotectFn = int (*)(void*, size_t, int);
+  if (DmirrorProcess::address_space() != nullptr) {
+    try {
+      if (const auto r = DmirrorProcess::instance().mprotect(reinterpret_cast<std::uintptr_t>(addr), len, prot))
+        return *r == 0 ? 0 : fail(*r);
+    } catch (const std::bad_alloc&) {
+      return fail(ENOMEM);
+    } catch (...) {
+      return fail(EIO);
+    }
+  }
+  return UHMM_NEXT(MprotectFn, "mprotect")(addr, len, prot);
 }
 
 // ---- pagemap reads -----------------------------------------------------------

@@ -364,6 +364,58 @@ static void test_pagemap(int fd) {
   munmap(out, 4 * PAGE);
 }
 
+/* mprotect of memory the device uses: the device sees the new protection
+ * at once (its mirror drops the range), the data stays. */
+static void test_mprotect(int fd) {
+  char *buf = map_rw(N), *out = map_rw(N);
+  struct dm_cmd c;
+  fill(buf, N, 1100);
+  /* Held exclusively, then made read-only (the kernel selftest's sequence). */
+  CHECK(cmd(fd, DM_EXCLUSIVE, buf, out, N, &c) == 0);
+  CHECK(mprotect(buf, N * PAGE, PROT_READ) == 0);
+  CHECK(cmd(fd, DM_CHECK_EXCLUSIVE, buf, NULL, N, &c) == 0); /* the protection change revoked it */
+  fill(out, N, 1101);
+  errno = 0;
+  CHECK(cmd(fd, DM_WRITE, buf, out, N, &c) == -1 && errno == EPERM);
+  CHECK(same(buf, N, 1100));
+  errno = 0;
+  CHECK(cmd(fd, DM_EXCLUSIVE, buf, out, N, &c) == -1); /* not writable */
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == 0 && same(out, N, 1100));
+  /* Back to read-write: the device writes again. */
+  CHECK(mprotect(buf, N * PAGE, PROT_READ | PROT_WRITE) == 0);
+  fill(out, N, 1102);
+  CHECK(cmd(fd, DM_WRITE, buf, out, N, &c) == 0);
+  CHECK(same(buf, N, 1102));
+  /* On the device, then read-only: the device's pages lose their write access. */
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0);
+  CHECK(mprotect(buf + 4 * PAGE, 4 * PAGE, PROT_READ) == 0); /* part of the range */
+  errno = 0;
+  CHECK(cmd(fd, DM_WRITE, buf, out, N, &c) == -1 && errno == EPERM);
+  CHECK(cmd(fd, DM_WRITE, buf, out, 4, &c) == 0); /* the writable part still works */
+  CHECK(same(buf, N, 1102));
+  /* PROT_NONE: the device cannot read it either, and migration refuses. */
+  CHECK(mprotect(buf, N * PAGE, PROT_NONE) == 0);
+  errno = 0;
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == -1 && errno == EFAULT);
+  errno = 0;
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == -1 && errno == EINVAL);
+  /* A protection uhmm does not manage (execute): applied, data intact, and
+   * back to read-write the range migrates again. */
+  CHECK(mprotect(buf, N * PAGE, PROT_READ | PROT_EXEC) == 0);
+  CHECK(same(buf, N, 1102));
+  errno = 0;
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == -1 && errno == ENOENT);
+  CHECK(mprotect(buf, N * PAGE, PROT_READ | PROT_WRITE) == 0);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0 && same(out, N, 1102));
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0);
+  CHECK(same(buf, N, 1102));
+  /* Bad input: libc's errors. */
+  errno = 0;
+  CHECK(mprotect(buf + 1, PAGE, PROT_READ) == -1 && errno == EINVAL);
+  munmap(buf, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
 int main(void) {
   int fd = open("/dev/hmm_dmirror0", O_RDWR);
   if (fd < 0 && errno != ENOENT && errno != ENOMEM) {
@@ -386,6 +438,7 @@ int main(void) {
   test_fork(fd);
   test_device_mmap(fd);
   test_pagemap(fd);
+  test_mprotect(fd);
   close(fd);
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   else printf("dmirror_abi_test: all checks passed\n");
