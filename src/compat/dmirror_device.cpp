@@ -3,6 +3,7 @@
 // docs/adr/0005-dmirror-emulation.md.
 #include "compat/dmirror_device.hpp"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -268,6 +269,11 @@ int DmirrorFile::fault_rest(const std::vector<Span>& spans, std::uintptr_t from,
         if (write && !(s.prot & PROT_WRITE)) return EPERM;
         break;
       case Kind::kManaged:
+        // The kernel's walk reports the device's own page of a read-only
+        // range without faulting it, read-only, so its driver would retry a
+        // write there without end; a read-only range is EPERM here at once,
+        // as for any other page of it.
+        if (write && !(s.prot & PROT_WRITE)) return EPERM;
         for (std::uintptr_t c = lo; c < s.end;) {
           const std::uintptr_t ce = std::min(s.end, c + kFaultChunkPages * kPageSize);
           const Status st =
@@ -606,6 +612,19 @@ int DmirrorFile::cmd_check_exclusive(DmirrorCmd& cmd) {
 // ---- the process -----------------------------------------------------------
 
 namespace {
+// Set while this thread changes protections through uhmm: uhmm's own
+// ::mprotect comes back through the interposed one and must go to libc.
+// Initial-exec: the library is preloaded, and the access must not allocate.
+thread_local bool in_mprotect __attribute__((tls_model("initial-exec"))) = false;
+
+using MprotectFn = int (*)(void*, std::size_t, int);
+MprotectFn libc_mprotect() {
+  static const auto fn = reinterpret_cast<MprotectFn>(::dlsym(RTLD_NEXT, "mprotect"));
+  return fn != nullptr ? fn : &::mprotect;
+}
+}  // namespace
+
+namespace {
 void atfork_prepare() { DmirrorProcess::instance().prepare_fork(); }
 void atfork_parent() { DmirrorProcess::instance().parent_after_fork(); }
 void atfork_child() { DmirrorProcess::instance().child_after_fork(); }
@@ -641,6 +660,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
   }
   std::lock_guard table(table_mutex_);
   runtime_ = rt;
+  published_as_.store(rt->as.get(), std::memory_order_release);
   return rt;
 }
 
@@ -763,6 +783,61 @@ std::optional<int> DmirrorProcess::close(int fd) {
   return 0;
 }
 
+std::optional<int> DmirrorProcess::mprotect(std::uintptr_t addr, std::size_t len, int prot) {
+  if (in_mprotect || published_as_.load(std::memory_order_acquire) == nullptr) return std::nullopt;
+  // What libc's mprotect rejects by itself, it rejects here too.
+  if (addr % kPageSize != 0 || len == 0) return std::nullopt;
+  const std::size_t bytes = (len + kPageSize - 1) & ~(kPageSize - 1);
+  if (bytes < len || addr + bytes < addr) return std::nullopt;
+  const std::uintptr_t end = addr + bytes;
+  Runtime* rt = nullptr;
+  {
+    std::lock_guard table(table_mutex_);
+    rt = runtime_;
+  }
+  if (rt == nullptr) return std::nullopt;
+  in_mprotect = true;
+  struct Reset {
+    ~Reset() { in_mprotect = false; }
+  } reset;
+  AddressSpace& as = *rt->as;
+  // A range the program has unmapped may still be managed until its event
+  // is processed (as in DmirrorFile::layout).
+  as.impl().settle_events_in(VirtAddr{addr}, VirtAddr{end});
+  std::vector<RegionInfo> managed;
+  {
+    ReaderLock lock(as.impl().regions_mutex);
+    auto it = as.impl().regions.upper_bound(addr);
+    if (it != as.impl().regions.begin()) --it;
+    for (; it != as.impl().regions.end() && it->second->info.start.value < end; ++it)
+      if (it->second->info.end().value > addr) managed.push_back(it->second->info);
+  }
+  if (managed.empty()) return std::nullopt;
+  const MprotectFn real = libc_mprotect();
+  if (prot != PROT_NONE && prot != PROT_READ && prot != (PROT_READ | PROT_WRITE)) {
+    // A protection uhmm cannot hold (execute, write-only, grows*): uhmm
+    // lets go of the ranges, bringing their device pages back, and the
+    // kernel applies it.  The read-write parts are adopted again on the
+    // device's next use of them.
+    for (const RegionInfo& r : managed) {
+      const Status s = as.unmap(r.start);
+      if (!s && s.code() != EINVAL) return s.code();  // EINVAL: already gone
+    }
+    return real(reinterpret_cast<void*>(addr), bytes, prot) == 0 ? 0 : errno;
+  }
+  // In address order, as the kernel goes (and stops at its first error):
+  // managed pieces through uhmm, the gaps between them through libc.
+  std::uintptr_t p = addr;
+  for (const RegionInfo& r : managed) {
+    const std::uintptr_t lo = std::max(p, r.start.value), hi = std::min(end, r.end().value);
+    if (p < lo && real(reinterpret_cast<void*>(p), lo - p, prot) != 0) return errno;
+    if (const Status s = as.protect(VirtAddr{lo}, hi - lo, prot); !s) return s.code();
+    p = hi;
+  }
+  if (p < end && real(reinterpret_cast<void*>(p), end - p, prot) != 0) return errno;
+  return 0;
+}
+
 void DmirrorProcess::prepare_fork() {
   init_mutex_.lock();
   table_mutex_.lock();
@@ -785,6 +860,7 @@ void DmirrorProcess::child_after_fork() {
     for (auto& [fd, entry] : fds_) leaked->push_back(std::move(entry.file));
     for (auto& dev : runtime_->devices) (void)dev.release();
     (void)runtime_->as.release();
+    published_as_.store(nullptr, std::memory_order_release);
     runtime_ = nullptr;  // leaked: its adopt mutex may have been held by a thread that is gone
   }
   table_mutex_.unlock();

@@ -25,6 +25,10 @@
 #include "compat/dmirror_abi.hpp"
 #include "uhmm/status.hpp"
 
+namespace uhmm {
+class AddressSpace;
+}
+
 namespace uhmm::compat {
 
 class DmirrorFile;
@@ -61,6 +65,18 @@ class DmirrorProcess {
   /// ioctl on a device fd: nullopt if `fd` is not a device fd; else 0 or errno.
   std::optional<int> ioctl(int fd, unsigned long request, std::uintptr_t arg);
 
+  /// mprotect(addr, len, prot) of memory uhmm manages: nullopt when no
+  /// managed range overlaps it (the caller then calls libc's mprotect);
+  /// else 0 or the errno, the whole range handled (ADR 0005, "mprotect").
+  /// Lock-free when the library has no address space yet.
+  std::optional<int> mprotect(std::uintptr_t addr, std::size_t len, int prot);
+
+  /// The address space of the current fork generation, or nullptr before
+  /// the first open (and in a forked child until its first command).
+  /// Lock-free, for the interposed pagemap reads; what it points to is
+  /// never destroyed (a child leaks its parent's).
+  static const AddressSpace* address_space() { return published_as_.load(std::memory_order_acquire); }
+
   /// pthread_atfork handlers (installed after the address space exists).
   void prepare_fork();
   void parent_after_fork();
@@ -92,6 +108,7 @@ class DmirrorProcess {
   // One bit per fd below kMarkedFds: set while fds_ holds it.
   static inline std::atomic<std::uint64_t> marks_[kMarkedFds / 64] = {};
   static inline std::atomic<int> open_count_{0};  // entries in fds_
+  static inline std::atomic<const AddressSpace*> published_as_{nullptr};  // runtime_->as, for address_space()
 };
 
 }  // namespace uhmm::compat

@@ -1,6 +1,8 @@
 // compat: the interposed libc entry points of libuhmm-dmirror.so.  Device
-// paths and device fds go to DmirrorProcess; everything else goes straight
-// to libc's own function (dlsym RTLD_NEXT).  docs/adr/0005-dmirror-emulation.md.
+// paths and device fds go to DmirrorProcess; reads of fds open on the
+// process's own pagemap are patched (pagemap.hpp); everything else goes
+// straight to libc's own function (dlsym RTLD_NEXT).
+// docs/adr/0005-dmirror-emulation.md.
 //
 // Each wrapper is declared under a C++ name of its own with the libc
 // symbol as its assembler name, so that it does not clash with the
@@ -8,6 +10,8 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -19,6 +23,7 @@
 
 #include "compat/dmirror_abi.hpp"
 #include "compat/dmirror_device.hpp"
+#include "compat/pagemap.hpp"
 
 #define UHMM_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -34,6 +39,15 @@ UHMM_EXPORT int uhmm_dm_close(int fd) __asm__("close");
 UHMM_EXPORT int uhmm_dm_ioctl(int fd, unsigned long request, ...) __asm__("ioctl");
 UHMM_EXPORT void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) __asm__("mmap");
 UHMM_EXPORT void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t off) __asm__("mmap64");
+UHMM_EXPORT int uhmm_dm_mprotect(void* addr, size_t len, int prot) __asm__("mprotect");
+UHMM_EXPORT ssize_t uhmm_dm_read(int fd, void* buf, size_t n) __asm__("read");
+UHMM_EXPORT ssize_t uhmm_dm_read_chk(int fd, void* buf, size_t n, size_t buflen) __asm__("__read_chk");
+UHMM_EXPORT ssize_t uhmm_dm_pread(int fd, void* buf, size_t n, off_t off) __asm__("pread");
+UHMM_EXPORT ssize_t uhmm_dm_pread64(int fd, void* buf, size_t n, off_t off) __asm__("pread64");
+UHMM_EXPORT ssize_t uhmm_dm_pread_chk(int fd, void* buf, size_t n, off_t off, size_t buflen) __asm__("__pread_chk");
+UHMM_EXPORT ssize_t uhmm_dm_pread64_chk(int fd, void* buf, size_t n, off_t off, size_t buflen) __asm__("__pread64_chk");
+UHMM_EXPORT ssize_t uhmm_dm_preadv(int fd, const struct iovec* iov, int iovcnt, off_t off) __asm__("preadv");
+UHMM_EXPORT ssize_t uhmm_dm_preadv64(int fd, const struct iovec* iov, int iovcnt, off_t off) __asm__("preadv64");
 
 namespace {
 
@@ -63,6 +77,11 @@ using Openat2Fn = int (*)(int, const char*, int);
 using CloseFn = int (*)(int);
 using IoctlFn = int (*)(int, unsigned long, ...);
 using MmapFn = void* (*)(void*, size_t, int, int, int, off_t);
+using ReadFn = ssize_t (*)(int, void*, size_t);
+using ReadChkFn = ssize_t (*)(int, void*, size_t, size_t);
+using PreadFn = ssize_t (*)(int, void*, size_t, off_t);
+using PreadChkFn = ssize_t (*)(int, void*, size_t, off_t, size_t);
+using PreadvFn = ssize_t (*)(int, const struct iovec*, int, off_t);
 
 // The minor an absolute device path names, or -1 for any other path.
 int device_minor(const char* path) {
@@ -91,6 +110,17 @@ int open_device(int minor, int flags) {
 
 bool needs_mode(int flags) { return (flags & O_CREAT) != 0 || (flags & O_TMPFILE) == O_TMPFILE; }
 
+// An fd just opened on `path`: recorded if it is the process's pagemap.
+// (Absolute paths only, like the device paths.)
+int noted(const char* path, int fd) {
+  if (fd >= 0 && uhmm::compat::is_own_pagemap_path(path)) {
+    const int saved = errno;
+    uhmm::compat::PagemapFds::opened(fd);
+    errno = saved;
+  }
+  return fd;
+}
+
 // openat's path resolution: only absolute device paths are recognised.
 int device_minor_at(int /*dirfd*/, const char* path) { return device_minor(path); }
 
@@ -105,7 +135,7 @@ int uhmm_dm_open(const char* path, int flags, ...) {
     mode = va_arg(ap, mode_t);
     va_end(ap);
   }
-  return UHMM_NEXT(OpenFn, "open")(path, flags, mode);
+  return noted(path, UHMM_NEXT(OpenFn, "open")(path, flags, mode));
 }
 
 int uhmm_dm_open64(const char* path, int flags, ...) {
@@ -117,7 +147,7 @@ int uhmm_dm_open64(const char* path, int flags, ...) {
     mode = va_arg(ap, mode_t);
     va_end(ap);
   }
-  return UHMM_NEXT(OpenFn, "open64")(path, flags, mode);
+  return noted(path, UHMM_NEXT(OpenFn, "open64")(path, flags, mode));
 }
 
 int uhmm_dm_openat(int dirfd, const char* path, int flags, ...) {
@@ -129,7 +159,7 @@ int uhmm_dm_openat(int dirfd, const char* path, int flags, ...) {
     mode = va_arg(ap, mode_t);
     va_end(ap);
   }
-  return UHMM_NEXT(OpenatFn, "openat")(dirfd, path, flags, mode);
+  return noted(path, UHMM_NEXT(OpenatFn, "openat")(dirfd, path, flags, mode));
 }
 
 int uhmm_dm_openat64(int dirfd, const char* path, int flags, ...) {
@@ -141,30 +171,31 @@ int uhmm_dm_openat64(int dirfd, const char* path, int flags, ...) {
     mode = va_arg(ap, mode_t);
     va_end(ap);
   }
-  return UHMM_NEXT(OpenatFn, "openat64")(dirfd, path, flags, mode);
+  return noted(path, UHMM_NEXT(OpenatFn, "openat64")(dirfd, path, flags, mode));
 }
 
 int uhmm_dm_open_2(const char* path, int flags) {
   if (const int minor = device_minor(path); minor >= 0) return open_device(minor, flags);
-  return UHMM_NEXT(Open2Fn, "__open_2")(path, flags);
+  return noted(path, UHMM_NEXT(Open2Fn, "__open_2")(path, flags));
 }
 
 int uhmm_dm_open64_2(const char* path, int flags) {
   if (const int minor = device_minor(path); minor >= 0) return open_device(minor, flags);
-  return UHMM_NEXT(Open2Fn, "__open64_2")(path, flags);
+  return noted(path, UHMM_NEXT(Open2Fn, "__open64_2")(path, flags));
 }
 
 int uhmm_dm_openat_2(int dirfd, const char* path, int flags) {
   if (const int minor = device_minor_at(dirfd, path); minor >= 0) return open_device(minor, flags);
-  return UHMM_NEXT(Openat2Fn, "__openat_2")(dirfd, path, flags);
+  return noted(path, UHMM_NEXT(Openat2Fn, "__openat_2")(dirfd, path, flags));
 }
 
 int uhmm_dm_openat64_2(int dirfd, const char* path, int flags) {
   if (const int minor = device_minor_at(dirfd, path); minor >= 0) return open_device(minor, flags);
-  return UHMM_NEXT(Openat2Fn, "__openat64_2")(dirfd, path, flags);
+  return noted(path, UHMM_NEXT(Openat2Fn, "__openat64_2")(dirfd, path, flags));
 }
 
 int uhmm_dm_close(int fd) {
+  if (uhmm::compat::PagemapFds::maybe(fd)) uhmm::compat::PagemapFds::closed(fd);
   if (DmirrorProcess::maybe_device_fd(fd)) {
     try {
       (void)DmirrorProcess::instance().close(fd);  // evicts the device if fd is one; the fd itself is closed below either way
@@ -216,4 +247,130 @@ void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t 
       DmirrorProcess::instance().is_device_fd(fd))
     return map_device(next, addr, len, prot, flags);
   return next(addr, len, prot, flags, fd, off);
+}
+
+// mprotect of memory uhmm manages goes through uhmm (ADR 0005, "mprotect");
+// before the first device open, and for everything else, straight to libc.
+int uhmm_dm_mprotect(void* addr, size_t len, int prot) {
+  using MprotectFn = int (*)(void*, size_t, int);
+  if (DmirrorProcess::address_space() != nullptr) {
+    try {
+      if (const auto r = DmirrorProcess::instance().mprotect(reinterpret_cast<std::uintptr_t>(addr), len, prot))
+        return *r == 0 ? 0 : fail(*r);
+    } catch (const std::bad_alloc&) {
+      return fail(ENOMEM);
+    } catch (...) {
+      return fail(EIO);
+    }
+  }
+  return UHMM_NEXT(MprotectFn, "mprotect")(addr, len, prot);
+}
+
+// ---- pagemap reads -----------------------------------------------------------
+
+namespace {
+using uhmm::compat::PagemapFds;
+
+// After a read of `n` bytes at pagemap offset `off` into `buf`: the
+// device pages' entries as the kernel would show them.  errno is kept.
+void patch_read(int fd, off_t off, void* buf, ssize_t n) {
+  if (n <= 0 || off < 0) return;
+  const int saved = errno;
+  const uhmm::AddressSpace* as = DmirrorProcess::address_space();
+  if (as != nullptr && PagemapFds::is(fd))
+    uhmm::compat::patch_pagemap(*as, static_cast<std::uint64_t>(off), buf, static_cast<std::size_t>(n));
+  errno = saved;
+}
+
+// The same for a vectored read: each 8-byte entry is gathered from the
+// vectors (an entry may straddle two), patched, and scattered back.
+void patch_readv(int fd, off_t off, const struct iovec* iov, int iovcnt, ssize_t n) {
+  if (n <= 0 || off < 0) return;
+  const int saved = errno;
+  const uhmm::AddressSpace* as = DmirrorProcess::address_space();
+  const bool ours = as != nullptr && PagemapFds::is(fd);
+  errno = saved;
+  if (!ours) return;
+  std::uint64_t word = 0;
+  std::size_t have = 0;  // bytes of `word` gathered
+  off_t word_off = off;
+  std::size_t left = static_cast<std::size_t>(n);
+  // Where each byte of the current word came from, to scatter it back.
+  unsigned char* from[sizeof word] = {};
+  for (int v = 0; v < iovcnt && left > 0; ++v) {
+    auto* base = static_cast<unsigned char*>(iov[v].iov_base);
+    for (std::size_t k = 0; k < iov[v].iov_len && left > 0; ++k, --left) {
+      from[have] = base + k;
+      reinterpret_cast<unsigned char*>(&word)[have] = base[k];
+      if (++have < sizeof word) continue;
+      uhmm::compat::patch_pagemap(*as, static_cast<std::uint64_t>(word_off), &word, sizeof word);
+      for (std::size_t b = 0; b < sizeof word; ++b) *from[b] = reinterpret_cast<unsigned char*>(&word)[b];
+      word_off += static_cast<off_t>(sizeof word);
+      have = 0;
+    }
+  }
+}
+
+// A plain read starts at the fd's offset (read before, not atomically: a
+// program sharing one pagemap fd between threads gets racy entries anyway).
+off_t current_offset(int fd) {
+  const int saved = errno;
+  const off_t off = ::lseek(fd, 0, SEEK_CUR);
+  errno = saved;
+  return off;
+}
+}  // namespace
+
+ssize_t uhmm_dm_read(int fd, void* buf, size_t n) {
+  const ReadFn next = UHMM_NEXT(ReadFn, "read");
+  if (!PagemapFds::maybe(fd)) return next(fd, buf, n);
+  const off_t off = current_offset(fd);
+  const ssize_t r = next(fd, buf, n);
+  patch_read(fd, off, buf, r);
+  return r;
+}
+
+ssize_t uhmm_dm_read_chk(int fd, void* buf, size_t n, size_t buflen) {
+  const ReadChkFn next = UHMM_NEXT(ReadChkFn, "__read_chk");
+  if (!PagemapFds::maybe(fd)) return next(fd, buf, n, buflen);
+  const off_t off = current_offset(fd);
+  const ssize_t r = next(fd, buf, n, buflen);
+  patch_read(fd, off, buf, r);
+  return r;
+}
+
+ssize_t uhmm_dm_pread(int fd, void* buf, size_t n, off_t off) {
+  const ssize_t r = UHMM_NEXT(PreadFn, "pread")(fd, buf, n, off);
+  if (PagemapFds::maybe(fd)) patch_read(fd, off, buf, r);
+  return r;
+}
+
+ssize_t uhmm_dm_pread64(int fd, void* buf, size_t n, off_t off) {
+  const ssize_t r = UHMM_NEXT(PreadFn, "pread64")(fd, buf, n, off);
+  if (PagemapFds::maybe(fd)) patch_read(fd, off, buf, r);
+  return r;
+}
+
+ssize_t uhmm_dm_pread_chk(int fd, void* buf, size_t n, off_t off, size_t buflen) {
+  const ssize_t r = UHMM_NEXT(PreadChkFn, "__pread_chk")(fd, buf, n, off, buflen);
+  if (PagemapFds::maybe(fd)) patch_read(fd, off, buf, r);
+  return r;
+}
+
+ssize_t uhmm_dm_pread64_chk(int fd, void* buf, size_t n, off_t off, size_t buflen) {
+  const ssize_t r = UHMM_NEXT(PreadChkFn, "__pread64_chk")(fd, buf, n, off, buflen);
+  if (PagemapFds::maybe(fd)) patch_read(fd, off, buf, r);
+  return r;
+}
+
+ssize_t uhmm_dm_preadv(int fd, const struct iovec* iov, int iovcnt, off_t off) {
+  const ssize_t r = UHMM_NEXT(PreadvFn, "preadv")(fd, iov, iovcnt, off);
+  if (PagemapFds::maybe(fd)) patch_readv(fd, off, iov, iovcnt, r);
+  return r;
+}
+
+ssize_t uhmm_dm_preadv64(int fd, const struct iovec* iov, int iovcnt, off_t off) {
+  const ssize_t r = UHMM_NEXT(PreadvFn, "preadv64")(fd, iov, iovcnt, off);
+  if (PagemapFds::maybe(fd)) patch_readv(fd, off, iov, iovcnt, r);
+  return r;
 }

@@ -1,0 +1,74 @@
+// compat: pagemap patching (pagemap.hpp).
+#include "compat/pagemap.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace uhmm::compat {
+
+std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info) {
+  using State = PageInfo::State;
+  const std::uint64_t kept = kernel & ~(kPmPresent | kPmSwap | kPmMmapExclusive | kPmFrameMask);
+  switch (info.state) {
+    case State::kDevicePrivate:
+    case State::kDeviceExclusive:
+      // Locked: on its way to or from the device, a migration entry.
+      return kept | kPmSwap | (info.locked ? 0 : kPmMmapExclusive);
+    case State::kSystem:
+    case State::kDeviceCoherent:
+      if (info.locked && !(kernel & (kPmPresent | kPmSwap))) return kept | kPmSwap;
+      return kernel;
+    case State::kNone:
+      return kernel;
+  }
+  return kernel;
+}
+
+void patch_pagemap(const AddressSpace& as, std::uint64_t offset, void* buf, std::size_t bytes) {
+  const std::uint64_t first_vpn = offset / sizeof(std::uint64_t);
+  auto* p = static_cast<unsigned char*>(buf);
+  for (std::size_t i = 0; i + sizeof(std::uint64_t) <= bytes; i += sizeof(std::uint64_t)) {
+    const Vpn vpn{first_vpn + i / sizeof(std::uint64_t)};
+    // Beyond the user address space (pagemap covers it too): nothing of ours.
+    if (vpn.value >= (std::uint64_t{1} << (47 - kPageShift))) break;
+    const PageInfo info = as.page_info(VirtAddr::from_vpn(vpn));
+    if (info.state == PageInfo::State::kNone) continue;
+    std::uint64_t w;
+    std::memcpy(&w, p + i, sizeof w);  // the program's buffer need not be aligned
+    const std::uint64_t patched = pagemap_word(w, info);
+    if (patched != w) std::memcpy(p + i, &patched, sizeof patched);
+  }
+}
+
+bool is_own_pagemap_path(const char* path) {
+  if (path == nullptr || std::strncmp(path, "/proc/", 6) != 0) return false;
+  const char* rest = path + 6;
+  if (std::strcmp(rest, "self/pagemap") == 0 || std::strcmp(rest, "thread-self/pagemap") == 0) return true;
+  char* end = nullptr;
+  const long pid = std::strtol(rest, &end, 10);
+  return end != rest && pid == static_cast<long>(::getpid()) && std::strcmp(end, "/pagemap") == 0;
+}
+
+void PagemapFds::opened(int fd) {
+  if (fd < 0 || fd >= kMaxFd) return;  // FIXME(issue 4): such an fd reads the kernel's entries unpatched
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return;
+  inodes_[fd].store(st.st_ino, std::memory_order_relaxed);
+  marks_[static_cast<unsigned>(fd) / 64].fetch_or(std::uint64_t{1} << (fd % 64), std::memory_order_acq_rel);
+}
+
+void PagemapFds::closed(int fd) {
+  if (fd < 0 || fd >= kMaxFd) return;
+  marks_[static_cast<unsigned>(fd) / 64].fetch_and(~(std::uint64_t{1} << (fd % 64)), std::memory_order_acq_rel);
+}
+
+bool PagemapFds::is(int fd) {
+  if (!maybe(fd)) return false;
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 && st.st_ino == inodes_[fd].load(std::memory_order_relaxed);
+}
+
+}  // namespace uhmm::compat
