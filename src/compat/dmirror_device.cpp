@@ -34,7 +34,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr auto kPatience = std::chrono::seconds(1);  // the kernel driver's retry timeout
 constexpr std::size_t kUserSpan = std::size_t{1} << 47;
-constexpr int kPrivateMinors = 2;
+constexpr int kPrivateMinors = 2;  // 0 and 1; 2 and 3 are device-coherent (ADR 0005, "Minors")
 
 // A buffer the library maps itself: never merged with (so never adopted as
 // part of) the program's memory, and not inherited by a child.  Device
@@ -74,7 +74,7 @@ std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHug
 // child (its threads do not exist there).
 struct Runtime {
   std::unique_ptr<AddressSpace> as;
-  std::array<std::unique_ptr<sim::SimDevice>, kPrivateMinors> devices;
+  std::array<std::unique_ptr<sim::SimDevice>, kDmirrorMinors> devices;
   std::mutex adopt_mutex;  // one adoption at a time (adopt's overlap check is not atomic with ours)
 };
 
@@ -95,8 +95,9 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
  private:
   // One page of the device's page table.
   struct Entry {
-    DevicePage* page = nullptr;  // this device's page, whose memory is `memory`
-    std::byte* memory = nullptr;  // device memory, or the exclusive frame; null: a system page at its address
+    DevicePage* page = nullptr;  // this device's page (private: its memory is `memory`; or coherent)
+    std::byte* memory = nullptr;  // device memory, or the exclusive frame; null: the page the CPU maps at its
+                                  // address (a system page, or a coherent one)
     bool write = false;
     bool atomic = false;  // held exclusively (make_device_exclusive)
   };
@@ -242,9 +243,19 @@ Status DmirrorFile::walk_and_map(std::uintptr_t start, std::uintptr_t end, std::
       Entry e;
       e.write = (w & HMM_PFN_WRITE) != 0;
       if (DevicePage* page = hmm_pfn_to_device_page(w)) {
-        if (page->pagemap().owner() != dev_.owner() || page->pagemap().type() != PagemapType::kPrivate) continue;
-        e.page = page;
-        e.memory = dev_.page_memory(*page);
+        const bool own = page->pagemap().owner() == dev_.owner();
+        if (page->pagemap().type() == PagemapType::kCoherent) {
+          // The CPU maps a coherent page at its address (its home slot is
+          // empty then), so the device reaches it there, like a system
+          // page: memory stays null.  Any owner's: the walk never moves
+          // one, so skipping another device's would fault it forever.
+          if (only_own && !own) continue;
+          e.page = own ? page : nullptr;
+        } else {
+          if (!own) continue;
+          e.page = page;
+          e.memory = dev_.page_memory(*page);
+        }
       } else if (only_own) {
         continue;
       }
@@ -670,6 +681,9 @@ Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::make_file_locked(int minor)
   std::unique_ptr<sim::SimDevice>& dev = (*rt)->devices[static_cast<std::size_t>(minor)];
   if (!dev) {
     sim::SimDeviceOptions o;
+    // Minors 2 and 3: device-coherent memory, which the CPU keeps mapping
+    // after a migration (ADR 0005, "Minors").
+    o.memory_type = minor >= kPrivateMinors ? PagemapType::kCoherent : PagemapType::kPrivate;
     // FIXME(issue 4): a fixed 2 GiB, populated on use; the kernel's grows in 256 MiB chunks without limit.
     o.memory_bytes = std::size_t{2} << 30;
     o.warm_memory = false;
@@ -686,8 +700,7 @@ Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::make_file_locked(int minor)
 }
 
 Result<int> DmirrorProcess::open(int minor, int flags) {
-  // Without special-purpose memory the kernel creates no coherent devices.
-  if (minor < 0 || minor >= kPrivateMinors) return Status::error(ENOENT, "no such device");
+  if (minor < 0 || minor >= kDmirrorMinors) return Status::error(ENOENT, "no such device");
   std::lock_guard init(init_mutex_);
   auto file = make_file_locked(minor);
   if (!file) return file.status();

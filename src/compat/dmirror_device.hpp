@@ -40,7 +40,8 @@ class DmirrorProcess {
   /// program may use a device fd from its own atexit handlers).
   static DmirrorProcess& instance();
 
-  /// Opens minor `minor`: a new fd, or the errno (ENOENT for 2 and 3,
+  /// Opens minor `minor` (0 and 1 device-private, 2 and 3 device-coherent):
+  /// a new fd, or the errno (ENOENT for any other minor,
   /// EPERM when uhmm cannot work in this process, after one line on stderr).
   Result<int> open(int minor, int flags);
   /// Whether any device fd may be open: false means every fd is the

@@ -79,8 +79,15 @@ static void test_open_entries(void) {
   fd = __open_2("/dev/hmm_dmirror1", O_RDWR);
   CHECK(fd >= 0);
   close(fd);
+  /* 2 and 3 are emulated device-coherent devices (test_coherent). */
+  fd = open("/dev/hmm_dmirror2", O_RDWR);
+  CHECK(fd >= 0);
+  close(fd);
+  fd = open("/dev/hmm_dmirror3", O_RDWR);
+  CHECK(fd >= 0);
+  close(fd);
   errno = 0;
-  CHECK(open("/dev/hmm_dmirror2", O_RDWR) == -1 && errno == ENOENT); /* no coherent memory: as the kernel */
+  CHECK(open("/dev/hmm_dmirror4", O_RDWR) == -1); /* not a device path: the real open, which finds nothing */
 }
 
 static void test_errors(int fd) {
@@ -618,6 +625,62 @@ static void test_read_vs_munmap(int fd) {
   munmap(out, N * PAGE);
 }
 
+/* Device-coherent memory (minors 2 and 3): migrated pages stay mapped for
+ * the CPU, which uses them in place, without migrating them back. */
+static void test_coherent(void) {
+  int c2 = open("/dev/hmm_dmirror2", O_RDWR), c3 = open("/dev/hmm_dmirror3", O_RDWR);
+  CHECK(c2 >= 0 && c3 >= 0);
+  if (c2 < 0 || c3 < 0) return;
+  char *buf = map_rw(N), *out = map_rw(N);
+  unsigned char snap[N];
+  struct dm_cmd c;
+  fill(buf, N, 700);
+  CHECK(cmd(c2, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N);
+  CHECK(same(out, N, 700));
+  CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x42); /* own coherent page, writable */
+  /* Another device sees them as a remote coherent page. */
+  CHECK(cmd(c3, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x52);
+  /* The CPU reads and writes them in place: no migration back. */
+  CHECK(same(buf, N, 700));
+  ((unsigned *)(buf + 3 * PAGE))[0] = 0xC0FFEE;
+  CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x42);
+  /* The device sees the CPU's write, from its mirror (no fault round). */
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(c2, DM_READ, buf, out, N, &c) == 0 && c.faults == 0);
+  CHECK(((unsigned *)(out + 3 * PAGE))[0] == 0xC0FFEE);
+  ((unsigned *)(buf + 3 * PAGE))[0] = 700 + 3 * PAGE / sizeof(unsigned);
+  /* A device write is seen by the CPU, and the page stays on the device. */
+  fill(out, 1, 800);
+  CHECK(cmd(c2, DM_WRITE, buf + 5 * PAGE, out, 1, &c) == 0);
+  CHECK(same(buf + 5 * PAGE, 1, 800));
+  fill(buf + 5 * PAGE, 1, 700 + 5 * PAGE / sizeof(unsigned));
+  CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[5] == 0x42);
+  /* Migrating to the other coherent device takes no page of the first: ENOENT, as the kernel. */
+  errno = 0;
+  CHECK(cmd(c3, DM_TO_DEV, buf, out, N, &c) == -1 && errno == ENOENT);
+  /* Back to system memory (SELECT_DEVICE_COHERENT): every page moves, data intact. */
+  CHECK(cmd(c3, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == 0); /* not its pages */
+  CHECK(cmd(c2, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == N);
+  CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x02);
+  CHECK(same(buf, N, 700));
+  /* RELEASE evicts the device, and so does closing it. */
+  CHECK(cmd(c2, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N);
+  CHECK(cmd(c2, DM_RELEASE, buf, out, N, &c) == 0);
+  CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x02 && snap[N - 1] == 0x02);
+  CHECK(same(buf, N, 700));
+  CHECK(cmd(c2, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N);
+  close(c2);
+  CHECK(cmd(c3, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x02 && snap[N - 1] == 0x02);
+  CHECK(same(buf, N, 700));
+  close(c3);
+  munmap(buf, N * PAGE);
+  munmap(out, N * PAGE);
+}
+
 int main(void) {
   int fd = open("/dev/hmm_dmirror0", O_RDWR);
   if (fd < 0 && errno != ENOENT && errno != ENOMEM) {
@@ -647,6 +710,7 @@ int main(void) {
   test_hugetlb(fd);
   test_private_file(fd);
   test_read_vs_munmap(fd);
+  test_coherent();
   close(fd);
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   else printf("dmirror_abi_test: all checks passed\n");
