@@ -239,12 +239,13 @@ int frame_home(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
 // reference, to drop).  A frame shared copy-on-write with a forked child
 // (EBUSY) is made private with a write fault in the kernel
 // (MADV_POPULATE_WRITE) with its entry and page let go, since that fault may need
-// the fault service, then taken again; `may_retry` is false from a fault's
-// own migration, which must not wait for the fault service.
-// FIXME(issue 3): if the application discards that very page in the moment
-// between, while this migration still holds other entries that its change
-// also covers, the write fault waits for the change and the change for
-// those entries.  A copy-on-write break that never waits would close it.
+// the fault service, then taken again, when `may_retry`.  migrate_vma_setup
+// un-shares its frames before it holds any entry and never retries here.
+// FIXME(issue 3): migrate_device_range retries while it holds the entries
+// of the pages it collected before; if the application discards that very
+// page in the moment between, and its change also covers one of those, the
+// write fault waits for the change and the change for that entry.  A
+// copy-on-write break that never waits would close it.
 bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, PageEntry seen,
                             DevicePage& page, bool may_retry) {
   int err = frame_home(as, page, addr);
@@ -359,6 +360,27 @@ Status migrate_vma_setup(MigrateVma& m) {
     return false;
   };
 
+  // Pass 0: a coherent frame shared copy-on-write with a forked child cannot
+  // move home; make the frames of this owner private now, before any entry
+  // is held (the write fault that un-shares one may wait for the fault
+  // service, and so for changes of the range, which wait for held entries).
+  if (want_coherent) {
+    std::uint64_t run = 0;
+    auto unshare = [&](std::uint64_t end) {
+      if (run < end) (void)platform::advise(m.start + run * kPageSize, (end - run) * kPageSize, MADV_POPULATE_WRITE);
+    };
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const PageEntry e = as.table.load((m.start + i * kPageSize).vpn());
+      const bool mine = e.state() == PageState::kDeviceCoherent && !e.locked() &&
+                        e.device_page()->pagemap().owner() == m.pgmap_owner;
+      if (!mine) {
+        unshare(i);
+        run = i + 1;
+      }
+    }
+    unshare(n);
+  }
+
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
   struct Coherent {
@@ -443,7 +465,8 @@ Status migrate_vma_setup(MigrateVma& m) {
   for (const Coherent& c : coherent_pages) {
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page, /*may_retry=*/m.fault_page == nullptr)) {
+    // Still shared (a fork since pass 0): skipped, never waited for here.
+    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page, /*may_retry=*/false)) {
       c.page->put();
       as.stats.add(Counter::migrate_skipped_pinned);
       continue;
