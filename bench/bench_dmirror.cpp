@@ -103,7 +103,7 @@ void BM_DmirrorRoundTrip(benchmark::State& state) {
   }
   Buffer buf(bytes, 0), out(bytes, 0), src(bytes, 0x5a), dst(bytes, 0);
   auto* words = reinterpret_cast<std::uint64_t*>(buf.data);
-  for (std::size_t i = 0; i < bytes / 8; ++i) words[i] = i * 0x9E3779B97F4A7C15ull;
+  fill_round_trip(words, bytes);
 
   // Warm-up round trip (adoption, device arena, mirror), not timed.
   if (!migrate(fd, DmirrorOp::kMigrateToDev, buf, out) || !migrate(fd, DmirrorOp::kMigrateToSys, buf, out)) {
@@ -149,28 +149,16 @@ void BM_DmirrorRoundTrip(benchmark::State& state) {
 
   // The data survived every round trip, and the read-back buffer holds it
   // too (not timed).
-  for (std::size_t i = 0; i < bytes / 8; ++i) {
-    if (words[i] != i * 0x9E3779B97F4A7C15ull) {
-      state.SkipWithError("data corrupted by migration");
-      return;
-    }
+  if (!round_trip_intact(words, bytes)) {
+    state.SkipWithError("data corrupted by migration");
+    return;
   }
   if (std::memcmp(out.data, buf.data, bytes) != 0) {
     state.SkipWithError("MIGRATE_TO_DEV read back the wrong data");
     return;
   }
 
-  const double gb = static_cast<double>(bytes) * static_cast<double>(n) / 1e9;
-  const double memcpy_gbps = 2 * gb / t_memcpy;
-  const double to_dev_gbps = gb / t_to_dev;
-  const double to_sys_gbps = gb / t_to_sys;
-  state.counters["MiB"] = static_cast<double>(bytes >> 20);
-  state.counters["memcpy_GBps"] = memcpy_gbps;
-  state.counters["to_device_GBps"] = to_dev_gbps;
-  state.counters["to_system_GBps"] = to_sys_gbps;
-  state.counters["to_device_x_memcpy"] = to_dev_gbps / memcpy_gbps;
-  state.counters["to_system_x_memcpy"] = to_sys_gbps / memcpy_gbps;
-  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes * n));
+  report_round_trip(state, bytes, n, t_memcpy, t_to_dev, t_to_sys);
 }
 
 BENCHMARK(BM_DmirrorRoundTrip)

@@ -106,4 +106,33 @@ inline void chunked_memcpy(void* dst, const void* src, std::size_t len, std::siz
   benchmark::ClobberMemory();
 }
 
+/// The round-trip benchmarks' data: a word pattern written before the
+/// first migration and checked after the last.
+inline std::uint64_t round_trip_word(std::size_t i) { return i * 0x9E3779B97F4A7C15ull; }
+inline void fill_round_trip(std::uint64_t* words, std::size_t bytes) {
+  for (std::size_t i = 0; i < bytes / 8; ++i) words[i] = round_trip_word(i);
+}
+inline bool round_trip_intact(const std::uint64_t* words, std::size_t bytes) {
+  for (std::size_t i = 0; i < bytes / 8; ++i)
+    if (words[i] != round_trip_word(i)) return false;
+  return true;
+}
+
+/// The counters of a migration round trip, `n` times over `bytes`, against a
+/// memcpy baseline timed in the same run (one memcpy each way).
+inline void report_round_trip(benchmark::State& state, std::size_t bytes, std::uint64_t n, double t_memcpy,
+                              double t_to_dev, double t_to_sys) {
+  const double gb = static_cast<double>(bytes) * static_cast<double>(n) / 1e9;
+  const double memcpy_gbps = 2 * gb / t_memcpy;
+  const double to_dev_gbps = gb / t_to_dev;
+  const double to_sys_gbps = gb / t_to_sys;
+  state.counters["MiB"] = static_cast<double>(bytes >> 20);
+  state.counters["memcpy_GBps"] = memcpy_gbps;
+  state.counters["to_device_GBps"] = to_dev_gbps;
+  state.counters["to_system_GBps"] = to_sys_gbps;
+  state.counters["to_device_x_memcpy"] = to_dev_gbps / memcpy_gbps;
+  state.counters["to_system_x_memcpy"] = to_sys_gbps / memcpy_gbps;
+  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes * n));
+}
+
 }  // namespace uhmm::bench

@@ -119,10 +119,9 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
   Status walk_and_map(std::uintptr_t start, std::uintptr_t end, std::uint64_t flags, bool only_own,
                       Clock::time_point deadline);
   int fault_rest(const std::vector<Span>& spans, std::uintptr_t from, bool write, Clock::time_point deadline);
-  Pass read_pass(const std::vector<Span>& spans, std::uintptr_t addr, std::byte* out, std::vector<bool>& done,
-                 std::uint64_t other_from);
-  Pass write_pass(const std::vector<Span>& spans, std::uintptr_t addr, const std::byte* in, std::vector<bool>& done,
-                  std::uint64_t other_from);
+  enum class Direction { kFromRange, kToRange };
+  Pass copy_pass(Direction dir, const std::vector<Span>& spans, std::uintptr_t addr, std::byte* buf,
+                 std::vector<bool>& done, std::uint64_t other_from);
 
   int cmd_read(DmirrorCmd& cmd);
   int cmd_write(DmirrorCmd& cmd);
@@ -298,26 +297,31 @@ int DmirrorFile::fault_rest(const std::vector<Span>& spans, std::uintptr_t from,
   return 0;
 }
 
-// Copies what the mirror holds of the range into `out`, page by page in
-// order, skipping pages already `done`; stops at the first page the mirror
-// lacks.  Pages of unmanaged mappings are never mirrored: they are read in
-// place when at or past `other_from` (the device has faulted them), else
-// they count as missing.
-DmirrorFile::Pass DmirrorFile::read_pass(const std::vector<Span>& spans, std::uintptr_t addr, std::byte* out,
-                                         std::vector<bool>& done, std::uint64_t other_from) {
+// Moves the range between the mirror and `buf`, page by page in order,
+// skipping pages already `done`; stops at the first page the mirror lacks
+// (for a write: lacks, or holds read-only).  Pages of unmanaged mappings are
+// never mirrored: they are accessed in place when at or past `other_from`
+// (the device has faulted them), else they count as missing.
+DmirrorFile::Pass DmirrorFile::copy_pass(Direction dir, const std::vector<Span>& spans, std::uintptr_t addr,
+                                         std::byte* buf, std::vector<bool>& done, std::uint64_t other_from) {
+  const bool write = dir == Direction::kToRange;
+  auto in_place = [&](std::uint64_t i) {
+    return write ? copy_to_user(addr + i * kPageSize, buf + i * kPageSize, kPageSize)
+                 : copy_from_user(buf + i * kPageSize, addr + i * kPageSize, kPageSize);
+  };
   for (const Span& s : spans) {
     const std::uint64_t i0 = (s.start - addr) / kPageSize, i1 = (s.end - addr) / kPageSize;
     if (s.kind != Kind::kManaged) {
       for (std::uint64_t i = i0; i < i1; ++i) {
         if (done[i]) continue;
         if (i < other_from || s.kind == Kind::kGap) return Pass{0, i};
-        if (!copy_from_user(out + i * kPageSize, addr + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
+        if (!in_place(i)) return Pass{EFAULT, i};
         done[i] = true;
       }
       continue;
     }
-    // System pages are read through the process's mapping after the lock:
-    // a fault there (the page went to a device meanwhile) raises an
+    // System pages are accessed through the process's mapping after the
+    // lock: a fault there (the page went to a device meanwhile) raises an
     // invalidation that needs the lock.
     std::vector<std::uint64_t> system_pages;
     std::uint64_t missing = i1;
@@ -328,63 +332,22 @@ DmirrorFile::Pass DmirrorFile::read_pass(const std::vector<Span>& spans, std::ui
         if (done[i]) continue;
         const std::uint64_t vpn = (addr >> kPageShift) + i;
         while (it != entries_.end() && it->first < vpn) ++it;
-        if (it == entries_.end() || it->first != vpn) {
+        if (it == entries_.end() || it->first != vpn || (write && !it->second.write)) {
           missing = i;
           break;
         }
-        if (it->second.memory != nullptr) {
-          std::memcpy(out + i * kPageSize, it->second.memory, kPageSize);
-        } else {
+        if (it->second.memory == nullptr) {
           system_pages.push_back(i);
+        } else if (write) {
+          std::memcpy(it->second.memory, buf + i * kPageSize, kPageSize);
+        } else {
+          std::memcpy(buf + i * kPageSize, it->second.memory, kPageSize);
         }
         done[i] = true;
       }
     }
     for (const std::uint64_t i : system_pages)
-      if (!copy_from_user(out + i * kPageSize, addr + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
-    if (missing != i1) return Pass{0, missing};
-  }
-  return Pass{0, done.size()};
-}
-
-// As read_pass, writing `in` into the range: a mirrored page must be
-// write-tagged; unmanaged pages past `other_from` are written in place.
-DmirrorFile::Pass DmirrorFile::write_pass(const std::vector<Span>& spans, std::uintptr_t addr, const std::byte* in,
-                                          std::vector<bool>& done, std::uint64_t other_from) {
-  for (const Span& s : spans) {
-    const std::uint64_t i0 = (s.start - addr) / kPageSize, i1 = (s.end - addr) / kPageSize;
-    if (s.kind != Kind::kManaged) {
-      for (std::uint64_t i = i0; i < i1; ++i) {
-        if (done[i]) continue;
-        if (i < other_from || s.kind == Kind::kGap) return Pass{0, i};
-        if (!copy_to_user(addr + i * kPageSize, in + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
-        done[i] = true;
-      }
-      continue;
-    }
-    std::vector<std::uint64_t> system_pages;
-    std::uint64_t missing = i1;
-    {
-      MutexLock lock(mutex_);
-      auto it = entries_.lower_bound((addr >> kPageShift) + i0);
-      for (std::uint64_t i = i0; i < i1; ++i) {
-        if (done[i]) continue;
-        const std::uint64_t vpn = (addr >> kPageShift) + i;
-        while (it != entries_.end() && it->first < vpn) ++it;
-        if (it == entries_.end() || it->first != vpn || !it->second.write) {
-          missing = i;
-          break;
-        }
-        if (it->second.memory != nullptr) {
-          std::memcpy(it->second.memory, in + i * kPageSize, kPageSize);
-        } else {
-          system_pages.push_back(i);
-        }
-        done[i] = true;
-      }
-    }
-    for (const std::uint64_t i : system_pages)
-      if (!copy_to_user(addr + i * kPageSize, in + i * kPageSize, kPageSize)) return Pass{EFAULT, i};
+      if (!in_place(i)) return Pass{EFAULT, i};
     if (missing != i1) return Pass{0, missing};
   }
   return Pass{0, done.size()};
@@ -432,7 +395,7 @@ int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
   for (;;) {
-    const Pass p = read_pass(*spans, cmd.addr, bounce->data(), done, other_from);
+    const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, other_from);
     if (p.err != 0) return p.err;
     if (p.first_missing == n) break;
     if (Clock::now() > deadline) return EBUSY;
@@ -457,7 +420,7 @@ int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
   for (;;) {
-    const Pass p = write_pass(*spans, cmd.addr, bounce->data(), done, other_from);
+    const Pass p = copy_pass(Direction::kToRange, *spans, cmd.addr, bounce->data(), done, other_from);
     if (p.err != 0) return p.err;
     if (p.first_missing == n) break;
     if (Clock::now() > deadline) return EBUSY;
@@ -494,7 +457,7 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
   auto bounce = Bounce::make(n * kPageSize);
   if (!bounce) return bounce.code();
   std::vector<bool> done(n);
-  const Pass p = read_pass(*spans, cmd.addr, bounce->data(), done, n);
+  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
   if (p.err != 0) return p.err;
   if (p.first_missing != n) return ENOENT;
   if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
@@ -604,7 +567,7 @@ int DmirrorFile::cmd_exclusive(DmirrorCmd& cmd) {
   auto bounce = Bounce::make(n * kPageSize);
   if (!bounce) return bounce.code();
   std::vector<bool> done(n);
-  const Pass p = read_pass(*spans, cmd.addr, bounce->data(), done, n);
+  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
   if (p.err != 0) return p.err;
   if (p.first_missing != n) return EBUSY;  // revoked before it could be read: the range keeps changing
   if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <exception>
 #include <new>
+#include <optional>
 
 #include "compat/dmirror_abi.hpp"
 #include "compat/dmirror_device.hpp"
@@ -121,6 +122,17 @@ int noted(const char* path, int fd) {
   return fd;
 }
 
+// The open* entries' optional third argument, read only when the flags say
+// it is there (va_start must run in the variadic function itself).
+#define UHMM_MODE_ARG(flags, mode)  \
+  mode_t mode = 0;                  \
+  if (needs_mode(flags)) {          \
+    va_list ap;                     \
+    va_start(ap, flags);            \
+    mode = va_arg(ap, mode_t);      \
+    va_end(ap);                     \
+  }
+
 // openat's path resolution: only absolute device paths are recognised.
 int device_minor_at(int /*dirfd*/, const char* path) { return device_minor(path); }
 
@@ -128,49 +140,25 @@ int device_minor_at(int /*dirfd*/, const char* path) { return device_minor(path)
 
 int uhmm_dm_open(const char* path, int flags, ...) {
   if (const int minor = device_minor(path); minor >= 0) return open_device(minor, flags);
-  mode_t mode = 0;
-  if (needs_mode(flags)) {
-    va_list ap;
-    va_start(ap, flags);
-    mode = va_arg(ap, mode_t);
-    va_end(ap);
-  }
+  UHMM_MODE_ARG(flags, mode);
   return noted(path, UHMM_NEXT(OpenFn, "open")(path, flags, mode));
 }
 
 int uhmm_dm_open64(const char* path, int flags, ...) {
   if (const int minor = device_minor(path); minor >= 0) return open_device(minor, flags);
-  mode_t mode = 0;
-  if (needs_mode(flags)) {
-    va_list ap;
-    va_start(ap, flags);
-    mode = va_arg(ap, mode_t);
-    va_end(ap);
-  }
+  UHMM_MODE_ARG(flags, mode);
   return noted(path, UHMM_NEXT(OpenFn, "open64")(path, flags, mode));
 }
 
 int uhmm_dm_openat(int dirfd, const char* path, int flags, ...) {
   if (const int minor = device_minor_at(dirfd, path); minor >= 0) return open_device(minor, flags);
-  mode_t mode = 0;
-  if (needs_mode(flags)) {
-    va_list ap;
-    va_start(ap, flags);
-    mode = va_arg(ap, mode_t);
-    va_end(ap);
-  }
+  UHMM_MODE_ARG(flags, mode);
   return noted(path, UHMM_NEXT(OpenatFn, "openat")(dirfd, path, flags, mode));
 }
 
 int uhmm_dm_openat64(int dirfd, const char* path, int flags, ...) {
   if (const int minor = device_minor_at(dirfd, path); minor >= 0) return open_device(minor, flags);
-  mode_t mode = 0;
-  if (needs_mode(flags)) {
-    va_list ap;
-    va_start(ap, flags);
-    mode = va_arg(ap, mode_t);
-    va_end(ap);
-  }
+  UHMM_MODE_ARG(flags, mode);
   return noted(path, UHMM_NEXT(OpenatFn, "openat64")(dirfd, path, flags, mode));
 }
 
@@ -194,6 +182,23 @@ int uhmm_dm_openat64_2(int dirfd, const char* path, int flags) {
   return noted(path, UHMM_NEXT(Openat2Fn, "__openat64_2")(dirfd, path, flags));
 }
 
+namespace {
+// Runs an emulated call: its result as libc would return it (0, or -1 with
+// errno), or nullopt when the call is not the emulation's to answer.
+// Nothing may unwind into the program.
+template <class Fn>
+std::optional<int> handled(Fn&& call) {
+  try {
+    if (const auto r = call()) return *r == 0 ? 0 : fail(*r);
+    return std::nullopt;
+  } catch (const std::bad_alloc&) {
+    return fail(ENOMEM);
+  } catch (...) {
+    return fail(EIO);
+  }
+}
+}  // namespace
+
 int uhmm_dm_close(int fd) {
   if (uhmm::compat::PagemapFds::maybe(fd)) uhmm::compat::PagemapFds::closed(fd);
   if (DmirrorProcess::maybe_device_fd(fd)) {
@@ -212,14 +217,8 @@ int uhmm_dm_ioctl(int fd, unsigned long request, ...) {
   void* arg = va_arg(ap, void*);
   va_end(ap);
   if (DmirrorProcess::maybe_device_fd(fd)) {
-    try {
-      if (const auto r = DmirrorProcess::instance().ioctl(fd, request, reinterpret_cast<std::uintptr_t>(arg)))
-        return *r == 0 ? 0 : fail(*r);
-    } catch (const std::bad_alloc&) {
-      return fail(ENOMEM);
-    } catch (...) {
-      return fail(EIO);
-    }
+    if (const auto r = handled([&] { return DmirrorProcess::instance().ioctl(fd, request, reinterpret_cast<std::uintptr_t>(arg)); }))
+      return *r;
   }
   return UHMM_NEXT(IoctlFn, "ioctl")(fd, request, arg);
 }
@@ -231,22 +230,21 @@ void* map_device(MmapFn next, void* addr, size_t len, int prot, int flags) {
   const int anon = (flags & ~MAP_TYPE) | MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE;
   return next(addr, len, prot, anon, -1, 0);
 }
-}  // namespace
 
-void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
-  const MmapFn next = UHMM_NEXT(MmapFn, "mmap");
+void* mmap_through(MmapFn next, void* addr, size_t len, int prot, int flags, int fd, off_t off) {
   if (fd >= 0 && !(flags & MAP_ANONYMOUS) && DmirrorProcess::maybe_device_fd(fd) &&
       DmirrorProcess::instance().is_device_fd(fd))
     return map_device(next, addr, len, prot, flags);
   return next(addr, len, prot, flags, fd, off);
 }
+}  // namespace
+
+void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
+  return mmap_through(UHMM_NEXT(MmapFn, "mmap"), addr, len, prot, flags, fd, off);
+}
 
 void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t off) {
-  const MmapFn next = UHMM_NEXT(MmapFn, "mmap64");
-  if (fd >= 0 && !(flags & MAP_ANONYMOUS) && DmirrorProcess::maybe_device_fd(fd) &&
-      DmirrorProcess::instance().is_device_fd(fd))
-    return map_device(next, addr, len, prot, flags);
-  return next(addr, len, prot, flags, fd, off);
+  return mmap_through(UHMM_NEXT(MmapFn, "mmap64"), addr, len, prot, flags, fd, off);
 }
 
 // mprotect of memory uhmm manages goes through uhmm (ADR 0005, "mprotect");
@@ -254,14 +252,8 @@ void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t 
 int uhmm_dm_mprotect(void* addr, size_t len, int prot) {
   using MprotectFn = int (*)(void*, size_t, int);
   if (DmirrorProcess::address_space() != nullptr) {
-    try {
-      if (const auto r = DmirrorProcess::instance().mprotect(reinterpret_cast<std::uintptr_t>(addr), len, prot))
-        return *r == 0 ? 0 : fail(*r);
-    } catch (const std::bad_alloc&) {
-      return fail(ENOMEM);
-    } catch (...) {
-      return fail(EIO);
-    }
+    if (const auto r = handled([&] { return DmirrorProcess::instance().mprotect(reinterpret_cast<std::uintptr_t>(addr), len, prot); }))
+      return *r;
   }
   return UHMM_NEXT(MprotectFn, "mprotect")(addr, len, prot);
 }

@@ -350,9 +350,8 @@ Status migrate_vma_setup(MigrateVma& m) {
   as.migration_begin(/*for_fault=*/m.fault_page != nullptr);
   // A change the application made that uhmm has not processed yet (say
   // MADV_DONTNEED of part of the range) must not be undone by bringing its
-  // pages back or moving them on: such pages are skipped.  The fault path
-  // read the uffd already (handle_fault); others read it here.
-  if (m.fault_page == nullptr) as.drain_events();
+  // pages back or moving them on: such pages are skipped.
+  as.await_read_in_progress();
   const std::vector<std::pair<VirtAddr, VirtAddr>> changing = as.pending_event_ranges(m.start, m.end);
   auto is_changing = [&](VirtAddr a) {
     for (const auto& [lo, hi] : changing)

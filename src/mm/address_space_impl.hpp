@@ -174,6 +174,11 @@ struct AddressSpace::Impl {
   /// only MADV_DONTNEED-like discards (REMOVE events).
   std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end,
                                                                   bool discards_only = false) const;
+  /// Returns once no read of the uffd is between taking messages and
+  /// queueing them: every event read so far is in pending_events.  Since
+  /// the kernel holds munmap/madvise/mremap until their event is read, that
+  /// covers every change that has returned to the application.
+  void await_read_in_progress();
   /// The discards (REMOVE events) read so far and not processed that
   /// overlap [start, end), including one a read in progress is queueing:
   /// every discard whose madvise has returned is among them.
@@ -182,7 +187,8 @@ struct AddressSpace::Impl {
   /// before a new managed range goes there (an munmap of an old range at
   /// the same addresses may still be queued, and would take the new one).
   void settle_events_in(VirtAddr start, VirtAddr end);
-  /// Waits until no queued event covers `addr` (in-thread faults).
+  /// Waits until no queued event covers `addr` (in-thread faults; after
+  /// await_read_in_progress).
   void wait_for_events_at(VirtAddr addr);
   /// MADV_DONTNEED of managed memory by uhmm itself (its REMOVE event is
   /// recognised and dropped, not processed).
@@ -216,6 +222,10 @@ struct AddressSpace::Impl {
   /// holds the page: never kParked.  Runs in the SIGBUS handler in
   /// FaultMode::kInThread (what that allows: docs/adr/0004-in-thread-faults.md).
   FaultResult fault_in(VirtAddr addr, bool write);
+  /// Waits until nothing holds the entry of `addr` (a migration may take a
+  /// while: a DMA copy): yields, then naps 20 us at a time.  For threads
+  /// with no kernel wake-up to sleep on.
+  void wait_entry_unlocked(VirtAddr addr);
   // FaultMode::kInThread (mm/in_thread_faults.cpp).
   Status register_in_thread();
   void unregister_in_thread();

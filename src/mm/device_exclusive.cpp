@@ -105,7 +105,7 @@ Result<DeviceExclusivePage> make_device_exclusive(AddressSpace& as, VirtAddr add
     // touching the data.  Fails when the page went meanwhile (a hole the
     // kernel reports to uhmm in SIGBUS mode, or the application dropped it).
     if (::madvise(addr.ptr(), kPageSize, MADV_POPULATE_WRITE) != 0) {
-      impl.drain_events();
+      impl.await_read_in_progress();
       if (impl.fault_in(addr, /*write=*/true) == AddressSpace::Impl::FaultResult::kFailed)
         return Status::error(EFAULT, "make_device_exclusive: the page could not be faulted in");
       continue;

@@ -106,8 +106,8 @@ void AddressSpace::Impl::serve_fault_message(const struct uffd_msg& msg) {
 bool AddressSpace::Impl::waits_for_event(VirtAddr addr) {
   // A change the application made before this access has had its event
   // read already (the kernel holds the changing call until then), so it is
-  // queued, or about to be by the read in progress: wait for that read.
-  { MutexLock read_lock(read_mutex); }
+  // queued, or about to be by the read in progress.
+  await_read_in_progress();
   if (options.fault_mode == FaultMode::kInThread) {
     wait_for_events_at(addr);
     return false;
@@ -159,39 +159,26 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       }
       continue;
     }
-    if (e.state() == PageState::kDeviceExclusive) {
-      // A device holds the page for its atomics: revoke that and give the
-      // page back, unless the application discarded it meanwhile (then the
-      // access must find what the event leaves).
-      if (!events_checked) {
-        events_checked = true;
-        if (waits_for_event(addr)) return FaultResult::kParked;
-        continue;
-      }
-      if (restore_exclusive(*slot, addr)) break;
-      continue;
+    if (e.state() == PageState::kDevicePrivate && e.poisoned()) {
+      poison_or_wake(addr);  // still broken: SIGBUS again
+      return FaultResult::kFailed;
     }
-    if (e.state() == PageState::kDeviceCoherent && !events_checked) {
-      // A coherent page is mapped: a fault on it means the application
-      // discarded its frame, or a migration just put it back.  The change
-      // must be processed first, or the fault would outrun it.
+    if (!events_checked && e.state() != PageState::kNone && e.state() != PageState::kSystem) {
+      // A device's page (private, exclusive, or a coherent frame that is
+      // not mapped): has the application discarded it?  The change must be
+      // processed first, or the fault would outrun it.  (Look at the entry
+      // afresh afterwards: time passed.)
       events_checked = true;
       if (waits_for_event(addr)) return FaultResult::kParked;
+      continue;
+    }
+    if (e.state() == PageState::kDeviceExclusive) {
+      // A device holds the page for its atomics: revoke that, give it back.
+      if (restore_exclusive(*slot, addr)) break;
       continue;
     }
     if (e.state() != PageState::kDevicePrivate) {
       if (resolve_missing(*region, addr)) break;
-      continue;
-    }
-    if (e.poisoned()) {
-      poison_or_wake(addr);  // still broken: SIGBUS again
-      return FaultResult::kFailed;
-    }
-    if (!events_checked) {
-      // Before serving a device page: has the application discarded it?
-      // (Look at the entry afresh afterwards: time passed.)
-      events_checked = true;
-      if (waits_for_event(addr)) return FaultResult::kParked;
       continue;
     }
     if (forking.load(std::memory_order_acquire)) {

@@ -161,15 +161,19 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::fault_in(VirtAddr addr, bool
     const FaultResult result = handle_fault(addr, write);
     if (result != FaultResult::kParked) return result;
     // A migration holds the entry.  With nobody asleep in the kernel there
-    // is no wake-up to wait for: watch the entry, politely.
-    const mm::EntrySlot* slot = table.slot(addr.vpn(), false);
-    for (unsigned spin = 0; slot != nullptr && PageEntry{slot->load(std::memory_order_acquire)}.locked(); ++spin) {
-      if (spin < 64) {
-        std::this_thread::yield();
-      } else {
-        const struct timespec nap = {0, 20'000};
-        (void)::nanosleep(&nap, nullptr);
-      }
+    // is no wake-up to wait for: watch the entry.
+    wait_entry_unlocked(addr);
+  }
+}
+
+void AddressSpace::Impl::wait_entry_unlocked(VirtAddr addr) {
+  const mm::EntrySlot* slot = table.slot(addr.vpn(), false);
+  for (unsigned spin = 0; slot != nullptr && PageEntry{slot->load(std::memory_order_acquire)}.locked(); ++spin) {
+    if (spin < 64) {
+      std::this_thread::yield();
+    } else {
+      const struct timespec nap = {0, 20'000};
+      (void)::nanosleep(&nap, nullptr);
     }
   }
 }

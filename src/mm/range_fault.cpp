@@ -15,10 +15,8 @@
 // walk itself takes none and never takes an entry lock (a migration that
 // met a locked entry would skip the page).  Faults run with no lock held.
 #include <sys/mman.h>
-#include <time.h>
 
 #include <algorithm>
-#include <thread>
 
 #include "core/sync.hpp"
 #include "mm/address_space_impl.hpp"
@@ -252,17 +250,7 @@ class Walk {
 /// holding it may take a while: a DMA copy).  Waiting, not faulting: what
 /// the migration leaves behind (the driver's own device page, say) must be
 /// looked at again, not brought back.
-void wait_unlocked(AddressSpace::Impl& as, VirtAddr addr) {
-  const mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-  for (unsigned spin = 0; slot != nullptr && PageEntry{slot->load(std::memory_order_acquire)}.locked(); ++spin) {
-    if (spin < 64) {
-      std::this_thread::yield();
-    } else {
-      const struct timespec nap = {0, 20'000};
-      (void)::nanosleep(&nap, nullptr);
-    }
-  }
-}
+void wait_unlocked(AddressSpace::Impl& as, VirtAddr addr) { as.wait_entry_unlocked(addr); }
 
 Status check(const HmmRange& range) {
   if (range.address_space == nullptr) return Status::error(EINVAL, "hmm_range_fault: no address space");

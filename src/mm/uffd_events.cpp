@@ -192,10 +192,14 @@ std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ran
   return out;
 }
 
+void AddressSpace::Impl::await_read_in_progress() {
+  // The kernel completes an event (and lets the changing call go on) inside
+  // the read; the reader queues it under read_mutex right after.
+  MutexLock read_lock(read_mutex);
+}
+
 std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::discards_read(VirtAddr start, VirtAddr end) {
-  // The kernel completes an event (and lets its madvise go on) inside the
-  // read; the reader queues it under read_mutex right after.
-  { MutexLock read_lock(read_mutex); }
+  await_read_in_progress();
   return pending_event_ranges(start, end, /*discards_only=*/true);
 }
 
@@ -215,8 +219,6 @@ void AddressSpace::Impl::settle_events_in(VirtAddr start, VirtAddr end) {
 }
 
 void AddressSpace::Impl::wait_for_events_at(VirtAddr addr) {
-  // A read in progress may be queueing the event that concerns us.
-  { MutexLock read_lock(read_mutex); }
   MutexLock lock(events_mutex);
   for (;;) {
     bool pending = false;
