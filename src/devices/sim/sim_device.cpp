@@ -564,7 +564,11 @@ FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
   }
   if (hi - lo == kPageSize) return migrate_one_to_ram(as, fault);
   ScopedMigrateVma mig(as, lo, hi, owner(), MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.page);
-  if (!mig.setup().is_ok()) return FaultOutcome::kSigbus;
+  // The region seen above may be out of date: a munmap or mremap of a part
+  // of it, which the application made just now, splits it (its event is
+  // processed concurrently) and the window no longer lies in one range.
+  // The faulting page is managed still; the neighbours are only a bonus.
+  if (!mig.setup().is_ok()) return migrate_one_to_ram(as, fault);
   const std::size_t fault_index = (fault.address - lo) / kPageSize;
   const bool fault_page_collected = mig.src()[fault_index] & MIGRATE_PFN_MIGRATE;
   if (!copy_to_system(mig.src(), mig.dst(), /*may_skip=*/true, as)) {
