@@ -237,34 +237,34 @@ int frame_home(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
 // referenced.  True when the frame is home and everything still held.
 // Otherwise the entry and the page are unlocked again (the caller keeps its
 // reference, to drop).  A frame shared copy-on-write with a forked child
-// (EBUSY) is made private with a write fault in the kernel
-// (MADV_POPULATE_WRITE) with its entry and page let go, since that fault may need
-// the fault service, then taken again, when `may_retry`.  migrate_vma_setup
-// un-shares its frames before it holds any entry and never retries here.
-// FIXME(issue 3): migrate_device_range retries while it holds the entries
-// of the pages it collected before; if the application discards that very
-// page in the moment between, and its change also covers one of those, the
-// write fault waits for the change and the change for that entry.  A
-// copy-on-write break that never waits would close it.
+// (EBUSY) stays: the write fault that would make it private may wait for
+// the fault service, and so for changes of the range, which wait for the
+// entries the caller holds.  Callers un-share first, holding nothing
+// (unshare_coherent_frames), and skip what a fork shared again since.
 bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, PageEntry seen,
-                            DevicePage& page, bool may_retry) {
-  int err = frame_home(as, page, addr);
-  if (err == 0) return true;
+                            DevicePage& page) {
+  if (frame_home(as, page, addr) == 0) return true;
   page.unlock();
   as.unlock_and_wake(slot, seen.settled(), addr);
-  if (err != EBUSY || !may_retry) return false;
-  (void)platform::advise(addr, kPageSize, MADV_POPULATE_WRITE);
-  PageEntry again;
-  if (!mm::try_lock_entry(slot, &again)) return false;
-  if (again.settled() != seen.settled() || !page.trylock()) {
-    as.unlock_and_wake(slot, again, addr);
-    return false;
-  }
-  err = frame_home(as, page, addr);
-  if (err == 0) return true;
-  page.unlock();
-  as.unlock_and_wake(slot, again, addr);
   return false;
+}
+
+// Makes private (MADV_POPULATE_WRITE) the frames of `[start, start + n)`
+// that a fork shared copy-on-write, so that they can move home.  Called
+// holding no entry; `is_candidate(i)` says which pages to un-share.
+template <typename IsCandidate>
+void unshare_coherent_frames(VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
+  std::uint64_t run = 0;
+  auto unshare = [&](std::uint64_t end) {
+    if (run < end) (void)platform::advise(start + run * kPageSize, (end - run) * kPageSize, MADV_POPULATE_WRITE);
+  };
+  for (std::uint64_t i = 0; i < n; ++i) {
+    if (!is_candidate(i)) {
+      unshare(i);
+      run = i + 1;
+    }
+  }
+  unshare(n);
 }
 
 // Releases a device page that left its entry: the migration's reference and
@@ -364,20 +364,11 @@ Status migrate_vma_setup(MigrateVma& m) {
   // is held (the write fault that un-shares one may wait for the fault
   // service, and so for changes of the range, which wait for held entries).
   if (want_coherent) {
-    std::uint64_t run = 0;
-    auto unshare = [&](std::uint64_t end) {
-      if (run < end) (void)platform::advise(m.start + run * kPageSize, (end - run) * kPageSize, MADV_POPULATE_WRITE);
-    };
-    for (std::uint64_t i = 0; i < n; ++i) {
+    unshare_coherent_frames(m.start, n, [&](std::uint64_t i) {
       const PageEntry e = as.table.load((m.start + i * kPageSize).vpn());
-      const bool mine = e.state() == PageState::kDeviceCoherent && !e.locked() &&
-                        e.device_page()->pagemap().owner() == m.pgmap_owner;
-      if (!mine) {
-        unshare(i);
-        run = i + 1;
-      }
-    }
-    unshare(n);
+      return e.state() == PageState::kDeviceCoherent && !e.locked() &&
+             e.device_page()->pagemap().owner() == m.pgmap_owner;
+    });
   }
 
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
@@ -465,7 +456,7 @@ Status migrate_vma_setup(MigrateVma& m) {
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
     // Still shared (a fork since pass 0): skipped, never waited for here.
-    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page, /*may_retry=*/false)) {
+    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page)) {
       c.page->put();
       as.stats.add(Counter::migrate_skipped_pinned);
       continue;
@@ -811,7 +802,8 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   bool writable = before.device_writable();
   if (before.state() == PageState::kDeviceCoherent) {
     // Its frame goes home first, where the driver copies it from.
-    if (!collect_coherent_frame(as, *slot, where.address, before, *page, /*may_retry=*/true)) {
+    // Still shared (a fork since the un-sharing): skipped; evictions retry.
+    if (!collect_coherent_frame(as, *slot, where.address, before, *page)) {
       as.migration_end();
       page->put();
       return Status::ok();
@@ -822,6 +814,33 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   return Status::ok();
 }
 
+// migrate_device's pass 0, the counterpart of migrate_vma_setup's: makes the
+// coherent frames of the pages private, holding nothing but a reference
+// per page while the write fault runs; consecutive addresses go together.
+template <typename PfnAt>
+void unshare_device_frames(std::uint64_t n, PfnAt pfn_at) {
+  const AddressSpace* run_as = nullptr;
+  VirtAddr run_start, run_end;
+  auto flush = [&] {
+    if (run_as != nullptr) (void)platform::advise(run_start, run_end - run_start, MADV_POPULATE_WRITE);
+    run_as = nullptr;
+  };
+  for (std::uint64_t i = 0; i < n; ++i) {
+    DevicePage* page = DevicePagemap::page_from_pfn(pfn_at(i));
+    if (page == nullptr || !is_coherent(page) || !page->try_get()) continue;
+    const DevicePage::Mapping where = page->mapping();
+    page->put();
+    if (where.address_space == nullptr) continue;
+    if (where.address_space != run_as || where.address != run_end) {
+      flush();
+      run_as = where.address_space;
+      run_start = where.address;
+    }
+    run_end = where.address + kPageSize;
+  }
+  flush();
+}
+
 }  // namespace
 
 Status migrate_device_range(std::uint64_t* src, DevicePfn start, PageCount npages) {
@@ -830,6 +849,8 @@ Status migrate_device_range(std::uint64_t* src, DevicePfn start, PageCount npage
   DevicePage* last = DevicePagemap::page_from_pfn(start + (npages.value - 1));
   if (first == nullptr || last == nullptr || &first->pagemap() != &last->pagemap())
     return Status::error(EINVAL, "range not inside one registered page map");
+  if (first->pagemap().type() == PagemapType::kCoherent)
+    unshare_device_frames(npages.value, [&](std::uint64_t i) { return start + i; });
   for (std::uint64_t i = 0; i < npages.value; ++i) UHMM_TRY(collect_device_page(&src[i], start + i));
   return Status::ok();
 }
@@ -839,6 +860,7 @@ Status migrate_device_pfns(std::uint64_t* src, std::span<const DevicePfn> pfns) 
   for (std::size_t i = 0; i < pfns.size(); ++i) {
     if (DevicePagemap::page_from_pfn(pfns[i]) == nullptr) return Status::error(EINVAL, "unknown pfn");
   }
+  unshare_device_frames(pfns.size(), [&](std::size_t i) { return pfns[i]; });
   for (std::size_t i = 0; i < pfns.size(); ++i) UHMM_TRY(collect_device_page(&src[i], pfns[i]));
   return Status::ok();
 }

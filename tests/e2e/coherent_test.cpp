@@ -348,6 +348,25 @@ TEST_P(CoherentTest, ForkCopiesCoherentPagesAndTheParentKeepsThem) {
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
+// Eviction (migrate_device_range) of frames a fork left shared copy-on-write
+// with the child: they come home with the parent's data, in one pass.
+TEST_P(CoherentTest, EvictAllAfterForkBringsSharedFramesBack) {
+  to_device();
+  const test::ChildResult child = test::run_in_child([&] { return test::range_has_pattern(base, kPages) ? 0 : 1; });
+  ASSERT_TRUE(child.exited) << child.describe();
+  EXPECT_EQ(child.exit_code, 0);
+  fill_range(page(3), 1, 77);
+  auto rep = dev->evict_all();
+  ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
+  EXPECT_EQ(rep->pages_migrated, kPages);
+  EXPECT_EQ(count_states(*as, base, kPages).system, kPages);
+  EXPECT_TRUE(range_has_pattern(base, 3));
+  EXPECT_TRUE(range_has_pattern(page(3), 1, 77));
+  EXPECT_TRUE(range_has_pattern(page(4), kPages - 4, 4));
+  EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
 TEST_P(CoherentTest, RangeFaultReportsCoherentPagesAsPresentDevicePages) {
   to_device();
   const FaultCounts before(*as);
