@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "compat/bounce.hpp"
 #include "compat/ioctl_decode.hpp"
 #include "compat/maps.hpp"
 #include "core/sync.hpp"
@@ -34,37 +35,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr auto kPatience = std::chrono::seconds(1);  // the kernel driver's retry timeout
 constexpr std::size_t kUserSpan = std::size_t{1} << 47;
+// Address space for the bounce buffers of all commands in flight; a
+// command needing more than is free gets ENOMEM.
+constexpr std::size_t kBounceArenaBytes = std::size_t{64} << 30;
 constexpr int kPrivateMinors = 2;  // 0 and 1; 2 and 3 are device-coherent (ADR 0005, "Minors")
-
-// A buffer the library maps itself: never merged with (so never adopted as
-// part of) the program's memory, and not inherited by a child.  Device
-// memory is copied into it under a mirror's lock, where a fault must not
-// happen (see the ADR).
-class Bounce {
- public:
-  static Result<Bounce> make(std::size_t bytes) {
-    Bounce b;
-    if (bytes == 0) return b;
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return Status::error(ENOMEM, "cannot map a bounce buffer");
-    (void)::madvise(p, bytes, MADV_DONTFORK);
-    b.data_ = static_cast<std::byte*>(p);
-    b.size_ = bytes;
-    return b;
-  }
-  Bounce() = default;
-  Bounce(Bounce&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
-  Bounce& operator=(Bounce&&) = delete;
-  ~Bounce() {
-    if (data_ != nullptr) ::munmap(data_, size_);
-  }
-  std::byte* data() const { return data_; }
-  std::size_t size() const { return size_; }
-
- private:
-  std::byte* data_ = nullptr;
-  std::size_t size_ = 0;
-};
 
 std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHugePageSize; }
 
@@ -73,6 +47,7 @@ std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHug
 // What exists per fork generation.  Leaked, not destroyed, in a forked
 // child (its threads do not exist there).
 struct Runtime {
+  std::unique_ptr<BounceArena> bounce;  // reserved before any memory is adopted (compat/bounce.hpp)
   std::unique_ptr<AddressSpace> as;
   std::array<std::unique_ptr<sim::SimDevice>, kDmirrorMinors> devices;
   std::mutex adopt_mutex;  // one adoption at a time (adopt's overlap check is not atomic with ours)
@@ -389,7 +364,7 @@ int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
   const std::uintptr_t end = cmd.addr + n * kPageSize;
   auto spans = layout(cmd.addr, end);
   if (!spans) return spans.code();
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
   std::vector<bool> done(n);
   std::uint64_t other_from = n;
@@ -411,7 +386,7 @@ int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
 int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
   const std::uint64_t n = cmd_pages(cmd);
   const std::uintptr_t end = cmd.addr + n * kPageSize;
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
   if (!copy_from_user(bounce->data(), cmd.ptr, n * kPageSize)) return EFAULT;
   auto spans = layout(cmd.addr, end);
@@ -454,7 +429,7 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
     }
   }
   // What the device holds now, read back for the caller to verify.
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
   std::vector<bool> done(n);
   const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
@@ -564,7 +539,7 @@ int DmirrorFile::cmd_exclusive(DmirrorCmd& cmd) {
       entries_.insert_or_assign(va >> kPageShift, Entry{nullptr, held->memory(), true, true});
     }
   }
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
   std::vector<bool> done(n);
   const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
@@ -611,6 +586,10 @@ DmirrorProcess& DmirrorProcess::instance() {
 
 Result<Runtime*> DmirrorProcess::runtime_locked() {
   if (runtime_ != nullptr) return runtime_;
+  // Before the address space: no memory of the program is managed yet, so
+  // none can be in the hole the arena fills (compat/bounce.hpp).
+  auto arena = BounceArena::reserve(kBounceArenaBytes);
+  if (!arena) return arena.status();
   AddressSpaceOptions options;
   options.fault_mode = FaultMode::kServiceThreads;  // syscalls on device pages must work
   auto as = AddressSpace::create(options);
@@ -622,6 +601,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
     return as.status();
   }
   auto* rt = new Runtime;
+  rt->bounce = std::move(*arena);
   rt->as = std::move(*as);
   // After the address space: uhmm's own child handler (registered by its
   // creation) must run before ours.
