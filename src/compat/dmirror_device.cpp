@@ -96,7 +96,7 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
   int fault_rest(const std::vector<Span>& spans, std::uintptr_t from, bool write, Clock::time_point deadline);
   enum class Direction { kFromRange, kToRange };
   Pass copy_pass(Direction dir, const std::vector<Span>& spans, std::uintptr_t addr, std::byte* buf,
-                 std::vector<bool>& done, std::uint64_t other_from);
+                 std::uint64_t from, std::uint64_t other_from);
 
   int cmd_read(DmirrorCmd& cmd);
   int cmd_write(DmirrorCmd& cmd);
@@ -273,59 +273,58 @@ int DmirrorFile::fault_rest(const std::vector<Span>& spans, std::uintptr_t from,
 }
 
 // Moves the range between the mirror and `buf`, page by page in order,
-// skipping pages already `done`; stops at the first page the mirror lacks
-// (for a write: lacks, or holds read-only).  Pages of unmanaged mappings are
+// from page `from` on (the pages before it were moved by an earlier pass);
+// stops at the first page the mirror lacks (for a write: lacks, or holds
+// read-only), every page before it moved.  Pages of unmanaged mappings are
 // never mirrored: they are accessed in place when at or past `other_from`
 // (the device has faulted them), else they count as missing.
 DmirrorFile::Pass DmirrorFile::copy_pass(Direction dir, const std::vector<Span>& spans, std::uintptr_t addr,
-                                         std::byte* buf, std::vector<bool>& done, std::uint64_t other_from) {
+                                         std::byte* buf, std::uint64_t from, std::uint64_t other_from) {
   const bool write = dir == Direction::kToRange;
   auto in_place = [&](std::uint64_t i) {
     return write ? copy_to_user(addr + i * kPageSize, buf + i * kPageSize, kPageSize)
                  : copy_from_user(buf + i * kPageSize, addr + i * kPageSize, kPageSize);
   };
+  std::uint64_t i = from;
   for (const Span& s : spans) {
-    const std::uint64_t i0 = (s.start - addr) / kPageSize, i1 = (s.end - addr) / kPageSize;
+    const std::uint64_t i1 = (s.end - addr) / kPageSize;
     if (s.kind != Kind::kManaged) {
-      for (std::uint64_t i = i0; i < i1; ++i) {
-        if (done[i]) continue;
+      for (; i < i1; ++i) {
         if (i < other_from || s.kind == Kind::kGap) return Pass{0, i};
         if (!in_place(i)) return Pass{EFAULT, i};
-        done[i] = true;
       }
       continue;
     }
     // System pages are accessed through the process's mapping after the
     // lock: a fault there (the page went to a device meanwhile) raises an
-    // invalidation that needs the lock.
-    std::vector<std::uint64_t> system_pages;
-    std::uint64_t missing = i1;
-    {
-      MutexLock lock(mutex_);
-      auto it = entries_.lower_bound((addr >> kPageShift) + i0);
-      for (std::uint64_t i = i0; i < i1; ++i) {
-        if (done[i]) continue;
-        const std::uint64_t vpn = (addr >> kPageShift) + i;
-        while (it != entries_.end() && it->first < vpn) ++it;
-        if (it == entries_.end() || it->first != vpn || (write && !it->second.write)) {
-          missing = i;
-          break;
+    // invalidation that needs the lock.  One at a time, not gathered in a
+    // list: nothing sized by the range may be allocated while it is
+    // accessed in place (ADR 0005, "Bounce buffers").
+    while (i < i1) {
+      bool system_page = false;
+      {
+        MutexLock lock(mutex_);
+        auto it = entries_.lower_bound((addr >> kPageShift) + i);
+        for (; i < i1; ++i, ++it) {
+          if (it == entries_.end() || it->first != (addr >> kPageShift) + i || (write && !it->second.write))
+            return Pass{0, i};
+          if (it->second.memory == nullptr) {
+            system_page = true;
+            break;
+          }
+          if (write) {
+            std::memcpy(it->second.memory, buf + i * kPageSize, kPageSize);
+          } else {
+            std::memcpy(buf + i * kPageSize, it->second.memory, kPageSize);
+          }
         }
-        if (it->second.memory == nullptr) {
-          system_pages.push_back(i);
-        } else if (write) {
-          std::memcpy(it->second.memory, buf + i * kPageSize, kPageSize);
-        } else {
-          std::memcpy(buf + i * kPageSize, it->second.memory, kPageSize);
-        }
-        done[i] = true;
       }
-    }
-    for (const std::uint64_t i : system_pages)
+      if (!system_page) break;
       if (!in_place(i)) return Pass{EFAULT, i};
-    if (missing != i1) return Pass{0, missing};
+      ++i;
+    }
   }
-  return Pass{0, done.size()};
+  return Pass{0, i};
 }
 
 // ---- commands --------------------------------------------------------------
@@ -366,13 +365,14 @@ int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
   if (!spans) return spans.code();
   auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
-  std::vector<bool> done(n);
+  std::uint64_t copied = 0;
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
   for (;;) {
-    const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, other_from);
+    const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), copied, other_from);
     if (p.err != 0) return p.err;
     if (p.first_missing == n) break;
+    copied = p.first_missing;
     if (Clock::now() > deadline) return EBUSY;
     ++cmd.faults;
     if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, false, deadline)) return err;
@@ -391,13 +391,14 @@ int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
   if (!copy_from_user(bounce->data(), cmd.ptr, n * kPageSize)) return EFAULT;
   auto spans = layout(cmd.addr, end);
   if (!spans) return spans.code();
-  std::vector<bool> done(n);
+  std::uint64_t copied = 0;
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
   for (;;) {
-    const Pass p = copy_pass(Direction::kToRange, *spans, cmd.addr, bounce->data(), done, other_from);
+    const Pass p = copy_pass(Direction::kToRange, *spans, cmd.addr, bounce->data(), copied, other_from);
     if (p.err != 0) return p.err;
     if (p.first_missing == n) break;
+    copied = p.first_missing;
     if (Clock::now() > deadline) return EBUSY;
     ++cmd.faults;
     if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, true, deadline)) return err;
@@ -431,8 +432,7 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
   // What the device holds now, read back for the caller to verify.
   auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
-  std::vector<bool> done(n);
-  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
+  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), 0, n);
   if (p.err != 0) return p.err;
   if (p.first_missing != n) return ENOENT;
   if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
@@ -541,8 +541,7 @@ int DmirrorFile::cmd_exclusive(DmirrorCmd& cmd) {
   }
   auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
-  std::vector<bool> done(n);
-  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
+  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), 0, n);
   if (p.err != 0) return p.err;
   if (p.first_missing != n) return EBUSY;  // revoked before it could be read: the range keeps changing
   if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
