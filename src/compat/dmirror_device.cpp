@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "compat/bounce.hpp"
 #include "compat/ioctl_decode.hpp"
 #include "compat/maps.hpp"
 #include "core/sync.hpp"
@@ -34,37 +35,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr auto kPatience = std::chrono::seconds(1);  // the kernel driver's retry timeout
 constexpr std::size_t kUserSpan = std::size_t{1} << 47;
+// Address space for the bounce buffers of all commands in flight; a
+// command needing more than is free gets ENOMEM.
+constexpr std::size_t kBounceArenaBytes = std::size_t{64} << 30;
 constexpr int kPrivateMinors = 2;  // 0 and 1; 2 and 3 are device-coherent (ADR 0005, "Minors")
-
-// A buffer the library maps itself: never merged with (so never adopted as
-// part of) the program's memory, and not inherited by a child.  Device
-// memory is copied into it under a mirror's lock, where a fault must not
-// happen (see the ADR).
-class Bounce {
- public:
-  static Result<Bounce> make(std::size_t bytes) {
-    Bounce b;
-    if (bytes == 0) return b;
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return Status::error(ENOMEM, "cannot map a bounce buffer");
-    (void)::madvise(p, bytes, MADV_DONTFORK);
-    b.data_ = static_cast<std::byte*>(p);
-    b.size_ = bytes;
-    return b;
-  }
-  Bounce() = default;
-  Bounce(Bounce&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
-  Bounce& operator=(Bounce&&) = delete;
-  ~Bounce() {
-    if (data_ != nullptr) ::munmap(data_, size_);
-  }
-  std::byte* data() const { return data_; }
-  std::size_t size() const { return size_; }
-
- private:
-  std::byte* data_ = nullptr;
-  std::size_t size_ = 0;
-};
 
 std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHugePageSize; }
 
@@ -73,6 +47,7 @@ std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHug
 // What exists per fork generation.  Leaked, not destroyed, in a forked
 // child (its threads do not exist there).
 struct Runtime {
+  std::unique_ptr<BounceArena> bounce;  // reserved before any memory is adopted (compat/bounce.hpp)
   std::unique_ptr<AddressSpace> as;
   std::array<std::unique_ptr<sim::SimDevice>, kDmirrorMinors> devices;
   std::mutex adopt_mutex;  // one adoption at a time (adopt's overlap check is not atomic with ours)
@@ -121,7 +96,7 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
   int fault_rest(const std::vector<Span>& spans, std::uintptr_t from, bool write, Clock::time_point deadline);
   enum class Direction { kFromRange, kToRange };
   Pass copy_pass(Direction dir, const std::vector<Span>& spans, std::uintptr_t addr, std::byte* buf,
-                 std::vector<bool>& done, std::uint64_t other_from);
+                 std::uint64_t from, std::uint64_t other_from);
 
   int cmd_read(DmirrorCmd& cmd);
   int cmd_write(DmirrorCmd& cmd);
@@ -298,59 +273,58 @@ int DmirrorFile::fault_rest(const std::vector<Span>& spans, std::uintptr_t from,
 }
 
 // Moves the range between the mirror and `buf`, page by page in order,
-// skipping pages already `done`; stops at the first page the mirror lacks
-// (for a write: lacks, or holds read-only).  Pages of unmanaged mappings are
+// from page `from` on (the pages before it were moved by an earlier pass);
+// stops at the first page the mirror lacks (for a write: lacks, or holds
+// read-only), every page before it moved.  Pages of unmanaged mappings are
 // never mirrored: they are accessed in place when at or past `other_from`
 // (the device has faulted them), else they count as missing.
 DmirrorFile::Pass DmirrorFile::copy_pass(Direction dir, const std::vector<Span>& spans, std::uintptr_t addr,
-                                         std::byte* buf, std::vector<bool>& done, std::uint64_t other_from) {
+                                         std::byte* buf, std::uint64_t from, std::uint64_t other_from) {
   const bool write = dir == Direction::kToRange;
   auto in_place = [&](std::uint64_t i) {
     return write ? copy_to_user(addr + i * kPageSize, buf + i * kPageSize, kPageSize)
                  : copy_from_user(buf + i * kPageSize, addr + i * kPageSize, kPageSize);
   };
+  std::uint64_t i = from;
   for (const Span& s : spans) {
-    const std::uint64_t i0 = (s.start - addr) / kPageSize, i1 = (s.end - addr) / kPageSize;
+    const std::uint64_t i1 = (s.end - addr) / kPageSize;
     if (s.kind != Kind::kManaged) {
-      for (std::uint64_t i = i0; i < i1; ++i) {
-        if (done[i]) continue;
+      for (; i < i1; ++i) {
         if (i < other_from || s.kind == Kind::kGap) return Pass{0, i};
         if (!in_place(i)) return Pass{EFAULT, i};
-        done[i] = true;
       }
       continue;
     }
     // System pages are accessed through the process's mapping after the
     // lock: a fault there (the page went to a device meanwhile) raises an
-    // invalidation that needs the lock.
-    std::vector<std::uint64_t> system_pages;
-    std::uint64_t missing = i1;
-    {
-      MutexLock lock(mutex_);
-      auto it = entries_.lower_bound((addr >> kPageShift) + i0);
-      for (std::uint64_t i = i0; i < i1; ++i) {
-        if (done[i]) continue;
-        const std::uint64_t vpn = (addr >> kPageShift) + i;
-        while (it != entries_.end() && it->first < vpn) ++it;
-        if (it == entries_.end() || it->first != vpn || (write && !it->second.write)) {
-          missing = i;
-          break;
+    // invalidation that needs the lock.  One at a time, not gathered in a
+    // list: nothing sized by the range may be allocated while it is
+    // accessed in place (ADR 0005, "Bounce buffers").
+    while (i < i1) {
+      bool system_page = false;
+      {
+        MutexLock lock(mutex_);
+        auto it = entries_.lower_bound((addr >> kPageShift) + i);
+        for (; i < i1; ++i, ++it) {
+          if (it == entries_.end() || it->first != (addr >> kPageShift) + i || (write && !it->second.write))
+            return Pass{0, i};
+          if (it->second.memory == nullptr) {
+            system_page = true;
+            break;
+          }
+          if (write) {
+            std::memcpy(it->second.memory, buf + i * kPageSize, kPageSize);
+          } else {
+            std::memcpy(buf + i * kPageSize, it->second.memory, kPageSize);
+          }
         }
-        if (it->second.memory == nullptr) {
-          system_pages.push_back(i);
-        } else if (write) {
-          std::memcpy(it->second.memory, buf + i * kPageSize, kPageSize);
-        } else {
-          std::memcpy(buf + i * kPageSize, it->second.memory, kPageSize);
-        }
-        done[i] = true;
       }
-    }
-    for (const std::uint64_t i : system_pages)
+      if (!system_page) break;
       if (!in_place(i)) return Pass{EFAULT, i};
-    if (missing != i1) return Pass{0, missing};
+      ++i;
+    }
   }
-  return Pass{0, done.size()};
+  return Pass{0, i};
 }
 
 // ---- commands --------------------------------------------------------------
@@ -389,15 +363,16 @@ int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
   const std::uintptr_t end = cmd.addr + n * kPageSize;
   auto spans = layout(cmd.addr, end);
   if (!spans) return spans.code();
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
-  std::vector<bool> done(n);
+  std::uint64_t copied = 0;
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
   for (;;) {
-    const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, other_from);
+    const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), copied, other_from);
     if (p.err != 0) return p.err;
     if (p.first_missing == n) break;
+    copied = p.first_missing;
     if (Clock::now() > deadline) return EBUSY;
     ++cmd.faults;
     if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, false, deadline)) return err;
@@ -411,18 +386,19 @@ int DmirrorFile::cmd_read(DmirrorCmd& cmd) {
 int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
   const std::uint64_t n = cmd_pages(cmd);
   const std::uintptr_t end = cmd.addr + n * kPageSize;
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
   if (!copy_from_user(bounce->data(), cmd.ptr, n * kPageSize)) return EFAULT;
   auto spans = layout(cmd.addr, end);
   if (!spans) return spans.code();
-  std::vector<bool> done(n);
+  std::uint64_t copied = 0;
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
   for (;;) {
-    const Pass p = copy_pass(Direction::kToRange, *spans, cmd.addr, bounce->data(), done, other_from);
+    const Pass p = copy_pass(Direction::kToRange, *spans, cmd.addr, bounce->data(), copied, other_from);
     if (p.err != 0) return p.err;
     if (p.first_missing == n) break;
+    copied = p.first_missing;
     if (Clock::now() > deadline) return EBUSY;
     ++cmd.faults;
     if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, true, deadline)) return err;
@@ -454,10 +430,9 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
     }
   }
   // What the device holds now, read back for the caller to verify.
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
-  std::vector<bool> done(n);
-  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
+  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), 0, n);
   if (p.err != 0) return p.err;
   if (p.first_missing != n) return ENOENT;
   if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
@@ -564,10 +539,9 @@ int DmirrorFile::cmd_exclusive(DmirrorCmd& cmd) {
       entries_.insert_or_assign(va >> kPageShift, Entry{nullptr, held->memory(), true, true});
     }
   }
-  auto bounce = Bounce::make(n * kPageSize);
+  auto bounce = Bounce::make(*rt_.bounce, n * kPageSize);
   if (!bounce) return bounce.code();
-  std::vector<bool> done(n);
-  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), done, n);
+  const Pass p = copy_pass(Direction::kFromRange, *spans, cmd.addr, bounce->data(), 0, n);
   if (p.err != 0) return p.err;
   if (p.first_missing != n) return EBUSY;  // revoked before it could be read: the range keeps changing
   if (!copy_to_user(cmd.ptr, bounce->data(), n * kPageSize)) return EFAULT;
@@ -611,6 +585,10 @@ DmirrorProcess& DmirrorProcess::instance() {
 
 Result<Runtime*> DmirrorProcess::runtime_locked() {
   if (runtime_ != nullptr) return runtime_;
+  // Before the address space: no memory of the program is managed yet, so
+  // none can be in the hole the arena fills (compat/bounce.hpp).
+  auto arena = BounceArena::reserve(kBounceArenaBytes);
+  if (!arena) return arena.status();
   AddressSpaceOptions options;
   options.fault_mode = FaultMode::kServiceThreads;  // syscalls on device pages must work
   auto as = AddressSpace::create(options);
@@ -622,6 +600,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
     return as.status();
   }
   auto* rt = new Runtime;
+  rt->bounce = std::move(*arena);
   rt->as = std::move(*as);
   // After the address space: uhmm's own child handler (registered by its
   // creation) must run before ours.
