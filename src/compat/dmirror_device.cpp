@@ -21,6 +21,8 @@
 #include "compat/bounce.hpp"
 #include "compat/ioctl_decode.hpp"
 #include "compat/maps.hpp"
+#include "compat/page_runs.hpp"
+#include "compat/pagemap.hpp"
 #include "core/sync.hpp"
 #include "mm/address_space_impl.hpp"
 #include "uhmm/address_space.hpp"
@@ -42,7 +44,81 @@ constexpr int kPrivateMinors = 2;  // 0 and 1; 2 and 3 are device-coherent (ADR 
 
 std::uintptr_t huge_up(std::uintptr_t a) { return (a / kHugePageSize + 1) * kHugePageSize; }
 
+// Whether a page's pagemap entry shows an anonymous page: in a private file
+// mapping, one the program copied on write (present without the file bit,
+// or swapped out: only anonymous pages have swap entries there).
+bool anonymous_page(std::uint64_t word) {
+  return ((word & kPmPresent) && !(word & kPmFile)) || (word & kPmSwap);
+}
+
+// A private read-write file mapping, the only kind the library converts to
+// anonymous memory (ADR 0005, "Private file mappings").  Special mappings
+// ([vdso], [vvar]...) have no path; hugetlb and the like are refused by
+// their VmFlags in convert_private_file.
+bool convertible(const Mapping& m) {
+  return !m.shared && !m.anonymous && m.prot == (PROT_READ | PROT_WRITE) && !m.name.empty() && m.name[0] == '/';
+}
+
 }  // namespace
+
+// The pages of converted private file mappings that were still clean file
+// pages at the conversion (ADR 0005, "Private file mappings"): they refuse
+// migration, as the kernel's page-cache pages do.  Forgotten where uhmm
+// sees the range unmapped or moved, or the address space go.
+//
+// Concurrency: any thread.  mutex_ is a leaf: nothing is called under it.
+class FilePages final : public IntervalNotifierOps {
+ public:
+  explicit FilePages(AddressSpace& as) : as_(as) {}
+  ~FilePages() override { interval_notifier_remove(sub_); }
+  FilePages(const FilePages&) = delete;
+  FilePages& operator=(const FilePages&) = delete;
+
+  Status subscribe() { return interval_notifier_insert(sub_, as_, VirtAddr{0}, kUserSpan, *this); }
+
+  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
+    if (!range.blockable) return false;
+    MutexLock lock(mutex_);
+    sub.set_seq(cur_seq);
+    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease)
+      pages_.erase(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
+    return true;
+  }
+
+  void add(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+    MutexLock lock(mutex_);
+    pages_.add(first_vpn, end_vpn);
+  }
+  void erase(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+    MutexLock lock(mutex_);
+    pages_.erase(first_vpn, end_vpn);
+  }
+  std::vector<PageRuns::Run> inside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+    MutexLock lock(mutex_);
+    return pages_.inside(first_vpn, end_vpn);
+  }
+  std::vector<PageRuns::Run> outside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+    MutexLock lock(mutex_);
+    return pages_.outside(first_vpn, end_vpn);
+  }
+  /// One flag per page of [start, end): still a clean file page.
+  std::vector<bool> clean(std::uintptr_t start, std::uintptr_t end) {
+    std::vector<bool> out((end - start) / kPageSize);
+    for (const auto& [f, e] : inside(start >> kPageShift, end >> kPageShift))
+      for (std::uint64_t v = f; v < e; ++v) out[v - (start >> kPageShift)] = true;
+    return out;
+  }
+  PageRuns copy() {
+    MutexLock lock(mutex_);
+    return pages_;
+  }
+
+ private:
+  AddressSpace& as_;
+  IntervalNotifier sub_;
+  Mutex mutex_{LockRank::kLeaf};
+  PageRuns pages_ UHMM_GUARDED_BY(mutex_);
+};
 
 // What exists per fork generation.  Leaked, not destroyed, in a forked
 // child (its threads do not exist there).
@@ -50,8 +126,101 @@ struct Runtime {
   std::unique_ptr<BounceArena> bounce;  // reserved before any memory is adopted (compat/bounce.hpp)
   std::unique_ptr<AddressSpace> as;
   std::array<std::unique_ptr<sim::SimDevice>, kDmirrorMinors> devices;
-  std::mutex adopt_mutex;  // one adoption at a time (adopt's overlap check is not atomic with ours)
+  std::mutex adopt_mutex;  // one adoption or conversion at a time (adopt's overlap check is not atomic with ours)
+  std::unique_ptr<FilePages> file_pages;
 };
+
+namespace {
+
+// Replaces the private file mapping `seen` by a private anonymous one with
+// the same contents and protection at the same place, adopts it, and
+// remembers its clean file pages (ADR 0005, "Private file mappings").  Only
+// when [want_start, want_end) holds a page the program copied on write:
+// else nothing could move, and the mapping stays as it is (ENOENT).  Any
+// failure leaves the program's mapping as it was.
+Status convert_private_file(Runtime& rt, const Mapping& seen, std::uintptr_t want_start, std::uintptr_t want_end) {
+  std::lock_guard lock(rt.adopt_mutex);
+  const std::uintptr_t start = seen.start, end = seen.end;
+  const std::size_t len = end - start;
+  auto same_mapping = [&](const std::optional<Mapping>& m) {
+    return m && m->start == start && m->end == end && m->name == seen.name && m->prot == seen.prot &&
+           m->shared == seen.shared;
+  };
+  // Another command may have converted it since the caller read the maps.
+  if (rt.as->find_region(VirtAddr{start})) return Status::ok();
+  if (!same_mapping(platform::mapping_at(VirtAddr{start}))) return Status::error(ENOENT, "the mapping changed");
+  // What the anonymous copy can carry over; anything else (hugetlb, pfnmap,
+  // I/O, locked, sealed, registered with someone's userfaultfd...) stays a
+  // file mapping, refusing migration as before.
+  auto flags = smaps_vm_flags(start);
+  if (!flags) return flags.status();
+  int map_flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  std::vector<int> advice;
+  for (std::size_t i = 0; i < flags->size();) {
+    const std::size_t b = flags->find_first_not_of(' ', i);
+    if (b == std::string::npos) break;
+    const std::size_t e = std::min(flags->find(' ', b), flags->size());
+    const std::string_view f = std::string_view(*flags).substr(b, e - b);
+    i = e;
+    if (f == "rd" || f == "wr" || f == "mr" || f == "mw" || f == "me" || f == "ac" || f == "sd" || f == "sr" ||
+        f == "rr")
+      continue;
+    if (f == "nr") {
+      map_flags |= MAP_NORESERVE;
+    } else if (f == "hg") {
+      advice.push_back(MADV_HUGEPAGE);
+    } else if (f == "nh") {
+      advice.push_back(MADV_NOHUGEPAGE);
+    } else if (f == "dd") {
+      advice.push_back(MADV_DONTDUMP);
+    } else if (f == "dc") {
+      advice.push_back(MADV_DONTFORK);
+    } else {
+      return Status::error(ENOENT, "a private file mapping the library cannot convert");
+    }
+  }
+  // Read before the copy: a page the program copies on write after this
+  // reads as clean and keeps refusing, never the reverse.
+  auto words = read_own_pagemap(start, end);
+  if (!words) return words.status();
+  bool any_anonymous = false;
+  for (std::uintptr_t a = std::max(want_start, start); a < std::min(want_end, end); a += kPageSize)
+    any_anonymous = any_anonymous || anonymous_page((*words)[(a - start) / kPageSize]);
+  if (!any_anonymous) return Status::error(ENOENT, "no page copied on write: nothing can migrate");
+  void* copy = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, map_flags, -1, 0);
+  if (copy == MAP_FAILED) return Status::error(ENOMEM, "cannot map the anonymous copy");
+  for (const int a : advice) (void)::madvise(copy, len, a);
+  // Fault-safe: a page past the end of the file (SIGBUS for the program)
+  // fails the copy, and such a mapping is not converted.
+  if (!copy_from_user(copy, start, len) || !same_mapping(platform::mapping_at(VirtAddr{start}))) {
+    ::munmap(copy, len);
+    return Status::error(ENOENT, "the mapping cannot be copied whole");
+  }
+  // One mremap replaces the mapping: a thread touching it sees the file
+  // mapping or the copy, never a hole.
+  if (::mremap(copy, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(start)) == MAP_FAILED) {
+    const int err = errno;
+    ::munmap(copy, len);
+    return Status::error(err, "mremap of the anonymous copy failed");
+  }
+  for (std::size_t i = 0; i < words->size();) {
+    std::size_t j = i;
+    while (j < words->size() && !anonymous_page((*words)[j])) ++j;
+    rt.file_pages->add((start >> kPageShift) + i, (start >> kPageShift) + j);
+    while (j < words->size() && anonymous_page((*words)[j])) ++j;
+    i = j;
+  }
+  // Adopted under the same lock: no other command adopts it as a plain
+  // anonymous mapping first.  From here uhmm sees its munmap, which drops
+  // the marks; if adoption fails they go now (nothing would drop them).
+  if (Status adopted = rt.as->adopt(VirtAddr{start}, len); !adopted) {
+    rt.file_pages->erase(start >> kPageShift, end >> kPageShift);
+    return adopted;
+  }
+  return Status::ok();
+}
+
+}  // namespace
 
 // One open fd: its mirror of the address space and its flags.
 class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
@@ -89,7 +258,9 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
     std::uint64_t first_missing = 0;
   };
 
-  Result<std::vector<Span>> layout(std::uintptr_t start, std::uintptr_t end);
+  // convert_files: convert the private file mappings that hold a page
+  // copied on write in the range (only MIGRATE_TO_DEV needs them managed).
+  Result<std::vector<Span>> layout(std::uintptr_t start, std::uintptr_t end, bool convert_files = false);
   Status adopt_mapping(const Mapping& m);
   Status walk_and_map(std::uintptr_t start, std::uintptr_t end, std::uint64_t flags, bool only_own,
                       Clock::time_point deadline);
@@ -163,7 +334,8 @@ Status DmirrorFile::adopt_mapping(const Mapping& m) {
   return Status::ok();
 }
 
-Result<std::vector<DmirrorFile::Span>> DmirrorFile::layout(std::uintptr_t start, std::uintptr_t end) {
+Result<std::vector<DmirrorFile::Span>> DmirrorFile::layout(std::uintptr_t start, std::uintptr_t end,
+                                                           bool convert_files) {
   // An munmap uhmm has not processed yet would leave a stale managed range
   // where the program has mapped something new.
   as_.impl().settle_events_in(VirtAddr{start}, VirtAddr{end});
@@ -179,7 +351,9 @@ Result<std::vector<DmirrorFile::Span>> DmirrorFile::layout(std::uintptr_t start,
       // A managed range stays managed whatever the maps say (adoption
       // itself splits the kernel's mappings at its edges).
       if (as_.find_region(VirtAddr{piece.start}) ||
-          (piece.mapping->adoptable() && adopt_mapping(*piece.mapping).is_ok())) {
+          (piece.mapping->adoptable() && adopt_mapping(*piece.mapping).is_ok()) ||
+          (convert_files && convertible(*piece.mapping) &&
+           convert_private_file(rt_, *piece.mapping, piece.start, piece.end).is_ok())) {
         s.kind = Kind::kManaged;
       }
     }
@@ -202,6 +376,10 @@ Status DmirrorFile::walk_and_map(std::uintptr_t start, std::uintptr_t end, std::
   range.hmm_pfns = pfns.data();
   range.default_flags = flags;
   range.dev_private_owner = dev_.owner();
+  // The kernel maps a clean page of a private file mapping read-only, so its
+  // driver records it without WRITE until a write fault copies it.
+  const std::vector<bool> clean =
+      (flags & HMM_PFN_REQ_WRITE) ? std::vector<bool>(pfns.size()) : rt_.file_pages->clean(start, end);
   for (;;) {
     if (Clock::now() > deadline) return Status::error(EBUSY, "the range keeps changing");
     range.notifier_seq = sub_.read_begin();
@@ -232,6 +410,8 @@ Status DmirrorFile::walk_and_map(std::uintptr_t start, std::uintptr_t end, std::
         }
       } else if (only_own) {
         continue;
+      } else if (clean[i]) {
+        e.write = false;
       }
       entries_.insert_or_assign((start >> kPageShift) + i, e);
     }
@@ -394,16 +574,28 @@ int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
   std::uint64_t copied = 0;
   std::uint64_t other_from = n;
   const auto deadline = Clock::now() + kPatience;
+  int err = 0;
   for (;;) {
     const Pass p = copy_pass(Direction::kToRange, *spans, cmd.addr, bounce->data(), copied, other_from);
-    if (p.err != 0) return p.err;
-    if (p.first_missing == n) break;
+    if (p.err != 0) {
+      err = p.err;
+      break;
+    }
     copied = p.first_missing;
-    if (Clock::now() > deadline) return EBUSY;
+    if (p.first_missing == n) break;
+    if (Clock::now() > deadline) {
+      err = EBUSY;
+      break;
+    }
     ++cmd.faults;
-    if (const int err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, true, deadline)) return err;
+    if ((err = fault_rest(*spans, cmd.addr + p.first_missing * kPageSize, true, deadline)) != 0) break;
     other_from = std::min(other_from, p.first_missing);
   }
+  // A page the device wrote is copied on write now, as the kernel's write
+  // fault copies a clean page of a private file mapping: it may migrate.
+  // (The pages written are a prefix: copy_pass goes in order.)
+  if (copied > 0) rt_.file_pages->erase(cmd.addr >> kPageShift, (cmd.addr >> kPageShift) + copied);
+  if (err != 0) return err;
   cmd.cpages = n;
   return 0;
 }
@@ -411,7 +603,7 @@ int DmirrorFile::cmd_write(DmirrorCmd& cmd) {
 int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
   const std::uint64_t n = cmd_pages(cmd);
   const std::uintptr_t end = cmd.addr + n * kPageSize;
-  auto spans = layout(cmd.addr, end);
+  auto spans = layout(cmd.addr, end, /*convert_files=*/true);
   if (!spans) return spans.code();
   for (const Span& s : *spans)
     if (s.kind == Kind::kGap || !(s.prot & PROT_READ)) return EINVAL;
@@ -422,8 +614,12 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
       const auto region = as_.find_region(VirtAddr{c});
       if (!region) return EINVAL;
       const std::uintptr_t ce = std::min({s.end, region->end().value, huge_up(c)});
-      const auto moved = dev_.migrate_to_device(as_, VirtAddr{c}, ce - c);
-      if (!moved) return moved.code();
+      // Clean file pages stay (the kernel does not move page-cache pages):
+      // they are missing from the mirror afterwards, so ENOENT below.
+      for (const auto& [f, e] : rt_.file_pages->outside(c >> kPageShift, ce >> kPageShift)) {
+        const auto moved = dev_.migrate_to_device(as_, VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize);
+        if (!moved) return moved.code();
+      }
       const Status mapped = walk_and_map(c, ce, 0, /*only_own=*/true, Clock::now() + kPatience);
       if (!mapped) return mapped.code();
       c = ce;
@@ -466,26 +662,23 @@ int DmirrorFile::cmd_snapshot(DmirrorCmd& cmd) {
   auto spans = layout(cmd.addr, cmd.addr + n * kPageSize);
   if (!spans) return spans.code();
   std::vector<std::uint8_t> bytes(n, snapshot::kError);
-  int pagemap = -1;
   for (const Span& s : *spans) {
     const std::uint64_t i0 = (s.start - cmd.addr) / kPageSize;
     const std::uint64_t count = (s.end - s.start) / kPageSize;
     if (s.kind == Kind::kGap || !(s.prot & PROT_READ)) continue;  // ERROR
     if (s.kind == Kind::kOther) {
-      // Not managed: the kernel's own page table says what is present.
-      if (pagemap < 0) pagemap = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-      std::vector<std::uint64_t> words(count);
-      const auto want = static_cast<ssize_t>(count * sizeof(std::uint64_t));
-      const bool ok = pagemap >= 0 && ::pread(pagemap, words.data(), static_cast<std::size_t>(want),
-                                              static_cast<off_t>((s.start >> kPageShift) * 8)) == want;
+      // Not managed: the kernel's own page table says what is present.  A
+      // clean page of a private file mapping is mapped read-only (a write
+      // copies it first).
+      auto words = read_own_pagemap(s.start, s.end);
       for (std::uint64_t k = 0; k < count; ++k) {
-        const bool present = ok && (words[k] >> 63) & 1;
-        bytes[i0 + k] = !present                 ? snapshot::kNone
-                        : (s.prot & PROT_WRITE) ? snapshot::kWrite
-                                                : snapshot::kRead;
+        const std::uint64_t w = words ? (*words)[k] : 0;
+        const bool writable = (s.prot & PROT_WRITE) && (s.shared || !(w & kPmFile));
+        bytes[i0 + k] = !(w & kPmPresent) ? snapshot::kNone : writable ? snapshot::kWrite : snapshot::kRead;
       }
       continue;
     }
+    const std::vector<bool> clean = rt_.file_pages->clean(s.start, s.end);
     std::vector<std::uint64_t> pfns(count);
     HmmRange range;
     range.address_space = &as_;
@@ -493,10 +686,7 @@ int DmirrorFile::cmd_snapshot(DmirrorCmd& cmd) {
     range.end = VirtAddr{s.end};
     range.hmm_pfns = pfns.data();
     range.dev_private_owner = dev_.owner();
-    if (const Status st = hmm_range_fault(range); !st) {
-      if (pagemap >= 0) ::close(pagemap);
-      return st.code();
-    }
+    if (const Status st = hmm_range_fault(range); !st) return st.code();
     for (std::uint64_t k = 0; k < count; ++k) {
       const std::uint64_t w = pfns[k];
       std::uint8_t b = snapshot::kNone;
@@ -511,12 +701,12 @@ int DmirrorFile::cmd_snapshot(DmirrorCmd& cmd) {
             b = local ? snapshot::kDevPrivateLocal : snapshot::kDevPrivateRemote;
           }
         }
-        b |= (w & HMM_PFN_WRITE) ? snapshot::kWrite : snapshot::kRead;
+        const bool clean_page = clean[k] && hmm_pfn_to_device_page(w) == nullptr;  // as the kernel maps it
+        b |= (w & HMM_PFN_WRITE) && !clean_page ? snapshot::kWrite : snapshot::kRead;
       }
       bytes[i0 + k] = b;
     }
   }
-  if (pagemap >= 0) ::close(pagemap);
   if (!copy_to_user(cmd.ptr, bytes.data(), n)) return EFAULT;
   cmd.cpages = n;
   return 0;
@@ -535,6 +725,8 @@ int DmirrorFile::cmd_exclusive(DmirrorCmd& cmd) {
       // The page comes back locked: nothing revokes it before it is mapped.
       Result<DeviceExclusivePage> held = make_device_exclusive(as_, VirtAddr{va}, dev_.owner());
       if (!held) return held.code();
+      // The kernel takes the page for writing, copying a clean file page.
+      rt_.file_pages->erase(va >> kPageShift, (va >> kPageShift) + 1);
       MutexLock lock(mutex_);
       entries_.insert_or_assign(va >> kPageShift, Entry{nullptr, held->memory(), true, true});
     }
@@ -610,6 +802,22 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
       return Status::error(ENOMEM, "pthread_atfork failed");
     }
     atfork_installed_ = true;
+  }
+  rt->file_pages = std::make_unique<FilePages>(*rt->as);
+  if (const Status s = rt->file_pages->subscribe(); !s) {
+    delete rt;
+    return s;
+  }
+  // A forked child: its converted mappings' clean pages, as the parent knew
+  // them at fork, where the same mappings are still anonymous here.
+  if (!inherited_clean_.empty()) {
+    if (auto maps = read_maps()) {
+      for (const Mapping& m : *maps)
+        if (m.adoptable())
+          for (const auto& [f, e] : inherited_clean_.inside(m.start >> kPageShift, m.end >> kPageShift))
+            rt->file_pages->add(f, e);
+    }
+    inherited_clean_ = PageRuns();
   }
   std::lock_guard table(table_mutex_);
   runtime_ = rt;
@@ -796,9 +1004,13 @@ std::optional<int> DmirrorProcess::mprotect(std::uintptr_t addr, std::size_t len
 void DmirrorProcess::prepare_fork() {
   init_mutex_.lock();
   table_mutex_.lock();
+  // Copied now: in the child, a thread that no longer exists may hold the
+  // lock of the set.
+  if (runtime_ != nullptr) fork_clean_ = runtime_->file_pages->copy();
 }
 
 void DmirrorProcess::parent_after_fork() {
+  fork_clean_ = PageRuns();
   table_mutex_.unlock();
   init_mutex_.unlock();
 }
@@ -810,6 +1022,8 @@ void DmirrorProcess::parent_after_fork() {
 // Each fd gets a fresh mirror on its next use.
 void DmirrorProcess::child_after_fork() {
   ++generation_;
+  inherited_clean_ = std::move(fork_clean_);
+  fork_clean_ = PageRuns();
   if (runtime_ != nullptr) {
     auto* leaked = new std::vector<std::shared_ptr<DmirrorFile>>();
     for (auto& [fd, entry] : fds_) leaked->push_back(std::move(entry.file));

@@ -23,6 +23,7 @@
 #include <optional>
 
 #include "compat/dmirror_abi.hpp"
+#include "compat/page_runs.hpp"
 #include "uhmm/status.hpp"
 
 namespace uhmm {
@@ -104,6 +105,11 @@ class DmirrorProcess {
   Runtime* runtime_ = nullptr;
   std::uint64_t generation_ = 0;
   bool atfork_installed_ = false;
+  // The clean pages of converted private file mappings (ADR 0005, "Private
+  // file mappings"), copied for the child by prepare_fork, and the child's
+  // copy until its runtime exists.
+  PageRuns fork_clean_;
+  PageRuns inherited_clean_;
   static void set_mark(int fd, bool on);
   static constexpr int kMarkedFds = 1 << 16;
   // One bit per fd below kMarkedFds: set while fds_ holds it.

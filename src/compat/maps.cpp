@@ -1,7 +1,12 @@
 // compat: splitting a command's range by the program's mappings (maps.hpp).
 #include "compat/maps.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 
 namespace uhmm::compat {
 
@@ -25,6 +30,45 @@ std::vector<Piece> split_range(const std::vector<Mapping>& maps, std::uintptr_t 
     ++it;
   }
   return out;
+}
+
+Result<std::string> smaps_vm_flags(std::uintptr_t start) {
+  // Plain syscalls, as read_maps: no stdio, nothing interposed.
+  const int fd = ::open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(EIO, "cannot open /proc/self/smaps");
+  std::string text;
+  char buf[16384];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ::close(fd);
+      if (n < 0) return Status::error(EIO, "cannot read /proc/self/smaps");
+      break;
+    }
+    text.append(buf, static_cast<std::size_t>(n));
+  }
+  // Entries start with "start-end perms ..."; the VmFlags line ends each.
+  bool ours = false;
+  std::string_view rest = text;
+  while (!rest.empty()) {
+    const auto nl = rest.find('\n');
+    const std::string_view line = rest.substr(0, nl);
+    rest.remove_prefix(nl == std::string_view::npos ? rest.size() : nl + 1);
+    const auto dash = line.find('-');
+    const auto space = line.find(' ');
+    if (dash != std::string_view::npos && space != std::string_view::npos && dash < space) {
+      std::uintptr_t s = 0;
+      const auto r = std::from_chars(line.data(), line.data() + dash, s, 16);
+      if (r.ec == std::errc{} && r.ptr == line.data() + dash) {
+        ours = s == start;
+        continue;
+      }
+    }
+    constexpr std::string_view kKey = "VmFlags:";
+    if (ours && line.substr(0, kKey.size()) == kKey) return std::string(line.substr(kKey.size()));
+  }
+  return Status::error(ENOENT, "no mapping starts there");
 }
 
 }  // namespace uhmm::compat

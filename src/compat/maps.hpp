@@ -27,4 +27,9 @@ struct Piece {
 /// Splits [start, end) by `maps` (sorted, as the kernel lists them).
 std::vector<Piece> split_range(const std::vector<Mapping>& maps, std::uintptr_t start, std::uintptr_t end);
 
+/// The "VmFlags:" field of /proc/self/smaps for the mapping starting at
+/// `start` (two-letter codes separated by spaces; proc(5)).  ENOENT if no
+/// mapping starts there, EIO if smaps cannot be read.
+Result<std::string> smaps_vm_flags(std::uintptr_t start);
+
 }  // namespace uhmm::compat

@@ -1,6 +1,7 @@
 // compat: pagemap patching (pagemap.hpp).
 #include "compat/pagemap.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -41,6 +42,18 @@ void patch_pagemap(const AddressSpace& as, std::uint64_t offset, void* buf, std:
     const std::uint64_t patched = pagemap_word(w, info);
     if (patched != w) std::memcpy(p + i, &patched, sizeof patched);
   }
+}
+
+Result<std::vector<std::uint64_t>> read_own_pagemap(std::uintptr_t start, std::uintptr_t end) {
+  std::vector<std::uint64_t> words((end - start) / kPageSize);
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(EIO, "cannot open /proc/self/pagemap");
+  const auto want = static_cast<ssize_t>(words.size() * sizeof(std::uint64_t));
+  const ssize_t got = ::pread(fd, words.data(), static_cast<std::size_t>(want),
+                              static_cast<off_t>((start >> kPageShift) * sizeof(std::uint64_t)));
+  ::close(fd);
+  if (got != want) return Status::error(EIO, "cannot read /proc/self/pagemap");
+  return words;
 }
 
 bool is_own_pagemap_path(const char* path) {

@@ -15,14 +15,17 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "uhmm/address_space.hpp"
+#include "uhmm/status.hpp"
 
 namespace uhmm::compat {
 
 // The entry bits (facts of the kernel's documented pagemap format).
 inline constexpr std::uint64_t kPmPresent = std::uint64_t{1} << 63;
 inline constexpr std::uint64_t kPmSwap = std::uint64_t{1} << 62;
+inline constexpr std::uint64_t kPmFile = std::uint64_t{1} << 61;  // a file page or shared anonymous memory
 inline constexpr std::uint64_t kPmMmapExclusive = std::uint64_t{1} << 56;
 /// Bits 0-54: the PFN of a present page, or swap type and offset.
 inline constexpr std::uint64_t kPmFrameMask = (std::uint64_t{1} << 55) - 1;
@@ -47,6 +50,11 @@ std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info);
 /// Patches the entries of a pagemap read: `bytes` bytes at file offset
 /// `offset` (both multiples of 8, as the kernel requires), in `buf`.
 void patch_pagemap(const AddressSpace& as, std::uint64_t offset, void* buf, std::size_t bytes);
+
+/// The kernel's pagemap entries of [start, end) (page aligned), one per
+/// page, read through a fresh fd (patched where uhmm manages the pages, as
+/// every pagemap read in the process is).  EIO if they cannot be read.
+Result<std::vector<std::uint64_t>> read_own_pagemap(std::uintptr_t start, std::uintptr_t end);
 
 /// Whether `path` names this process's pagemap: /proc/self/pagemap,
 /// /proc/thread-self/pagemap or /proc/<our pid>/pagemap.

@@ -542,43 +542,112 @@ static void test_hugetlb(int fd) {
 }
 
 /* A private file mapping: pages the program wrote (copied on write, so
- * anonymous) migrate; clean file pages do not (ENOENT). */
+ * anonymous) migrate; clean file pages do not (ENOENT), as on the kernel.
+ * The file never changes: a private mapping is never written back. */
 static void test_private_file(int fd) {
   char path[] = "/tmp/uhmm-dmirror-XXXXXX";
   int file = mkstemp(path);
   CHECK(file >= 0);
   if (file < 0) return;
   unlink(path);
-  char *pattern = map_rw(N), *out = map_rw(N);
+  char *pattern = map_rw(N), *out = map_rw(N), *disk = map_rw(N);
+  unsigned char snap[N];
   struct dm_cmd c;
+  const unsigned long half = N / 2, written = N / 2; /* page `written`: clean until the device writes it */
   fill(pattern, N, 1600);
   CHECK(write(file, pattern, N * PAGE) == (ssize_t)(N * PAGE));
   char *buf = mmap(NULL, N * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, file, 0);
   CHECK(buf != MAP_FAILED);
   if (buf == MAP_FAILED) return;
-  for (unsigned long i = 0; i < N / 2; ++i) buf[i * PAGE] = buf[i * PAGE]; /* copy on write */
-  errno = 0;
-  CHECK(cmd(fd, DM_TO_DEV, buf + N / 2 * PAGE, out, N / 2, &c) == -1 && errno == ENOENT); /* clean */
-  /* FIXME(issue 4): the copied-on-write pages should migrate (the kernel
-   * moves them: they are anonymous); the library does not adopt file
-   * mappings yet, so they refuse too.  UHMM_STRICT_COW=1 checks the
-   * kernel's behaviour. */
-  const int moved = cmd(fd, DM_TO_DEV, buf, out, N / 2, &c);
-  if (getenv("UHMM_STRICT_COW")) {
-    CHECK(moved == 0 && c.cpages == N / 2);
-    CHECK(same(out, N / 2, 1600));
-  } else {
-    CHECK(moved == -1 && errno == ENOENT);
-    fprintf(stderr, "note: copied-on-write file pages do not migrate yet (FIXME issue 4)\n");
+  /* The first half copied on write (same bytes, but written), the second
+   * half read, so mapped as clean file pages. */
+  for (unsigned long i = 0; i < N; ++i) {
+    volatile char *p = buf + i * PAGE;
+    if (i < half) *p = *p;
+    else (void)*p;
   }
-  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == 0 && same(out, N, 1600)); /* read in place */
-  CHECK(same(buf, N, 1600));
-  CHECK(cmd(fd, DM_TO_SYS, buf, out, N / 2, &c) == 0);
-  CHECK(same(buf, N, 1600));
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == (i < half ? 0x02 : 0x01)); /* clean: mapped read-only */
+  errno = 0;
+  CHECK(cmd(fd, DM_TO_DEV, buf + half * PAGE, out, N - half, &c) == -1 && errno == ENOENT); /* clean only */
+  /* A mix: the copied pages move, the clean ones stay, and the command
+   * fails with ENOENT since not every page is on the device afterwards. */
+  errno = 0;
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == -1 && errno == ENOENT && c.cpages == 0xdead);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == (i < half ? 0x22 : 0x01));
+  /* The copied pages alone: every page is on the device, with its data. */
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, half, &c) == 0 && c.cpages == half);
+  CHECK(same(out, half, 1600));
+  /* Back, and over again from system memory. */
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == half);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == (i < half ? 0x02 : 0x01));
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, half, &c) == 0 && c.cpages == half);
+  CHECK(same(out, half, 1600));
+  /* The device reads all of it, its own pages and the clean ones. */
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(fd, DM_READ, buf, out, N, &c) == 0 && c.cpages == N && same(out, N, 1600));
+  /* A CPU access brings a migrated page back, with its data. */
+  CHECK(((unsigned *)(buf + PAGE))[5] == 1600 + PAGE / sizeof(unsigned) + 5);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  CHECK(snap[0] == 0x22 && snap[1] == 0x02 && snap[2] == 0x22 && snap[half] == 0x01);
+  /* A device write copies a clean page, as the kernel's write fault does:
+   * that page migrates from then on, its clean neighbour still does not.
+   * The neighbour is tried on another device: this fd's mirror holds it
+   * since the READ, and the kernel's MIGRATE_TO_DEV then finds it there
+   * and succeeds without moving it. */
+  fill(out, 1, 1650);
+  CHECK(cmd(fd, DM_WRITE, buf + written * PAGE, out, 1, &c) == 0 && c.cpages == 1);
+  CHECK(cmd(fd, DM_TO_DEV, buf + written * PAGE, out, 1, &c) == 0 && c.cpages == 1 && same(out, 1, 1650));
+  int other = open("/dev/hmm_dmirror1", O_RDWR);
+  CHECK(other >= 0);
+  errno = 0;
+  CHECK(cmd(other, DM_TO_DEV, buf + (written + 1) * PAGE, out, 1, &c) == -1 && errno == ENOENT);
+  close(other);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[written] == 0x22 && snap[written + 1] == 0x01);
+  /* Back to system memory: the pages still on the device move (not page
+   * 1, which the CPU took back), data intact. */
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == half);
+  CHECK(same(buf, half, 1600) && same(buf + written * PAGE, 1, 1650));
+  CHECK(same(buf + (written + 1) * PAGE, N - written - 1, 1600 + (written + 1) * PAGE / sizeof(unsigned)));
+  /* The file is what was written to it, never what the mapping holds. */
+  CHECK(pread(file, disk, N * PAGE, 0) == (ssize_t)(N * PAGE) && same(disk, N, 1600));
+  /* fork with pages on the device: the child sees every byte; there a page
+   * it writes migrates, a clean one still refuses. */
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, half, &c) == 0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    char *co = map_rw(1);
+    if (!same(buf, half, 1600) || !same(buf + written * PAGE, 1, 1650)) _exit(2);
+    ((volatile char *)buf)[0] = buf[0];
+    if (cmd(fd, DM_TO_DEV, buf, co, 1, &c) != 0 || !same(co, 1, 1600)) _exit(3);
+    if (cmd(fd, DM_TO_DEV, buf + (written + 1) * PAGE, co, 1, &c) != -1 || errno != ENOENT) _exit(4);
+    _exit(0);
+  }
+  int status = 0;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) fprintf(stderr, "child status %d\n", status);
+  CHECK(same(buf, half, 1600) && same(buf + written * PAGE, 1, 1650));
+  /* munmap forgets the clean pages: fresh anonymous memory at the same
+   * place migrates whole. */
   munmap(buf, N * PAGE);
+  char *again = mmap(buf, N * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  if (again == buf) {
+    fill(again, N, 1660);
+    CHECK(cmd(fd, DM_TO_DEV, again, out, N, &c) == 0 && c.cpages == N && same(out, N, 1660));
+    CHECK(cmd(fd, DM_TO_SYS, again, out, N, &c) == 0 && same(again, N, 1660));
+  } else {
+    fprintf(stderr, "note: the unmapped range was taken meanwhile (munmap check skipped)\n");
+  }
+  if (again != MAP_FAILED) munmap(again, N * PAGE);
   close(file);
   munmap(pattern, N * PAGE);
   munmap(out, N * PAGE);
+  munmap(disk, N * PAGE);
 }
 
 /* A device READ racing another thread's munmap of the range: an error or

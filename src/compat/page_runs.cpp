@@ -1,0 +1,70 @@
+// compat: page runs (page_runs.hpp).
+#include "compat/page_runs.hpp"
+
+#include <algorithm>
+
+namespace uhmm::compat {
+
+void PageRuns::add(std::uint64_t first, std::uint64_t end) {
+  if (first >= end) return;
+  // Swallow every run that overlaps or touches [first, end).
+  auto it = runs_.upper_bound(first);
+  if (it != runs_.begin() && std::prev(it)->second >= first) --it;
+  while (it != runs_.end() && it->first <= end) {
+    first = std::min(first, it->first);
+    end = std::max(end, it->second);
+    it = runs_.erase(it);
+  }
+  runs_.emplace(first, end);
+}
+
+void PageRuns::erase(std::uint64_t first, std::uint64_t end) {
+  if (first >= end) return;
+  auto it = runs_.upper_bound(first);
+  if (it != runs_.begin() && std::prev(it)->second > first) --it;
+  while (it != runs_.end() && it->first < end) {
+    const auto [f, e] = *it;
+    it = runs_.erase(it);
+    if (f < first) runs_.emplace(f, first);
+    if (e > end) runs_.emplace(end, e);
+  }
+}
+
+bool PageRuns::contains(std::uint64_t vpn) const {
+  auto it = runs_.upper_bound(vpn);
+  return it != runs_.begin() && std::prev(it)->second > vpn;
+}
+
+std::vector<PageRuns::Run> PageRuns::inside(std::uint64_t first, std::uint64_t end) const {
+  std::vector<Run> out;
+  if (first >= end) return out;
+  auto it = runs_.upper_bound(first);
+  if (it != runs_.begin() && std::prev(it)->second > first) --it;
+  for (; it != runs_.end() && it->first < end; ++it) out.emplace_back(std::max(first, it->first), std::min(end, it->second));
+  return out;
+}
+
+std::vector<PageRuns::Run> PageRuns::outside(std::uint64_t first, std::uint64_t end) const {
+  std::vector<Run> out;
+  std::uint64_t p = first;
+  for (const auto& [f, e] : inside(first, end)) {
+    if (p < f) out.emplace_back(p, f);
+    p = e;
+  }
+  if (p < end) out.emplace_back(p, end);
+  return out;
+}
+
+bool PageRuns::check_invariants() const {
+  std::uint64_t prev_end = 0;
+  bool first_run = true;
+  for (const auto& [f, e] : runs_) {
+    if (f >= e) return false;
+    if (!first_run && f <= prev_end) return false;  // overlapping or touching
+    prev_end = e;
+    first_run = false;
+  }
+  return true;
+}
+
+}  // namespace uhmm::compat
