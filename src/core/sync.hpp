@@ -14,12 +14,12 @@ namespace uhmm {
 
 // Mirrors docs/locking.md.  Lower ranks are taken first.
 enum class LockRank : unsigned {
+  kUffdRead = 5,        // AddressSpace::Impl::read_mutex (read() of the managed uffd + queueing; install windows)
   kRegions = 10,        // AddressSpace::Impl::regions_mutex
   kDeviceDriver = 20,   // a device's own state (sim: free list)
   kStaging = 30,        // StagingPool::mutex
   kPfnRegistry = 50,    // device pfn registry
   kNotifierTable = 70,  // mm::NotifierTable::mutex_ (nothing nests inside; callbacks run without it)
-  kUffdRead = 80,       // AddressSpace::Impl::read_mutex (read() of the managed uffd + queueing)
   kUffdEvents = 90,     // AddressSpace::Impl::events_mutex (the event queue)
   kLeaf = 100,          // locks that never nest
 };

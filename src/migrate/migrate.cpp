@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "core/assert.hpp"
@@ -41,6 +42,14 @@ enum class Source {
 // Installs pages into managed memory, moving staging slots (and coherent
 // pages' home slots) in runs: one UFFDIO_MOVE per run of consecutive slots
 // and consecutive addresses.
+//
+// The application may have discarded, unmapped or moved a page's address
+// while the page was in transit: its zap found nothing there (the kernel's
+// would remove its migration entry).  Every page therefore goes in inside
+// the install window, checked against the changes read so far: a page
+// whose address was discarded or unmapped is not put back (run's `gone`),
+// one whose range moved goes where it went; a change read later applies to
+// the installed page by itself (docs/address-space-events.md, case 3).
 class Installer {
  public:
   explicit Installer(AddressSpace::Impl& as) : as_(as) {}
@@ -51,132 +60,223 @@ class Installer {
     const bool home = source == Source::kHome;
     if (!runs_.empty()) {
       Run& r = runs_.back();
-      if (r.home == home && r.slot + r.pages * kPageSize == slot && r.managed + r.pages * kPageSize == managed) {
+      if (r.home == home && r.slot + r.pages * kPageSize == slot && r.origin + r.pages * kPageSize == managed) {
         ++r.pages;
         return;
       }
     }
     runs_.push_back(Run{slot, managed, 1, home});
   }
-  // Moves everything without waking anyone; falls back to copying for pages
-  // MOVE refuses, so the data always lands.  The slots end up empty (moved)
-  // or are given back ready (copied).  Call wake() once the entries are
-  // settled: an access must not resume before its entry is unlocked.
-  void run() {
-    for (const Run& r : runs_) {
-      if (r.home) {
-        install_home_run(r);
-        continue;
-      }
-      // A short run is copied in: installing a page where none was needs no
-      // TLB flush, while moving one out of staging flushes it, which costs
-      // an interrupt to every other CPU the process ran on (~10-20 us on a
-      // VM, more than copying a few pages).  The slot stays populated and
-      // goes back to the pool warm.
-      // A range that is not read-write refuses UFFDIO_MOVE (the protections
-      // of both sides must match): copy.
-      if (r.pages < kCopyInstallPages || !as_.read_write_at(r.managed)) {
-        const platform::PartialResult c = as_.uffd.copy(r.managed, r.slot.ptr(), r.pages * kPageSize, false);
-        if (c.error == 0) {
-          as_.staging.give_back_ready(r.slot, r.pages);
-          continue;
-        }
-      }
-      // Whole aligned blocks: every page of them is absent and locked by
-      // this migration, so their page tables can go and huge pages move in
-      // whole.
-      if ((r.managed.value & (kHugePageSize - 1)) == (r.slot.value & (kHugePageSize - 1))) {
-        const VirtAddr end = r.managed + r.pages * kPageSize;
-        for (VirtAddr b{(r.managed.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
-             b = b + kHugePageSize)
-          as_.as_empty_block(b);
-      }
-      std::size_t done = 0;
-      while (done < r.pages) {
-        const VirtAddr slot = r.slot + done * kPageSize;
-        const VirtAddr dst = r.managed + done * kPageSize;
-        const platform::PartialResult res = as_.move_in(slot, dst, r.pages - done, /*wake=*/false);
-        const std::size_t moved = res.bytes_done / kPageSize;
-        as_.staging.give_back_empty(slot, moved);
-        done += moved;
-        if (res.error == 0) break;
-        // The kernel refused one page (move_in already verified that it
-        // really did not move: the slot still holds the data).  The locked
-        // entry makes our data the page's content, so whatever is in the
-        // way goes; then copy if moving still fails.
-        const VirtAddr bad_slot = r.slot + done * kPageSize;
-        const VirtAddr bad_dst = r.managed + done * kPageSize;
-        std::fprintf(stderr, "uhmm: UFFDIO_MOVE into %#lx failed (%s); copying instead\n",
-                     static_cast<unsigned long>(bad_dst.value), platform::errno_text(res.error).c_str());
-        as_.clear_poison(bad_dst);
-        if (as_.move_in(bad_slot, bad_dst, 1, /*wake=*/false).error == 0) {
-          as_.staging.give_back_empty(bad_slot, 1);
-        } else {
-          const platform::PartialResult c = as_.uffd.copy(bad_dst, bad_slot.ptr(), kPageSize, /*wake=*/false);
-          // ENOENT: the application unmapped the range meanwhile (its UNMAP
-          // event drops the entry); the page goes with the range.
-          UHMM_CHECK(c.error == 0 || c.error == ENOENT, "cannot install a page in managed memory");
-          as_.staging.give_back_ready(bad_slot, 1);
-        }
-        ++done;
+
+  // Installs everything without waking anyone; falls back to copying for
+  // pages MOVE refuses, so the data always lands.  The slots end up empty
+  // (moved) or are given back ready (copied, or not installed).  `gone(addr)`
+  // hears of each page not installed because the application discarded or
+  // unmapped its address, after the window has closed.  Call wake() once
+  // the entries are settled: an access must not resume before its entry is
+  // unlocked.
+  template <typename Gone>
+  void run(Gone&& gone) {
+    if (runs_.empty()) return;
+    empty_blocks();
+    std::vector<VirtAddr> gone_pages;
+    for (;;) {
+      as_.open_install_window();
+      const std::vector<struct uffd_msg> changes = as_.queued_changes();
+      const Stop stop = install_all(changes, gone_pages);
+      as_.close_install_window();
+      if (stop.kind == Stop::kDone) break;
+      if (stop.kind == Stop::kInTheWay) {
+        // A zap waits for its own event to be read: never inside the window.
+        as_.clear_poison(stop.where);
+      } else {
+        as_.drain_events();  // the unread change that holds the kernel back
+        std::this_thread::yield();
       }
     }
+    for (VirtAddr a : gone_pages) gone(a);
   }
 
   void wake() {
-    for (const Run& r : runs_) as_.wake(r.managed, r.pages);
-    runs_.clear();
+    for (const Placed& p : placed_) as_.wake(p.at, p.pages);
+    placed_.clear();
   }
 
  private:
   struct Run {
     VirtAddr slot;
-    VirtAddr managed;
+    VirtAddr origin;  // the address the page left (entries stay keyed by it)
     std::size_t pages;
     bool home = false;
+    std::size_t done = 0;              // pages installed or gone
+    std::size_t cleared = SIZE_MAX;    // the page whose obstacle was zapped
   };
+  struct Placed {
+    VirtAddr at;
+    std::size_t pages;
+  };
+  struct Stop {
+    enum Kind { kDone, kBusy, kInTheWay } kind = kDone;
+    VirtAddr where;  // kInTheWay: the address to clear
+  };
+  // How far one install call got: pages installed, then why it stopped.
+  struct Step {
+    std::size_t pages = 0;
+    enum Kind { kAll, kBusy, kInTheWay, kGone } kind = kAll;
+  };
+
+  // Whole aligned blocks of staging runs: every page of them is absent and
+  // locked by this migration, so their page tables can go (a zap, before
+  // the window) and huge pages move in whole.  Not where a change queued
+  // touches the run: the addresses may belong to someone else by now.
+  void empty_blocks() {
+    for (const Run& r : runs_) {
+      if (r.home || r.pages < kPagesPerHugePage ||
+          (r.origin.value & (kHugePageSize - 1)) != (r.slot.value & (kHugePageSize - 1)))
+        continue;
+      const VirtAddr end = r.origin + r.pages * kPageSize;
+      as_.await_read_in_progress();
+      if (!as_.pending_event_ranges(r.origin, end).empty()) continue;
+      for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
+           b = b + kHugePageSize)
+        as_.as_empty_block(b);
+    }
+  }
+
+  // One pass inside the window, from where the last one stopped.
+  Stop install_all(const std::vector<struct uffd_msg>& changes, std::vector<VirtAddr>& gone_pages) {
+    for (; next_ < runs_.size(); ++next_) {
+      Run& r = runs_[next_];
+      while (r.done < r.pages) {
+        // The longest stretch from here whose pages share a fate.
+        const VirtAddr first = r.origin + r.done * kPageSize;
+        const std::optional<VirtAddr> to = changes.empty() ? first : AddressSpace::Impl::after_changes(changes, first);
+        std::size_t len = 1;
+        if (changes.empty()) {
+          len = r.pages - r.done;
+        } else {
+          while (r.done + len < r.pages) {
+            const auto next = AddressSpace::Impl::after_changes(changes, first + len * kPageSize);
+            if (to ? next != *to + len * kPageSize : next.has_value()) break;
+            ++len;
+          }
+        }
+        if (!to) {
+          drop(r, len, gone_pages);
+          continue;
+        }
+        const Step step = r.home ? install_home(r, *to, len) : install_staging(r, *to, len);
+        if (step.pages > 0) placed_.push_back(Placed{*to, step.pages});
+        r.done += step.pages;
+        switch (step.kind) {
+          case Step::kAll:
+            break;
+          case Step::kGone:  // the range went after all (ENOENT)
+            drop(r, 1, gone_pages);
+            break;
+          case Step::kBusy:
+            return Stop{Stop::kBusy, {}};
+          case Step::kInTheWay:
+            r.cleared = r.done;
+            return Stop{Stop::kInTheWay, *to + step.pages * kPageSize};
+        }
+      }
+    }
+    return Stop{};
+  }
+
+  // Pages not put back: their slots' data goes (a coherent frame stays home).
+  void drop(Run& r, std::size_t len, std::vector<VirtAddr>& gone_pages) {
+    if (!r.home) as_.staging.give_back_ready(r.slot + r.done * kPageSize, len);
+    for (std::size_t k = 0; k < len; ++k) gone_pages.push_back(r.origin + (r.done + k) * kPageSize);
+    r.done += len;
+  }
+
+  static Step::Kind step_for(int error) {
+    if (error == EAGAIN) return Step::kBusy;
+    if (error == ENOENT) return Step::kGone;
+    return Step::kInTheWay;
+  }
+
+  Step install_staging(Run& r, VirtAddr to, std::size_t len) {
+    const VirtAddr slot = r.slot + r.done * kPageSize;
+    Step step;
+    // A short run is copied in: installing a page where none was needs no
+    // TLB flush, while moving one out of staging flushes it, which costs
+    // an interrupt to every other CPU the process ran on (~10-20 us on a
+    // VM, more than copying a few pages).  The slot stays populated and
+    // goes back to the pool warm.  A range that is not read-write refuses
+    // UFFDIO_MOVE (the protections of both sides must match): copy.  So
+    // does a page whose obstacle was cleared and still refuses to move.
+    const bool cleared = r.cleared == r.done;
+    if (cleared) len = 1;
+    if (len < kCopyInstallPages || !as_.read_write_at(to)) {
+      if (cleared && as_.move_in(slot, to, 1, /*wake=*/false).error == 0) {
+        as_.staging.give_back_empty(slot, 1);
+        return Step{1, Step::kAll};
+      }
+      const platform::PartialResult c = as_.uffd.copy(to, slot.ptr(), len * kPageSize, false);
+      step.pages = c.bytes_done / kPageSize;
+      if (step.pages > 0) as_.staging.give_back_ready(slot, step.pages);
+      if (c.error == 0) return step;
+      if (c.error == EAGAIN || c.error == ENOENT) return Step{step.pages, step_for(c.error)};
+      UHMM_CHECK(!cleared, "cannot install a page in managed memory");
+      // Something in the way (EEXIST): the move below tells.
+    }
+    const VirtAddr rest_slot = slot + step.pages * kPageSize;
+    const VirtAddr rest_to = to + step.pages * kPageSize;
+    const platform::PartialResult res = as_.move_in(rest_slot, rest_to, len - step.pages, /*wake=*/false);
+    const std::size_t moved = res.bytes_done / kPageSize;
+    as_.staging.give_back_empty(rest_slot, moved);
+    step.pages += moved;
+    if (res.error == 0) return step;
+    // The kernel refused a page (move_in already verified that it really
+    // did not move: the slot still holds the data).  The locked entry makes
+    // our data the page's content, so whatever is in the way goes; then
+    // the page is tried once more (moved, else copied).
+    if (res.error != EAGAIN)
+      std::fprintf(stderr, "uhmm: UFFDIO_MOVE into %#lx failed (%s); clearing it\n",
+                   static_cast<unsigned long>(rest_to.value + moved * kPageSize), platform::errno_text(res.error).c_str());
+    step.kind = res.error == EAGAIN ? Step::kBusy : Step::kInTheWay;
+    return step;
+  }
 
   // Coherent frames move in (zero copy: the frame is the device memory the
   // CPU now maps).  Where the kernel refuses (a range that is not
   // read-write, a frame shared with a forked child) the data is copied and
   // the home slot's stale copy discarded, so a frame is only ever in one
   // place.
-  void install_home_run(const Run& r) {
-    auto copy_in = [&](VirtAddr slot, VirtAddr dst, std::size_t pages) {
-      for (std::size_t k = 0; k < pages; ++k) {
-        const VirtAddr from = slot + k * kPageSize, to = dst + k * kPageSize;
-        platform::PartialResult c = as_.uffd.copy(to, from.ptr(), kPageSize, /*wake=*/false);
-        if (c.error == EEXIST) {  // a stale page in the way: the locked entry says it goes
-          as_.clear_poison(to);
-          c = as_.uffd.copy(to, from.ptr(), kPageSize, /*wake=*/false);
+  Step install_home(Run& r, VirtAddr to, std::size_t len) {
+    const VirtAddr slot = r.slot + r.done * kPageSize;
+    const bool cleared = r.cleared == r.done;
+    if (cleared || !as_.read_write_at(to)) {
+      if (cleared) len = 1;
+      Step step;
+      for (; step.pages < len; ++step.pages) {
+        const VirtAddr from = slot + step.pages * kPageSize, at = to + step.pages * kPageSize;
+        if (cleared && as_.move_in(from, at, 1, /*wake=*/false).error == 0) continue;
+        const platform::PartialResult c = as_.uffd.copy(at, from.ptr(), kPageSize, /*wake=*/false);
+        if (c.error == 0) {
+          (void)platform::advise(from, kPageSize, MADV_DONTNEED);
+          continue;
         }
-        // ENOENT: the application unmapped the range meanwhile (its UNMAP
-        // event drops the entry, releasing the device page).
-        UHMM_CHECK(c.error == 0 || c.error == ENOENT, "cannot install a coherent page in managed memory");
+        if (c.error == EAGAIN || c.error == ENOENT) return Step{step.pages, step_for(c.error)};
+        UHMM_CHECK(!cleared, "cannot install a coherent page in managed memory");
+        step.kind = Step::kInTheWay;  // a stale page in the way (EEXIST): the locked entry says it goes
+        return step;
       }
-      (void)platform::advise(slot, pages * kPageSize, MADV_DONTNEED);
-    };
-    if (!as_.read_write_at(r.managed)) {
-      copy_in(r.slot, r.managed, r.pages);
-      return;
+      return step;
     }
-    std::size_t done = 0;
-    while (done < r.pages) {
-      const platform::PartialResult res =
-          as_.move_in(r.slot + done * kPageSize, r.managed + done * kPageSize, r.pages - done, /*wake=*/false);
-      done += res.bytes_done / kPageSize;
-      if (res.error == 0) break;
-      // As for staging pages: the locked entry makes the frame the page's
-      // content, so whatever is in the way (a marker, a stale page) goes.
-      const VirtAddr bad_slot = r.slot + done * kPageSize;
-      const VirtAddr bad_dst = r.managed + done * kPageSize;
-      as_.clear_poison(bad_dst);
-      if (as_.move_in(bad_slot, bad_dst, 1, /*wake=*/false).error != 0) copy_in(bad_slot, bad_dst, 1);
-      ++done;
-    }
+    const platform::PartialResult res = as_.move_in(slot, to, len, /*wake=*/false);
+    Step step{res.bytes_done / kPageSize, Step::kAll};
+    if (res.error != 0) step.kind = res.error == EAGAIN ? Step::kBusy : Step::kInTheWay;
+    return step;
   }
+
   AddressSpace::Impl& as_;
   std::vector<Run> runs_;
+  std::size_t next_ = 0;  // the first run not completely done
+  std::vector<Placed> placed_;
 };
 
 // Gives back a destination the migration did not use.
@@ -602,8 +702,10 @@ namespace {
 // that the application discarded while it was in transit: discards it
 // again and returns the entry value to unlock with
 // (docs/address-space-events.md, case 3).
-PageEntry discard_again(AddressSpace::Impl& as, VirtAddr addr, PageEntry installed) {
-  as.zap_own(addr, kPageSize);
+// What is left of an entry whose page was not put back (the application
+// discarded or unmapped the address while it was in transit): nothing; a
+// coherent page's frame stays home and the entry's reference goes.
+PageEntry gone_in_transit(PageEntry installed) {
   if (installed.state() == PageState::kDeviceCoherent) {
     DevicePage* page = installed.device_page();
     page->clear_mapping();
@@ -612,7 +714,6 @@ PageEntry discard_again(AddressSpace::Impl& as, VirtAddr addr, PageEntry install
   return PageEntry::none();
 }
 
-bool maps_data(PageEntry e) { return e.state() == PageState::kSystem || e.state() == PageState::kDeviceCoherent; }
 }  // namespace
 
 void migrate_vma_finalize(MigrateVma& m) {
@@ -638,16 +739,8 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
   };
   std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
-  // The application may have discarded pages while they were in transit:
-  // its zap found nothing mapped (the kernel's zaps its migration entries
-  // instead).  Such pages are not put back (docs/address-space-events.md,
-  // case 3).
-  const auto discarded_before = as.discards_read(m.start, m.end);
-  auto was_discarded = [&](VirtAddr addr) {
-    for (const auto& [lo, hi] : discarded_before)
-      if (addr >= lo && addr < hi) return true;
-    return false;
-  };
+  // unlocks[index_of[i]] is page i's, where it has one.
+  std::vector<std::size_t> index_of(m.npages, SIZE_MAX);
 
   for (std::uint64_t i = 0; i < m.npages; ++i) {
     const std::uint64_t s = m.src[i];
@@ -659,16 +752,13 @@ void migrate_vma_finalize(MigrateVma& m) {
       continue;
     }
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
-    const bool discarded = !discarded_before.empty() && was_discarded(addr);
+    index_of[i] = unlocks.size();
     if (migrating) {
       ++success;
       if (is_device_entry(d)) {
         install_device_page(as, installer, *slot, addr, d);
         unlocks.push_back({slot, addr, {}, true});
         ++to_device;
-      } else if (discarded) {
-        release_unused_dst(&as, d);
-        unlocks.push_back({slot, addr, PageEntry::none(), false});
       } else {
         installer.add(system_page_address(d), addr, *slot);
         unlocks.push_back({slot, addr, PageEntry::system(), false});
@@ -680,46 +770,25 @@ void migrate_vma_finalize(MigrateVma& m) {
       ++fail;
       release_unused_dst(&as, d);
       if (is_system_entry(s)) {
-        if (discarded) {
-          free_staging(system_page_address(s));
-          unlocks.push_back({slot, addr, PageEntry::none(), false});
-        } else {
-          installer.add(system_page_address(s), addr, *slot);  // put the old page back
-          unlocks.push_back({slot, addr, PageEntry::system(), false});
-        }
+        installer.add(system_page_address(s), addr, *slot);  // put the old page back
+        unlocks.push_back({slot, addr, PageEntry::system(), false});
       } else {
         DevicePage* page = migrate_pfn_to_device_page(s);
-        const bool coherent = is_coherent(page);
         // A coherent page stays: its frame goes back where the CPU maps it.
-        if (coherent && !discarded) installer.add(page->pagemap().home_address(*page), addr, *slot, Source::kHome);
+        if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), addr, *slot, Source::kHome);
         if (page != m.fault_page) page->unlock();
         page->put();
-        if (coherent && discarded) {
-          page->clear_mapping();
-          page->put();  // the entry's reference
-          unlocks.push_back({slot, addr, PageEntry::none(), false});
-        } else {
-          unlocks.push_back({slot, addr, {}, true});
-        }
+        unlocks.push_back({slot, addr, {}, true});
       }
     }
   }
-  installer.run();
-  // A discard read since the look above may have zapped before a page went
-  // in: look again (a discard read later zaps after this install).
-  const auto discarded = as.discards_read(m.start, m.end);
-  if (!discarded.empty()) {
-    for (Unlock& u : unlocks) {
-      const PageEntry now = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)}.settled() : u.value;
-      if (!maps_data(now)) continue;
-      for (const auto& [lo, hi] : discarded) {
-        if (u.addr < lo || u.addr >= hi) continue;
-        u.value = discard_again(as, u.addr, now);
-        u.keep_current = false;
-        break;
-      }
-    }
-  }
+  installer.run([&](VirtAddr addr) {
+    Unlock& u = unlocks[index_of[(addr - m.start) / kPageSize]];
+    const PageEntry now = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)}.settled() : u.value;
+    if (now.state() == PageState::kSystem && entry_migrating(m.src[(addr - m.start) / kPageSize])) --to_ram;
+    u.value = gone_in_transit(now);
+    u.keep_current = false;
+  });
   // From migrate_to_ram, the fault path wakes the range itself once it has
   // dropped its own hold on the device page: the access resumes only when
   // the fault is completely done, as in the kernel, where the faulting
@@ -887,29 +956,29 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
     const DevicePage::Mapping where = page->mapping();
     AddressSpace::Impl& as = where.address_space->impl();
     mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
-    // Installs, honours a discard made while the page was in transit (see
-    // migrate_vma_finalize), unlocks and wakes.
-    // `value`: the entry to unlock with; none: what the install left.
+    // Installs (see migrate_vma_finalize: the address may have been
+    // discarded, unmapped or moved meanwhile), unlocks and wakes.  `to`:
+    // the entry to unlock with; none: what the install left.  False when
+    // the page was not put back.
     auto settle = [&](Installer& installer, std::optional<PageEntry> to) {
-      installer.run();
-      PageEntry value = to ? *to : PageEntry{slot->load(std::memory_order_acquire)}.settled();
-      if (maps_data(value) && !as.discards_read(where.address, where.address + kPageSize).empty())
-        value = discard_again(as, where.address, value);
+      bool kept = true;
+      installer.run([&](VirtAddr) {
+        to = gone_in_transit(to ? *to : PageEntry{slot->load(std::memory_order_acquire)}.settled());
+        kept = false;
+      });
+      const PageEntry value = to ? *to : PageEntry{slot->load(std::memory_order_acquire)}.settled();
       as.unlock_and_wake(*slot, value, where.address);
       installer.wake();
+      return kept;
     };
     Installer installer(as);
     if (entry_migrating(src[i])) {
       if (is_device_entry(dst[i])) {
         install_device_page(as, installer, *slot, where.address, dst[i]);
         settle(installer, std::nullopt);
-      } else if (!as.discards_read(where.address, where.address + kPageSize).empty()) {
-        release_unused_dst(&as, dst[i]);  // discarded in transit: not put back
-        as.unlock_and_wake(*slot, PageEntry::none(), where.address);
       } else {
         installer.add(system_page_address(dst[i]), where.address, *slot);
-        settle(installer, PageEntry::system());
-        as.stats.add(Counter::pgmigrate_to_ram);
+        if (settle(installer, PageEntry::system())) as.stats.add(Counter::pgmigrate_to_ram);
       }
       as.stats.add(Counter::pgmigrate_success);
       release_old_device_page(page, nullptr);

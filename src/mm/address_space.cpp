@@ -37,8 +37,10 @@ Status AddressSpace::Impl::init() {
   // reads (docs/address-space-events.md), then lets the changing thread
   // run, which is what ends the EAGAIN.
   uffd.set_on_busy([this] {
+    if (install_window_held()) return false;  // the holder closes it, then reads
     drain_events();
     std::this_thread::yield();
+    return true;
   });
   UHMM_TRY(staging.init(options.staging_reserve_bytes, options.staging_keep_bytes));
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);

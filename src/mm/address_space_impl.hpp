@@ -170,19 +170,29 @@ struct AddressSpace::Impl {
   /// True if a queued event covers `addr` (its fault must wait for it).
   bool event_pending_at(VirtAddr addr) const;
   /// The ranges of queued events that overlap [start, end): pages there
-  /// must not migrate until the events are processed.  `discards_only`:
-  /// only MADV_DONTNEED-like discards (REMOVE events).
-  std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end,
-                                                                  bool discards_only = false) const;
+  /// must not migrate until the events are processed.
+  std::vector<std::pair<VirtAddr, VirtAddr>> pending_event_ranges(VirtAddr start, VirtAddr end) const;
   /// Returns once no read of the uffd is between taking messages and
   /// queueing them: every event read so far is in pending_events.  Since
   /// the kernel holds munmap/madvise/mremap until their event is read, that
   /// covers every change that has returned to the application.
   void await_read_in_progress();
-  /// The discards (REMOVE events) read so far and not processed that
-  /// overlap [start, end), including one a read in progress is queueing:
-  /// every discard whose madvise has returned is among them.
-  std::vector<std::pair<VirtAddr, VirtAddr>> discards_read(VirtAddr start, VirtAddr end);
+  /// The install window (docs/address-space-events.md, case 3): a thread
+  /// putting back pages a migration held holds read_mutex while it checks
+  /// what the application changed and installs, so no change is read in
+  /// between; the changes queued are then all that can have touched the
+  /// pages (madvise waits for its read before it zaps; munmap and mremap
+  /// make COPY and MOVE fail with EAGAIN until theirs is read).  An EAGAIN
+  /// inside the window returns to the holder, who closes it to read.
+  void open_install_window() UHMM_ACQUIRE(read_mutex);
+  void close_install_window() UHMM_RELEASE(read_mutex);
+  bool install_window_held() const;
+  /// The changes queued (REMOVE, UNMAP and REMAP events), in the kernel's
+  /// order.
+  std::vector<struct uffd_msg> queued_changes() const;
+  /// Where the page at `addr` is after `changes` (a REMAP moved it), or
+  /// nullopt when one discarded or unmapped it.
+  static std::optional<VirtAddr> after_changes(const std::vector<struct uffd_msg>& changes, VirtAddr addr);
   /// Reads the uffd and waits until no queued event overlaps [start, end):
   /// before a new managed range goes there (an munmap of an old range at
   /// the same addresses may still be queued, and would take the new one).

@@ -178,12 +178,10 @@ bool AddressSpace::Impl::event_pending_at(VirtAddr addr) const {
   return false;
 }
 
-std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ranges(VirtAddr start, VirtAddr end,
-                                                                                bool discards_only) const {
+std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::pending_event_ranges(VirtAddr start, VirtAddr end) const {
   std::vector<std::pair<VirtAddr, VirtAddr>> out;
   MutexLock lock(events_mutex);
   for (const struct uffd_msg& m : pending_events) {
-    if (discards_only && m.event != UFFD_EVENT_REMOVE) continue;
     EventRange r[2];
     const int n = event_ranges(m, r);
     for (int i = 0; i < n; ++i)
@@ -198,9 +196,45 @@ void AddressSpace::Impl::await_read_in_progress() {
   MutexLock read_lock(read_mutex);
 }
 
-std::vector<std::pair<VirtAddr, VirtAddr>> AddressSpace::Impl::discards_read(VirtAddr start, VirtAddr end) {
-  await_read_in_progress();
-  return pending_event_ranges(start, end, /*discards_only=*/true);
+namespace {
+// The address space whose install window this thread holds, if any.
+thread_local const AddressSpace::Impl* t_install_window = nullptr;
+}  // namespace
+
+void AddressSpace::Impl::open_install_window() {
+  read_mutex.lock();
+  t_install_window = this;
+}
+
+void AddressSpace::Impl::close_install_window() {
+  t_install_window = nullptr;
+  read_mutex.unlock();
+}
+
+bool AddressSpace::Impl::install_window_held() const { return t_install_window == this; }
+
+std::vector<struct uffd_msg> AddressSpace::Impl::queued_changes() const {
+  MutexLock lock(events_mutex);
+  return {pending_events.begin(), pending_events.end()};
+}
+
+std::optional<VirtAddr> AddressSpace::Impl::after_changes(const std::vector<struct uffd_msg>& changes,
+                                                         VirtAddr addr) {
+  for (const struct uffd_msg& m : changes) {
+    switch (m.event) {
+      case UFFD_EVENT_REMOVE:
+      case UFFD_EVENT_UNMAP:
+        if (covers(m, addr)) return std::nullopt;
+        break;
+      case UFFD_EVENT_REMAP:
+        if (addr.value >= m.arg.remap.from && addr.value < m.arg.remap.from + m.arg.remap.len)
+          addr = VirtAddr{addr.value - m.arg.remap.from + m.arg.remap.to};
+        break;
+      default:
+        break;
+    }
+  }
+  return addr;
 }
 
 void AddressSpace::Impl::settle_events_in(VirtAddr start, VirtAddr end) {

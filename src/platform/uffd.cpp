@@ -129,10 +129,7 @@ PartialResult Uffd::move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint6
       break;
     }
     if (rc != 0) {
-      if (e == EAGAIN) {
-        if (on_busy_) on_busy_();
-        continue;
-      }
+      if (e == EAGAIN && (!on_busy_ || on_busy_())) continue;
       r.error = e;
       return r;
     }
@@ -152,10 +149,7 @@ PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wa
     const int e = rc == 0 ? 0 : errno;
     if (c.copy > 0) r.bytes_done += static_cast<std::size_t>(c.copy);
     if (rc != 0) {
-      if (e == EAGAIN) {
-        if (on_busy_) on_busy_();
-        continue;
-      }
+      if (e == EAGAIN && (!on_busy_ || on_busy_())) continue;
       r.error = e;
       return r;
     }

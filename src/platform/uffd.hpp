@@ -69,15 +69,17 @@ class Uffd {
   Status register_range(VirtAddr start, std::size_t len, std::uint64_t mode);
   Status unregister_range(VirtAddr start, std::size_t len);
 
-  /// UFFDIO_MOVE, continuing after EAGAIN; stops at the first other error.
+  /// UFFDIO_MOVE, continuing after EAGAIN while on_busy allows; stops at
+  /// the first other error.
   PartialResult move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint64_t mode);
-  /// UFFDIO_COPY, continuing after EAGAIN.
+  /// UFFDIO_COPY, continuing after EAGAIN while on_busy allows.
   PartialResult copy(VirtAddr dst, const void* src, std::size_t len, bool wake);
-  /// Called before MOVE or COPY retries after EAGAIN.  The kernel says EAGAIN
-  /// while an event (munmap, madvise, mremap) waits to be read from this uffd,
-  /// so a caller that may be the only reader must read here, not spin.  Set
-  /// before other threads use the uffd.
-  void set_on_busy(std::function<void()> fn) { on_busy_ = std::move(fn); }
+  /// Called when MOVE or COPY fails with EAGAIN; it retries if this returns
+  /// true and returns EAGAIN otherwise (without a hook: retries).  The
+  /// kernel says EAGAIN while an event (munmap, madvise, mremap) waits to be
+  /// read from this uffd, so a caller that may be the only reader must read
+  /// here, not spin.  Set before other threads use the uffd.
+  void set_on_busy(std::function<bool()> fn) { on_busy_ = std::move(fn); }
   Status zeropage(VirtAddr dst, std::size_t len, bool wake);
   Status poison(VirtAddr dst, std::size_t len);
   Status wake(VirtAddr start, std::size_t len);
@@ -85,7 +87,7 @@ class Uffd {
  private:
   int fd_ = -1;
   std::uint64_t features_ = 0;
-  std::function<void()> on_busy_;
+  std::function<bool()> on_busy_;
 };
 
 /// Maps anonymous private memory, PROT_READ|PROT_WRITE unless told otherwise.

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 
 #include <chrono>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -173,6 +174,51 @@ TEST_P(AddressSpaceEvents, DontneedOfPagesInTransitKeepsThemDiscarded) {
 // application's REMOVE event, lying inside a 2 MiB zap of uhmm's own whose
 // event was still queued, was taken for uhmm's (and dropped), and uhmm's
 // then for the application's (dropping the whole block's entries).
+// mremap of pages a migration holds: the kernel moves an empty range (the
+// pages are in transit), so finalize must put them where the range went,
+// not back at the old address (gone, or left empty by MREMAP_DONTUNMAP).
+TEST_P(AddressSpaceEvents, MremapOfPagesInTransitTakesThemAlong) {
+  for (const int extra_flags : {0, MREMAP_DONTUNMAP}) {
+    constexpr std::size_t kSmall = 16;
+    auto r = as->map(kSmall * kPageSize);
+    ASSERT_TRUE(r.is_ok());
+    const VirtAddr small = *r;
+    test::fill_range(small, kSmall, 2000);
+    ScopedMigrateVma mig(*as, small, small + kSmall * kPageSize, dev->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+    ASSERT_TRUE(mig.setup().is_ok());
+    ASSERT_EQ(mig.args().cpages, kSmall);
+    // dst stays 0 for the first half (restored at finalize); the second
+    // half goes to fresh system pages the "driver" filled.
+    std::vector<std::uint64_t> pfns(kSmall / 2);
+    ASSERT_TRUE(alloc_system_pages(*as, pfns).is_ok());
+    for (std::size_t i = kSmall / 2; i < kSmall; ++i) {
+      auto* to = static_cast<std::uint64_t*>(reinterpret_cast<void*>(pfns[i - kSmall / 2] << kPageShift));
+      for (std::size_t k = 0; k < test::kWordsPerPage; ++k) to[k] = test::pattern_word(3000 + i, k);
+      mig.args().dst[i] = migrate_pfn(pfns[i - kSmall / 2]);
+    }
+    // (MREMAP_FIXED: a move to the same size would otherwise stay put.)
+    void* target = ::mmap(nullptr, kSmall * kPageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(target, MAP_FAILED);
+    void* moved = ::mremap(small.ptr(), kSmall * kPageSize, kSmall * kPageSize,
+                           MREMAP_MAYMOVE | MREMAP_FIXED | extra_flags, target);
+    ASSERT_EQ(moved, target) << "flags " << extra_flags << ": " << std::strerror(errno);
+    const VirtAddr to = VirtAddr::of(moved);
+    mig.pages();
+    mig.finalize();
+    EXPECT_TRUE(range_has_pattern(to, kSmall / 2, 2000)) << "flags " << extra_flags;
+    EXPECT_TRUE(range_has_pattern(to + kSmall / 2 * kPageSize, kSmall / 2, 3000 + kSmall / 2)) << "flags " << extra_flags;
+    if (extra_flags == MREMAP_DONTUNMAP) {
+      // The old range stays managed and empty: zeros, not the data.
+      for (std::size_t i = 0; i < kSmall; ++i)
+        EXPECT_EQ((small + i * kPageSize).as<volatile std::uint64_t>()[0], 0u) << "old page " << i;
+      ASSERT_EQ(::munmap(small.ptr(), kSmall * kPageSize), 0);
+    }
+    ASSERT_EQ(::munmap(moved, kSmall * kPageSize), 0);
+    ASSERT_TRUE(test::settles(*as));
+    UHMM_EXPECT_INVARIANTS(*as);
+  }
+}
+
 TEST_P(AddressSpaceEvents, FaultAroundDoesNotUndoADontneedNextToIt) {
   for (int round = 0; round < 20; ++round) {
     const std::size_t first = 40 + round;
