@@ -36,7 +36,7 @@ Result<std::unique_ptr<BounceArena>> BounceArena::reserve(std::size_t bytes) {
 
 BounceArena::BounceArena(std::byte* base, std::size_t size) : base_(base), size_(size) {
   MutexLock lock(mutex_);
-  free_.emplace(0, size);
+  free_.add(0, size);
 }
 
 BounceArena::~BounceArena() { ::munmap(base_, size_); }
@@ -47,13 +47,9 @@ Result<std::byte*> BounceArena::take(std::size_t bytes) {
   std::size_t off = 0;
   {
     MutexLock lock(mutex_);
-    auto it = free_.begin();
-    while (it != free_.end() && it->second < len) ++it;
-    if (it == free_.end()) return Status::error(ENOMEM, "bounce arena exhausted");
-    off = it->first;
-    const std::size_t rest = it->second - len;
-    free_.erase(it);
-    if (rest != 0) free_.emplace(off + len, rest);
+    const std::optional<std::uint64_t> taken = free_.take_first_fit(len);
+    if (!taken) return Status::error(ENOMEM, "bounce arena exhausted");
+    off = static_cast<std::size_t>(*taken);
   }
   if (raw_mprotect(base_ + off, len, PROT_READ | PROT_WRITE) != 0) {
     const int e = errno;
@@ -69,23 +65,9 @@ void BounceArena::give(std::byte* p, std::size_t bytes) {
   // cannot be taken back the piece stays accessible but unused: still ours.
   (void)::madvise(p, len, MADV_DONTNEED);
   (void)raw_mprotect(p, len, PROT_NONE);
-  std::size_t off = static_cast<std::size_t>(p - base_);
-  std::size_t size = len;
+  const auto off = static_cast<std::size_t>(p - base_);
   MutexLock lock(mutex_);
-  auto next = free_.lower_bound(off);
-  if (next != free_.end() && next->first == off + size) {
-    size += next->second;
-    next = free_.erase(next);
-  }
-  if (next != free_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == off) {
-      off = prev->first;
-      size += prev->second;
-      free_.erase(prev);
-    }
-  }
-  free_.emplace(off, size);
+  free_.add(off, off + len);
 }
 
 }  // namespace uhmm::compat

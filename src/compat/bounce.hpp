@@ -16,10 +16,10 @@
 #pragma once
 
 #include <cstddef>
-#include <map>
 #include <memory>
 #include <utility>
 
+#include "core/run_set.hpp"
 #include "core/sync.hpp"
 #include "core/thread_annotations.hpp"
 #include "uhmm/status.hpp"
@@ -53,7 +53,7 @@ class BounceArena {
   std::byte* const base_;
   const std::size_t size_;
   Mutex mutex_{LockRank::kLeaf};
-  std::map<std::size_t, std::size_t> free_ UHMM_GUARDED_BY(mutex_);  // offset -> length, coalesced
+  RunSet free_ UHMM_GUARDED_BY(mutex_);  // byte offsets
 };
 
 /// One buffer of the arena for the time of a command.

@@ -21,7 +21,7 @@
 #include "compat/bounce.hpp"
 #include "compat/ioctl_decode.hpp"
 #include "compat/maps.hpp"
-#include "compat/page_runs.hpp"
+#include "core/run_set.hpp"
 #include "compat/pagemap.hpp"
 #include "core/sync.hpp"
 #include "mm/address_space_impl.hpp"
@@ -93,11 +93,11 @@ class FilePages final : public IntervalNotifierOps {
     MutexLock lock(mutex_);
     pages_.erase(first_vpn, end_vpn);
   }
-  std::vector<PageRuns::Run> inside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+  std::vector<RunSet::Run> inside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
     return pages_.inside(first_vpn, end_vpn);
   }
-  std::vector<PageRuns::Run> outside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+  std::vector<RunSet::Run> outside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
     return pages_.outside(first_vpn, end_vpn);
   }
@@ -108,7 +108,7 @@ class FilePages final : public IntervalNotifierOps {
       for (std::uint64_t v = f; v < e; ++v) out[v - (start >> kPageShift)] = true;
     return out;
   }
-  PageRuns copy() {
+  RunSet copy() {
     MutexLock lock(mutex_);
     return pages_;
   }
@@ -117,7 +117,7 @@ class FilePages final : public IntervalNotifierOps {
   AddressSpace& as_;
   IntervalNotifier sub_;
   Mutex mutex_{LockRank::kLeaf};
-  PageRuns pages_ UHMM_GUARDED_BY(mutex_);
+  RunSet pages_ UHMM_GUARDED_BY(mutex_);
 };
 
 // What exists per fork generation.  Leaked, not destroyed, in a forked
@@ -817,7 +817,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
           for (const auto& [f, e] : inherited_clean_.inside(m.start >> kPageShift, m.end >> kPageShift))
             rt->file_pages->add(f, e);
     }
-    inherited_clean_ = PageRuns();
+    inherited_clean_ = RunSet();
   }
   std::lock_guard table(table_mutex_);
   runtime_ = rt;
@@ -1010,7 +1010,7 @@ void DmirrorProcess::prepare_fork() {
 }
 
 void DmirrorProcess::parent_after_fork() {
-  fork_clean_ = PageRuns();
+  fork_clean_ = RunSet();
   table_mutex_.unlock();
   init_mutex_.unlock();
 }
@@ -1023,7 +1023,7 @@ void DmirrorProcess::parent_after_fork() {
 void DmirrorProcess::child_after_fork() {
   ++generation_;
   inherited_clean_ = std::move(fork_clean_);
-  fork_clean_ = PageRuns();
+  fork_clean_ = RunSet();
   if (runtime_ != nullptr) {
     auto* leaked = new std::vector<std::shared_ptr<DmirrorFile>>();
     for (auto& [fd, entry] : fds_) leaked->push_back(std::move(entry.file));

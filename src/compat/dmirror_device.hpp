@@ -23,7 +23,7 @@
 #include <optional>
 
 #include "compat/dmirror_abi.hpp"
-#include "compat/page_runs.hpp"
+#include "core/run_set.hpp"
 #include "uhmm/status.hpp"
 
 namespace uhmm {
@@ -108,8 +108,8 @@ class DmirrorProcess {
   // The clean pages of converted private file mappings (ADR 0005, "Private
   // file mappings"), copied for the child by prepare_fork, and the child's
   // copy until its runtime exists.
-  PageRuns fork_clean_;
-  PageRuns inherited_clean_;
+  RunSet fork_clean_;
+  RunSet inherited_clean_;
   static void set_mark(int fd, bool on);
   static constexpr int kMarkedFds = 1 << 16;
   // One bit per fd below kMarkedFds: set while fds_ holds it.

@@ -1,8 +1,6 @@
 // compat: splitting a command's range by the program's mappings (maps.hpp).
 #include "compat/maps.hpp"
 
-#include <fcntl.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -33,24 +31,11 @@ std::vector<Piece> split_range(const std::vector<Mapping>& maps, std::uintptr_t 
 }
 
 Result<std::string> smaps_vm_flags(std::uintptr_t start) {
-  // Plain syscalls, as read_maps: no stdio, nothing interposed.
-  const int fd = ::open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::error(EIO, "cannot open /proc/self/smaps");
-  std::string text;
-  char buf[16384];
-  for (;;) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      ::close(fd);
-      if (n < 0) return Status::error(EIO, "cannot read /proc/self/smaps");
-      break;
-    }
-    text.append(buf, static_cast<std::size_t>(n));
-  }
+  auto text = platform::read_proc_text("/proc/self/smaps");
+  if (!text) return text.status();
   // Entries start with "start-end perms ..."; the VmFlags line ends each.
   bool ours = false;
-  std::string_view rest = text;
+  std::string_view rest = *text;
   while (!rest.empty()) {
     const auto nl = rest.find('\n');
     const std::string_view line = rest.substr(0, nl);

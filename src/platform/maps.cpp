@@ -64,10 +64,10 @@ std::vector<Mapping> parse_maps(std::string_view text) {
   return out;
 }
 
-Result<std::vector<Mapping>> read_maps() {
+Result<std::string> read_proc_text(const char* path) {
   // Read with plain syscalls: no stdio buffers, and nothing interposed.
-  const int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::error(EIO, "cannot open /proc/self/maps");
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(EIO, std::string("cannot open ") + path);
   std::string text;
   char buf[16384];
   for (;;) {
@@ -75,13 +75,19 @@ Result<std::vector<Mapping>> read_maps() {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       ::close(fd);
-      return Status::error(EIO, "cannot read /proc/self/maps");
+      return Status::error(EIO, std::string("cannot read ") + path);
     }
     if (n == 0) break;
     text.append(buf, static_cast<std::size_t>(n));
   }
   ::close(fd);
-  return parse_maps(text);
+  return text;
+}
+
+Result<std::vector<Mapping>> read_maps() {
+  auto text = read_proc_text("/proc/self/maps");
+  if (!text) return text.status();
+  return parse_maps(*text);
 }
 
 std::optional<Mapping> mapping_at(VirtAddr addr) {

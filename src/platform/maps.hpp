@@ -29,6 +29,9 @@ struct Mapping {
 
 /// Parses the text of /proc/<pid>/maps.  Lines that do not parse are skipped.
 std::vector<Mapping> parse_maps(std::string_view text);
+/// The whole text of a /proc file, read with plain syscalls (no stdio,
+/// nothing a preload library interposes).  EIO if it cannot be read.
+Result<std::string> read_proc_text(const char* path);
 /// /proc/self/maps, parsed.  EIO if it cannot be read.
 Result<std::vector<Mapping>> read_maps();
 /// The mapping holding `addr`, if any (nullopt also when the maps cannot be read).

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/assert.hpp"
+#include "core/run_set.hpp"
 #include "core/sync.hpp"
 #include "devices/sim/dma_engine.hpp"
 #include "mm/address_space_impl.hpp"
@@ -55,41 +56,22 @@ bool FaultInjection::should_fail_copy() { return fire(copy_countdown_); }
 
 // ---- free list -------------------------------------------------------------
 
-// Free device pages as runs (index -> length), so that a batch gets
+// Free device pages as runs, so that a batch gets
 // contiguous device memory and copies coalesce.
 struct SimDevice::FreeList {
   Mutex mutex{LockRank::kDeviceDriver};
-  std::map<std::uint64_t, std::uint64_t> runs UHMM_GUARDED_BY(mutex);
+  RunSet runs UHMM_GUARDED_BY(mutex);
   std::uint64_t free_pages UHMM_GUARDED_BY(mutex) = 0;
 
   std::optional<std::uint64_t> take() {
     MutexLock lock(mutex);
-    if (runs.empty()) return std::nullopt;
-    auto it = runs.begin();
-    const std::uint64_t index = it->first;
-    const std::uint64_t len = it->second;
-    runs.erase(it);
-    if (len > 1) runs.emplace(index + 1, len - 1);
-    --free_pages;
+    const std::optional<std::uint64_t> index = runs.take_first_fit(1);
+    if (index) --free_pages;
     return index;
   }
   void give(std::uint64_t index) {
     MutexLock lock(mutex);
-    std::uint64_t start = index, len = 1;
-    auto next = runs.lower_bound(index);
-    if (next != runs.end() && next->first == index + 1) {
-      len += next->second;
-      next = runs.erase(next);
-    }
-    if (next != runs.begin()) {
-      auto prev = std::prev(next);
-      if (prev->first + prev->second == index) {
-        start = prev->first;
-        len += prev->second;
-        runs.erase(prev);
-      }
-    }
-    runs.emplace(start, len);
+    runs.add(index, index + 1);
     ++free_pages;
   }
 };
@@ -333,7 +315,7 @@ Status SimDevice::init() {
   pagemap_ = std::move(*map);
   {
     MutexLock lock(free_list_->mutex);
-    free_list_->runs.emplace(0, arena_bytes_ / kPageSize);
+    free_list_->runs.add(0, arena_bytes_ / kPageSize);
     free_list_->free_pages = arena_bytes_ / kPageSize;
   }
   dma_ = std::make_unique<DmaEngine>(options_.dma_threads, options_.link, options_.inline_copy_bytes, faults_);

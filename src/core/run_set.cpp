@@ -1,11 +1,11 @@
-// compat: page runs (page_runs.hpp).
-#include "compat/page_runs.hpp"
+// core: run sets (run_set.hpp).
+#include "core/run_set.hpp"
 
 #include <algorithm>
 
-namespace uhmm::compat {
+namespace uhmm {
 
-void PageRuns::add(std::uint64_t first, std::uint64_t end) {
+void RunSet::add(std::uint64_t first, std::uint64_t end) {
   if (first >= end) return;
   // Swallow every run that overlaps or touches [first, end).
   auto it = runs_.upper_bound(first);
@@ -18,7 +18,7 @@ void PageRuns::add(std::uint64_t first, std::uint64_t end) {
   runs_.emplace(first, end);
 }
 
-void PageRuns::erase(std::uint64_t first, std::uint64_t end) {
+void RunSet::erase(std::uint64_t first, std::uint64_t end) {
   if (first >= end) return;
   auto it = runs_.upper_bound(first);
   if (it != runs_.begin() && std::prev(it)->second > first) --it;
@@ -30,12 +30,24 @@ void PageRuns::erase(std::uint64_t first, std::uint64_t end) {
   }
 }
 
-bool PageRuns::contains(std::uint64_t vpn) const {
-  auto it = runs_.upper_bound(vpn);
-  return it != runs_.begin() && std::prev(it)->second > vpn;
+bool RunSet::contains(std::uint64_t value) const {
+  auto it = runs_.upper_bound(value);
+  return it != runs_.begin() && std::prev(it)->second > value;
 }
 
-std::vector<PageRuns::Run> PageRuns::inside(std::uint64_t first, std::uint64_t end) const {
+std::optional<std::uint64_t> RunSet::take_first_fit(std::uint64_t len) {
+  if (len == 0) return std::nullopt;
+  for (auto it = runs_.begin(); it != runs_.end(); ++it) {
+    const auto [first, end] = *it;
+    if (end - first < len) continue;
+    runs_.erase(it);
+    if (end - first > len) runs_.emplace(first + len, end);
+    return first;
+  }
+  return std::nullopt;
+}
+
+std::vector<RunSet::Run> RunSet::inside(std::uint64_t first, std::uint64_t end) const {
   std::vector<Run> out;
   if (first >= end) return out;
   auto it = runs_.upper_bound(first);
@@ -44,7 +56,7 @@ std::vector<PageRuns::Run> PageRuns::inside(std::uint64_t first, std::uint64_t e
   return out;
 }
 
-std::vector<PageRuns::Run> PageRuns::outside(std::uint64_t first, std::uint64_t end) const {
+std::vector<RunSet::Run> RunSet::outside(std::uint64_t first, std::uint64_t end) const {
   std::vector<Run> out;
   std::uint64_t p = first;
   for (const auto& [f, e] : inside(first, end)) {
@@ -55,7 +67,7 @@ std::vector<PageRuns::Run> PageRuns::outside(std::uint64_t first, std::uint64_t 
   return out;
 }
 
-bool PageRuns::check_invariants() const {
+bool RunSet::check_invariants() const {
   std::uint64_t prev_end = 0;
   bool first_run = true;
   for (const auto& [f, e] : runs_) {
@@ -67,4 +79,4 @@ bool PageRuns::check_invariants() const {
   return true;
 }
 
-}  // namespace uhmm::compat
+}  // namespace uhmm

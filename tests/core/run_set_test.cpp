@@ -1,16 +1,15 @@
-// compat/page_runs.hpp: the run set that remembers a converted private file
-// mapping's clean pages.
+// core/run_set.hpp: runs merge, split and are taken first-fit.
 #include <gtest/gtest.h>
 
-#include "compat/page_runs.hpp"
+#include "core/run_set.hpp"
 
-namespace uhmm::compat {
+namespace uhmm {
 namespace {
 
-using Runs = std::vector<PageRuns::Run>;
+using Runs = std::vector<RunSet::Run>;
 
-TEST(PageRuns, AddMergesOverlappingAndTouchingRuns) {
-  PageRuns r;
+TEST(RunSet, AddMergesOverlappingAndTouchingRuns) {
+  RunSet r;
   r.add(10, 20);
   r.add(30, 40);
   EXPECT_EQ(r.runs(), (Runs{{10, 20}, {30, 40}}));
@@ -23,8 +22,8 @@ TEST(PageRuns, AddMergesOverlappingAndTouchingRuns) {
   EXPECT_TRUE(r.check_invariants());
 }
 
-TEST(PageRuns, EraseSplitsAndTrims) {
-  PageRuns r;
+TEST(RunSet, EraseSplitsAndTrims) {
+  RunSet r;
   r.add(0, 100);
   r.erase(40, 60);
   EXPECT_EQ(r.runs(), (Runs{{0, 40}, {60, 100}}));
@@ -39,8 +38,8 @@ TEST(PageRuns, EraseSplitsAndTrims) {
   EXPECT_TRUE(r.check_invariants());
 }
 
-TEST(PageRuns, ContainsIsHalfOpen) {
-  PageRuns r;
+TEST(RunSet, ContainsIsHalfOpen) {
+  RunSet r;
   r.add(10, 12);
   EXPECT_FALSE(r.contains(9));
   EXPECT_TRUE(r.contains(10));
@@ -48,8 +47,8 @@ TEST(PageRuns, ContainsIsHalfOpen) {
   EXPECT_FALSE(r.contains(12));
 }
 
-TEST(PageRuns, InsideAndOutsideSplitARange) {
-  PageRuns r;
+TEST(RunSet, InsideAndOutsideSplitARange) {
+  RunSet r;
   r.add(10, 20);
   r.add(30, 40);
   EXPECT_EQ(r.inside(15, 35), (Runs{{15, 20}, {30, 35}}));
@@ -60,5 +59,22 @@ TEST(PageRuns, InsideAndOutsideSplitARange) {
   EXPECT_EQ(r.outside(5, 5), Runs{});
 }
 
+TEST(RunSet, TakeFirstFitTakesFromTheLowestRunLongEnough) {
+  RunSet r;
+  r.add(0, 2);
+  r.add(10, 20);
+  r.add(30, 40);
+  EXPECT_EQ(r.take_first_fit(5), 10u);
+  EXPECT_EQ(r.runs(), (Runs{{0, 2}, {15, 20}, {30, 40}}));
+  EXPECT_EQ(r.take_first_fit(2), 0u);  // a whole run goes
+  EXPECT_EQ(r.runs(), (Runs{{15, 20}, {30, 40}}));
+  EXPECT_EQ(r.take_first_fit(11), std::nullopt);
+  EXPECT_EQ(r.take_first_fit(0), std::nullopt);
+  EXPECT_EQ(r.take_first_fit(10), 30u);
+  r.add(10, 15);  // touches [15, 20): merges back
+  EXPECT_EQ(r.runs(), (Runs{{10, 20}}));
+  EXPECT_TRUE(r.check_invariants());
+}
+
 }  // namespace
-}  // namespace uhmm::compat
+}  // namespace uhmm

@@ -1,21 +1,20 @@
-// compat: a set of virtual page numbers kept as disjoint runs.
-//
-// The dmirror library remembers with it which pages of a converted private
-// file mapping were still clean file pages (docs/adr/0005-dmirror-emulation.md,
-// "Private file mappings"): a mapping of many pages costs one run per
-// stretch of clean pages, not one node per page.
+// core: a set of integers (page numbers, offsets) kept as disjoint runs:
+// one node per stretch, not per member.  Users: the dmirror library's clean
+// pages of converted private file mappings, the sim device's free pages and
+// the bounce arena's free space.
 //
 // Concurrency: none; the owner locks.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <utility>
 #include <vector>
 
-namespace uhmm::compat {
+namespace uhmm {
 
-class PageRuns {
+class RunSet {
  public:
   using Run = std::pair<std::uint64_t, std::uint64_t>;  // [first, end)
 
@@ -23,7 +22,10 @@ class PageRuns {
   void add(std::uint64_t first, std::uint64_t end);
   /// Removes [first, end) (empty: nothing).
   void erase(std::uint64_t first, std::uint64_t end);
-  bool contains(std::uint64_t vpn) const;
+  bool contains(std::uint64_t value) const;
+  /// Removes and returns the start of `len` members in a row from the
+  /// lowest run long enough (first fit); nullopt when no run is.
+  std::optional<std::uint64_t> take_first_fit(std::uint64_t len);
   bool empty() const { return runs_.empty(); }
   /// The parts of [first, end) inside the set, in order.
   std::vector<Run> inside(std::uint64_t first, std::uint64_t end) const;
@@ -38,4 +40,4 @@ class PageRuns {
   std::map<std::uint64_t, std::uint64_t> runs_;  // first -> end
 };
 
-}  // namespace uhmm::compat
+}  // namespace uhmm
