@@ -367,6 +367,18 @@ void unshare_coherent_frames(VirtAddr start, std::uint64_t n, IsCandidate is_can
   unshare(n);
 }
 
+// A page setup found missing although its entry says present: did the
+// application change the address meanwhile (munmap, mremap, MADV_DONTNEED)?
+// Its event is queued, or about to be: read what the uffd holds; an
+// address no longer mapped at all is a munmap or mremap whose event has not
+// reached the uffd yet.
+bool changed_under_us(AddressSpace::Impl& as, VirtAddr addr) {
+  as.drain_events();
+  if (!as.pending_event_ranges(addr, addr + kPageSize).empty()) return true;
+  unsigned char resident = 0;
+  return ::mincore(addr.ptr(), kPageSize, &resident) != 0 && errno == ENOMEM;
+}
+
 // Releases a device page that left its entry: the migration's reference and
 // the entry's reference go; page_free runs when nobody else holds it.
 void release_old_device_page(DevicePage* page, DevicePage* fault_page) {
@@ -650,11 +662,18 @@ Status migrate_vma_setup(MigrateVma& m) {
       } else {
         as.staging.give_back_empty(slot0 + done * kPageSize, 1);
       }
-      if (r.error == ENOENT) {
-        // Not populated after all: a hole.
+      if (r.error == ENOENT && !changed_under_us(as, addr)) {
+        // Not populated after all (MADV_FREE'd pages the kernel reclaimed):
+        // a hole.
         as.unlock_and_wake(*slot, PageEntry::none(), addr);
         m.src[i] = MIGRATE_PFN_MIGRATE;
         as.stats.add(Counter::migrate_holes);
+      } else if (r.error == ENOENT) {
+        // The application unmapped, moved or discarded it just now: not
+        // collected (a zero page would pass for the range's data); its
+        // event settles the entry.
+        as.unlock_and_wake(*slot, PageEntry::system(), addr);
+        as.stats.add(Counter::migrate_skipped_locked);
       } else {
         // EBUSY: pinned, or shared with a forked child.  Stays where it is.
         as.unlock_and_wake(*slot, PageEntry::system(), addr);

@@ -677,6 +677,12 @@ static void test_read_vs_munmap(int fd) {
     if (cmd(fd, round % 3 ? DM_READ : DM_TO_DEV, buf, out, N, &c) == 0) {
       /* Success means the data: the library once read its own bounce
        * buffer, mapped into the hole the munmap had just left, as the range. */
+      if (!same(out, N, 1700)) {
+        unsigned long w = 0;
+        while (((const unsigned *)out)[w] == 1700 + (unsigned)w) ++w;
+        fprintf(stderr, "round %d (%s after %s): word %lu is %#x, not %#x\n", round, round % 3 ? "READ" : "MIGRATE_TO_DEV",
+                round % 2 ? "MIGRATE_TO_DEV" : "fill", w, ((const unsigned *)out)[w], 1700 + (unsigned)w);
+      }
       CHECK(same(out, N, 1700));
       ++ok;
     } else {
