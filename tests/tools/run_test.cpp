@@ -3,6 +3,7 @@
 // without a sanitizer) a real dmirror program run through it.
 #include <gtest/gtest.h>
 #include <spawn.h>
+#include <grp.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -109,6 +110,51 @@ TEST(RunDmirror, RunsAnUnmodifiedDmirrorProgram) {
   const Outcome o = run_cli({"run", "--dmirror", "--", UHMM_DMIRROR_ABI_TEST_PATH}, {"PATH=/usr/bin:/bin"});
   if (o.exit_code == 77) GTEST_SKIP() << "no userfaultfd for kernel-mode faults here";
   EXPECT_EQ(o.exit_code, 0) << o.out;
+}
+
+// Without a userfaultfd that serves kernel-mode faults (an unprivileged
+// user, vm.unprivileged_userfaultfd = 0, no access to /dev/userfaultfd) the
+// library says so in one line on stderr and the open fails with an errno:
+// the ABI test then skips (77), as it does on a machine without the device.
+TEST(RunDmirror, WithoutAUserfaultfdOpeningFailsWithOneLineOnStderr) {
+  UHMM_SKIP_UNDER_SANITIZER();
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to run the program as an unprivileged user";
+  std::ifstream sysctl("/proc/sys/vm/unprivileged_userfaultfd");
+  int unprivileged = 1;
+  if (!(sysctl >> unprivileged) || unprivileged != 0) GTEST_SKIP() << "unprivileged users may use userfaultfd here";
+  char err_path[] = "/tmp/uhmm_run_err_XXXXXX";
+  const int err_fd = ::mkstemp(err_path);
+  ASSERT_GE(err_fd, 0);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    constexpr uid_t kNobody = 65534;
+    if (::setgroups(0, nullptr) != 0 || ::setgid(kNobody) != 0 || ::setuid(kNobody) != 0) ::_exit(120);
+    ::dup2(err_fd, 2);
+    char cli[] = UHMM_CLI_PATH, run[] = "run", dmirror[] = "--dmirror", dashes[] = "--",
+         program[] = UHMM_DMIRROR_ABI_TEST_PATH, path_env[] = "PATH=/usr/bin:/bin";
+    char* argv[] = {cli, run, dmirror, dashes, program, nullptr};
+    char* envp[] = {path_env, nullptr};
+    ::execve(cli, argv, envp);
+    ::_exit(127);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ::close(err_fd);
+  std::ifstream in(err_path);
+  std::vector<std::string> ours;
+  std::string all, line;
+  while (std::getline(in, line)) {
+    all += line + "\n";
+    if (line.rfind("uhmm-dmirror:", 0) == 0) ours.push_back(line);
+  }
+  ::unlink(err_path);
+  ASSERT_TRUE(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 126 || WEXITSTATUS(status) == 127)
+    GTEST_SKIP() << "the build is not reachable for an unprivileged user: " << all;
+  EXPECT_EQ(WEXITSTATUS(status), 77) << all;
+  ASSERT_EQ(ours.size(), 1u) << all;
+  EXPECT_NE(ours[0].find("userfaultfd"), std::string::npos) << ours[0];
+  EXPECT_NE(all.find("cannot open /dev/hmm_dmirror0: Operation not permitted"), std::string::npos) << all;
 }
 #endif
 
