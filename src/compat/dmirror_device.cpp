@@ -605,8 +605,11 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
   const std::uintptr_t end = cmd.addr + n * kPageSize;
   auto spans = layout(cmd.addr, end, /*convert_files=*/true);
   if (!spans) return spans.code();
-  for (const Span& s : *spans)
+  for (const Span& s : *spans) {
     if (s.kind == Kind::kGap || !(s.prot & PROT_READ)) return EINVAL;
+    // migrate_vma_setup refuses hugetlb, I/O and PFN mappings outright.
+    if (s.kind == Kind::kOther && migrate_vma_refuses(s.start)) return EINVAL;
+  }
   for (const Span& s : *spans) {
     if (s.kind != Kind::kManaged) continue;  // cannot move: ENOENT below
     // Steps of at most 512 pages that keep 2 MiB units whole.
@@ -670,11 +673,14 @@ int DmirrorFile::cmd_snapshot(DmirrorCmd& cmd) {
       // Not managed: the kernel's own page table says what is present.  A
       // clean page of a private file mapping is mapped read-only (a write
       // copies it first).
+      // A hugetlb page is mapped whole by a 2 MiB entry (PMD).
       auto words = read_own_pagemap(s.start, s.end);
+      const std::uint8_t size = is_hugetlb(s.start) ? snapshot::kPmd : 0;
       for (std::uint64_t k = 0; k < count; ++k) {
         const std::uint64_t w = words ? (*words)[k] : 0;
         const bool writable = (s.prot & PROT_WRITE) && (s.shared || !(w & kPmFile));
-        bytes[i0 + k] = !(w & kPmPresent) ? snapshot::kNone : writable ? snapshot::kWrite : snapshot::kRead;
+        bytes[i0 + k] = !(w & kPmPresent) ? snapshot::kNone
+                                           : static_cast<std::uint8_t>((writable ? snapshot::kWrite : snapshot::kRead) | size);
       }
       continue;
     }

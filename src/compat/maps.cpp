@@ -56,4 +56,27 @@ Result<std::string> smaps_vm_flags(std::uintptr_t start) {
   return Status::error(ENOENT, "no mapping starts there");
 }
 
+namespace {
+bool has_vm_flag(std::string_view flags, std::string_view mnemonic) {
+  for (std::size_t i = 0; i < flags.size();) {
+    const std::size_t b = flags.find_first_not_of(' ', i);
+    if (b == std::string_view::npos) break;
+    const std::size_t e = std::min(flags.find(' ', b), flags.size());
+    if (flags.substr(b, e - b) == mnemonic) return true;
+    i = e;
+  }
+  return false;
+}
+}  // namespace
+
+bool migrate_vma_refuses(std::uintptr_t start) {
+  auto flags = smaps_vm_flags(start);
+  return flags && (has_vm_flag(*flags, "ht") || has_vm_flag(*flags, "io") || has_vm_flag(*flags, "pf"));
+}
+
+bool is_hugetlb(std::uintptr_t start) {
+  auto flags = smaps_vm_flags(start);
+  return flags && has_vm_flag(*flags, "ht");
+}
+
 }  // namespace uhmm::compat

@@ -31,5 +31,11 @@ std::vector<Piece> split_range(const std::vector<Mapping>& maps, std::uintptr_t 
 /// `start` (two-letter codes separated by spaces; proc(5)).  ENOENT if no
 /// mapping starts there, EIO if smaps cannot be read.
 Result<std::string> smaps_vm_flags(std::uintptr_t start);
+/// Whether the mapping starting at `start` is one the kernel's migrate_vma
+/// refuses outright (EINVAL): hugetlb, I/O or pure-PFN.  False when smaps
+/// cannot tell.
+bool migrate_vma_refuses(std::uintptr_t start);
+/// Whether the mapping starting at `start` is hugetlb.
+bool is_hugetlb(std::uintptr_t start);
 
 }  // namespace uhmm::compat
