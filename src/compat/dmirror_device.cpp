@@ -237,6 +237,8 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
   bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override;
 
  private:
+  void apply_invalidation(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq)
+      UHMM_REQUIRES(mutex_);
   // One page of the device's page table.
   struct Entry {
     DevicePage* page = nullptr;  // this device's page (private: its memory is `memory`; or coherent)
@@ -293,18 +295,29 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
 // ---- mirror ----------------------------------------------------------------
 
 bool DmirrorFile::invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) {
-  if (!range.blockable) return false;
   // Our own exclusive request: the page is mapped right after it.  Our own
   // migrations are *not* skipped (ADR 0005, "Mirror coherence").
   if (range.event == NotifyEvent::kExclusive && range.owner == dev_.owner()) return true;
+  // As the kernel's driver: an invalidation that cannot wait takes the
+  // mirror's lock only if it is free at once.
+  if (!range.blockable) {
+    if (!mutex_.try_lock()) return false;
+    apply_invalidation(sub, range, cur_seq);
+    mutex_.unlock();
+    return true;
+  }
   MutexLock lock(mutex_);
+  apply_invalidation(sub, range, cur_seq);
+  return true;
+}
+
+void DmirrorFile::apply_invalidation(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) {
   sub.set_seq(cur_seq);
   if (range.event == NotifyEvent::kRelease) {
     entries_.clear();
   } else {
     drop(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
   }
-  return true;
 }
 
 void DmirrorFile::drop(std::uint64_t first_vpn, std::uint64_t end_vpn) {

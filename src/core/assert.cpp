@@ -36,6 +36,13 @@ void acquired(LockRank rank) {
   h.ranks[h.depth++] = rank;
 }
 
+void taken_without_waiting(LockRank rank) {
+  // A try-lock never waits, so it cannot close a cycle: any order is fine.
+  Held& h = t_held;
+  UHMM_CHECK(h.depth < h.ranks.size(), "too many nested locks");
+  h.ranks[h.depth++] = rank;
+}
+
 void released(LockRank rank) {
   Held& h = t_held;
   // Locks may be released out of order; remove the innermost matching rank.
@@ -50,6 +57,7 @@ void released(LockRank rank) {
 }
 #else
 void acquired(LockRank) {}
+void taken_without_waiting(LockRank) {}
 void released(LockRank) {}
 #endif
 }  // namespace lock_rank

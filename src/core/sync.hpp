@@ -26,6 +26,7 @@ enum class LockRank : unsigned {
 
 namespace lock_rank {
 void acquired(LockRank rank);
+void taken_without_waiting(LockRank rank);  // a successful try-lock
 void released(LockRank rank);
 }  // namespace lock_rank
 
@@ -35,6 +36,12 @@ class UHMM_CAPABILITY("mutex") Mutex {
   void lock() UHMM_ACQUIRE() {
     lock_rank::acquired(rank_);
     m_.lock();
+  }
+  /// For callers that must not sleep (non-blockable invalidations).
+  bool try_lock() UHMM_TRY_ACQUIRE(true) {
+    if (!m_.try_lock()) return false;
+    lock_rank::taken_without_waiting(rank_);
+    return true;
   }
   void unlock() UHMM_RELEASE() {
     m_.unlock();

@@ -215,6 +215,8 @@ class SimDevice::Mirror final : public IntervalNotifierOps {
   Mirror& operator=(const Mirror&) = delete;
 
   bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override;
+  void apply_invalidation(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq)
+      UHMM_REQUIRES(mutex);
   /// Drops the entries of [first, end) (virtual page numbers).
   void drop(std::uint64_t first, std::uint64_t end) UHMM_REQUIRES(mutex);
 
@@ -247,13 +249,23 @@ struct SimDevice::Mirrors {
 // page it moves to itself leaves a stale system-page entry behind, one it
 // moves back a stale device-memory entry).  Dropping costs a map lookup.
 bool SimDevice::Mirror::invalidate(IntervalNotifier& s, const NotifyRange& range, std::uint64_t cur_seq) {
-  // FIXME(issue 3): Mutex has no try_lock, so a non-blockable invalidation
-  // (none is issued yet) is refused rather than tried.
-  if (!range.blockable) return false;
   // Its own exclusive request is the one event the device skips: it maps
   // the page right after, and a bumped sequence would make it retry forever.
   if (range.event == NotifyEvent::kExclusive && range.owner == owner_) return true;
+  // An invalidation that cannot wait goes ahead only if the page-table lock
+  // is free at once; otherwise it fails (EAGAIN) and its issuer retries.
+  if (!range.blockable) {
+    if (!mutex.try_lock()) return false;
+    apply_invalidation(s, range, cur_seq);
+    mutex.unlock();
+    return true;
+  }
   MutexLock lock(mutex);
+  apply_invalidation(s, range, cur_seq);
+  return true;
+}
+
+void SimDevice::Mirror::apply_invalidation(IntervalNotifier& s, const NotifyRange& range, std::uint64_t cur_seq) {
   s.set_seq(cur_seq);
   stats_.invalidations.fetch_add(1, std::memory_order_relaxed);
   if (range.event == NotifyEvent::kRelease) {
@@ -262,7 +274,6 @@ bool SimDevice::Mirror::invalidate(IntervalNotifier& s, const NotifyRange& range
   } else {
     drop(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
   }
-  return true;
 }
 
 void SimDevice::Mirror::drop(std::uint64_t first, std::uint64_t end) {

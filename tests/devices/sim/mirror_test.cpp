@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "e2e/test_support.hpp"
+#include "mm/address_space_impl.hpp"
 #include "uhmm/uhmm.hpp"
 
 namespace uhmm {
@@ -188,6 +189,24 @@ TEST_F(SimMirror, MadvDontneedInvalidatesTheMirror) {
   for (std::byte b : buf) ASSERT_EQ(b, std::byte{0});  // dropped pages read as zero
   ASSERT_TRUE(device_has_pattern(base, 4));
   ASSERT_TRUE(device_has_pattern(base + 8 * kPageSize, 8, 8));
+}
+
+// An invalidation that cannot wait (blockable = false) goes through when
+// the device's page-table lock is free: the entries go, as for any other.
+TEST_F(SimMirror, NonBlockableInvalidationDropsEntriesWhenTheLockIsFree) {
+  constexpr std::size_t n = 8;
+  const VirtAddr base = map_filled(n);
+  ASSERT_TRUE(device_has_pattern(base, n));
+  ASSERT_EQ(mirrored(base, n), n);
+  NotifyRange range{base, base + 4 * kPageSize, NotifyEvent::kClear};
+  range.blockable = false;
+  {
+    mm::ScopedInvalidation inv(as->impl().notifiers, range);
+    ASSERT_TRUE(inv.ok()) << inv.status().to_string();
+  }
+  EXPECT_EQ(mirrored(base, 4), 0u);
+  EXPECT_EQ(mirrored(base + 4 * kPageSize, 4), 4u);
+  ASSERT_TRUE(device_has_pattern(base, n));
 }
 
 TEST_F(SimMirror, RunKernelUsesTheMirrorAndRefusesCpuPages) {
