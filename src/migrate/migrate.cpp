@@ -340,7 +340,7 @@ int frame_home(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
 // (EBUSY) stays: the write fault that would make it private may wait for
 // the fault service, and so for changes of the range, which wait for the
 // entries the caller holds.  Callers un-share first, holding nothing
-// (unshare_coherent_frames), and skip what a fork shared again since.
+// (unshare_frames), and skip what a fork shared again since.
 bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, PageEntry seen,
                             DevicePage& page) {
   if (frame_home(as, page, addr) == 0) return true;
@@ -350,13 +350,19 @@ bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAdd
 }
 
 // Makes private (MADV_POPULATE_WRITE) the frames of `[start, start + n)`
-// that a fork shared copy-on-write, so that they can move home.  Called
-// holding no entry; `is_candidate(i)` says which pages to un-share.
+// that a fork shared copy-on-write, so that they can move.  Called holding
+// no entry; `is_candidate(i)` says which pages to un-share: present pages
+// only (a hole would be populated).  A run that fails part way (an ENOMEM,
+// a page the application just discarded) is retried page by page, so one
+// page does not leave the rest shared; what stays shared is skipped later.
 template <typename IsCandidate>
-void unshare_coherent_frames(VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
+void unshare_frames(VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
   std::uint64_t run = 0;
   auto unshare = [&](std::uint64_t end) {
-    if (run < end) (void)platform::advise(start + run * kPageSize, (end - run) * kPageSize, MADV_POPULATE_WRITE);
+    if (run >= end) return;
+    if (platform::advise(start + run * kPageSize, (end - run) * kPageSize, MADV_POPULATE_WRITE)) return;
+    for (std::uint64_t i = run; i < end; ++i)
+      (void)platform::advise(start + i * kPageSize, kPageSize, MADV_POPULATE_WRITE);
   };
   for (std::uint64_t i = 0; i < n; ++i) {
     if (!is_candidate(i)) {
@@ -471,14 +477,23 @@ Status migrate_vma_setup(MigrateVma& m) {
     return false;
   };
 
-  // Pass 0: a coherent frame shared copy-on-write with a forked child cannot
-  // move home; make the frames of this owner private now, before any entry
-  // is held (the write fault that un-shares one may wait for the fault
-  // service, and so for changes of the range, which wait for held entries).
-  if (want_coherent) {
-    unshare_coherent_frames(m.start, n, [&](std::uint64_t i) {
-      const PageEntry e = as.table.load((m.start + i * kPageSize).vpn());
-      return e.state() == PageState::kDeviceCoherent && !e.locked() &&
+  // Pass 0: a frame shared copy-on-write with a forked child cannot move
+  // (UFFDIO_MOVE: EBUSY), where the kernel's migrate_vma would migrate it.
+  // Make private now, before any entry is held (the write fault that
+  // un-shares one may wait for the fault service, and so for changes of the
+  // range, which wait for held entries): the coherent frames of this owner,
+  // and the system pages a fork marked.  Not in a read-only range: the write
+  // fault fails there (EFAULT), and its pages cannot move out anyway (the
+  // two sides of a move must have the same protection).  A page whose
+  // change is pending is left alone: its address may be a hole by now.
+  if (want_coherent || (want_system && writable)) {
+    unshare_frames(m.start, n, [&](std::uint64_t i) {
+      const VirtAddr addr = m.start + i * kPageSize;
+      const PageEntry e = as.table.load(addr.vpn());
+      if (e.locked()) return false;
+      if (e.state() == PageState::kSystem)
+        return want_system && writable && e.fork_shared() && (changing.empty() || !is_changing(addr));
+      return want_coherent && e.state() == PageState::kDeviceCoherent &&
              e.device_page()->pagemap().owner() == m.pgmap_owner;
     });
   }
@@ -625,11 +640,13 @@ Status migrate_vma_setup(MigrateVma& m) {
         }
       }
     } else {
-      // No staging memory: these pages stay where they are.
+      // No staging memory: these pages stay where they are (with their
+      // fork-shared mark, should pass 0 have failed them).
       for (auto [k, len] : small) {
         for (std::size_t j = k; j < k + len; ++j) {
           const VirtAddr addr = m.start + system_pages[j] * kPageSize;
-          as.unlock_and_wake(*as.table.slot(addr.vpn(), false), PageEntry::system(), addr);
+          mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+          as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
         }
       }
     }
@@ -672,11 +689,19 @@ Status migrate_vma_setup(MigrateVma& m) {
         // The application unmapped, moved or discarded it just now: not
         // collected (a zero page would pass for the range's data); its
         // event settles the entry.
-        as.unlock_and_wake(*slot, PageEntry::system(), addr);
+        as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
         as.stats.add(Counter::migrate_skipped_locked);
+      } else if (r.error == EBUSY) {
+        // Pinned, or shared with a forked child: a fork since pass 0, or one
+        // uhmm did not see (a raw clone, a fork before the range was
+        // managed, a page filled while the fork marked).  Stays where it is,
+        // never waited for here; marked, so that the next migration
+        // un-shares it first (harmless for a pinned page).
+        as.unlock_and_wake(*slot, PageEntry::system().with(PageEntry::kForkShared), addr);
+        as.stats.add(Counter::migrate_skipped_pinned);
       } else {
-        // EBUSY: pinned, or shared with a forked child.  Stays where it is.
-        as.unlock_and_wake(*slot, PageEntry::system(), addr);
+        // Refused otherwise (a read-only range).  Stays where it is, as it was.
+        as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
         as.stats.add(Counter::migrate_skipped_pinned);
       }
       ++done;

@@ -282,11 +282,14 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
     return Status::error(EBUSY, "overlaps a managed range");
   if (next != impl_->regions.begin() && std::prev(next)->second->info.end() > start)
     return Status::error(EBUSY, "overlaps a managed range");
-  // Learn which pages the application already populated.
+  // Learn which pages the application already populated.  A fork before
+  // the adoption may have left them shared copy-on-write (uhmm cannot tell):
+  // marked so that a migration un-shares them before moving them.
   std::vector<unsigned char> resident(length / kPageSize);
   UHMM_TRY(platform::resident_pages(start, length, resident.data()));
   for (std::size_t i = 0; i < resident.size(); ++i) {
-    if (resident[i] & 1) impl_->table.slot(start.vpn() + i, true)->store(PageEntry::system().bits());
+    if (resident[i] & 1)
+      impl_->table.slot(start.vpn() + i, true)->store(PageEntry::system().with(PageEntry::kForkShared).bits());
   }
   UHMM_TRY(impl_->uffd.register_range(start, length, UFFDIO_REGISTER_MODE_MISSING));
   auto region = std::make_shared<mm::Region>();

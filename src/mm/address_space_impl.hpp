@@ -145,6 +145,8 @@ struct AddressSpace::Impl {
   void migration_end();
   void prepare_fork();
   void end_fork();
+  /// Parent side of a fork: marks the present system pages kForkShared.
+  void mark_shared_after_fork();
   /// In a forked child: lets go of the parent's threads and descriptors
   /// without touching them.
   void abandon_in_child();

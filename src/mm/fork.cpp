@@ -13,7 +13,10 @@
 // survive a fork.  Device-coherent pages are not device residency in that
 // sense: they are mapped for the CPU, so the kernel copies them to the child
 // like any present page and the parent keeps them (neither the eviction nor
-// holds_device_or_moving_pages looks at them).  Details:
+// holds_device_or_moving_pages looks at them).  After the fork the parent's
+// present pages are shared copy-on-write with the child, which UFFDIO_MOVE
+// refuses until a write fault un-shares them: the parent handler marks them
+// (kForkShared) for migrations to un-share first.  Details:
 // docs/address-space-events.md ("fork").
 #include <pthread.h>
 
@@ -48,7 +51,10 @@ void prepare_fork_all() {
 }
 
 void after_fork_in_parent() {
-  for (AddressSpace::Impl* impl : g_spaces) impl->end_fork();
+  for (AddressSpace::Impl* impl : g_spaces) {
+    impl->mark_shared_after_fork();
+    impl->end_fork();
+  }
   g_spaces_mutex.unlock();
 }
 
@@ -136,6 +142,23 @@ void AddressSpace::Impl::prepare_fork() {
                    "uhmm: fork: device pages could not all be brought back; the child reads zeros in their place\n");
   }
   t_forking_thread = false;
+}
+
+void AddressSpace::Impl::mark_shared_after_fork() {
+  // Every present page is now shared copy-on-write with the child, which
+  // UFFDIO_MOVE refuses until a write fault un-shares it (even after the
+  // child exits).  Marked before the gate opens, so that the next
+  // migration un-shares them first, holding nothing (migrate_vma_setup).
+  std::vector<std::pair<VirtAddr, std::size_t>> ranges;
+  {
+    ReaderLock lock(regions_mutex);
+    for (const auto& [start, region] : regions) ranges.emplace_back(region->info.start, region->info.length);
+  }
+  for (const auto& [start, length] : ranges) {
+    table.for_each_populated(start.vpn(), length / kPageSize, [&](Vpn v, PageEntry e) {
+      if (e.state() == PageState::kSystem && !e.fork_shared()) mm::mark_fork_shared(*table.slot(v, false));
+    });
+  }
 }
 
 void AddressSpace::Impl::end_fork() {

@@ -90,4 +90,13 @@ void update_locked_entry(EntrySlot& slot, PageEntry value) {
   }
 }
 
+void mark_fork_shared(EntrySlot& slot) {
+  std::uint64_t cur = slot.load(std::memory_order_acquire);
+  for (;;) {
+    const PageEntry e{cur};
+    if (e.state() != PageState::kSystem || e.locked() || e.fork_shared()) return;
+    if (slot.compare_exchange_weak(cur, cur | PageEntry::kForkShared, std::memory_order_acq_rel)) return;
+  }
+}
+
 }  // namespace uhmm::mm

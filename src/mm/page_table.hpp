@@ -30,6 +30,9 @@ using PageState = PageInfo::State;
 ///   bit  4     device write: the device entry is writable
 ///   bit  5     waiters: a CPU fault is asleep on this page; wake it on unlock
 ///   bit  6     poisoned: a failed migrate_to_ram left a SIGBUS marker
+///   bit  7     fork-shared: a system page a fork may have left shared
+///              copy-on-write; UFFDIO_MOVE refuses it until a write fault
+///              makes it private, so migrations un-share it first
 ///   bits 16-63 DevicePage* (device-private and device-coherent states), or
 ///              the address of the held frame (device-exclusive state)
 class PageEntry {
@@ -39,6 +42,7 @@ class PageEntry {
   static constexpr std::uint64_t kDeviceWrite = 1u << 4;
   static constexpr std::uint64_t kWaiters = 1u << 5;
   static constexpr std::uint64_t kPoisoned = 1u << 6;
+  static constexpr std::uint64_t kForkShared = 1u << 7;
   static constexpr unsigned kPointerShift = 16;
 
   constexpr PageEntry() = default;
@@ -66,6 +70,7 @@ class PageEntry {
   bool device_writable() const { return bits_ & kDeviceWrite; }
   bool has_waiters() const { return bits_ & kWaiters; }
   bool poisoned() const { return bits_ & kPoisoned; }
+  bool fork_shared() const { return bits_ & kForkShared; }
   DevicePage* device_page() const { return reinterpret_cast<DevicePage*>(bits_ >> kPointerShift); }
   VirtAddr held_frame() const { return VirtAddr{static_cast<std::uintptr_t>(bits_ >> kPointerShift)}; }
   /// Device-private or device-coherent: the entry holds a DevicePage reference.
@@ -135,6 +140,11 @@ bool try_lock_entry(EntrySlot& slot, PageEntry* before);
 [[nodiscard]] bool unlock_entry(EntrySlot& slot, PageEntry after);
 /// Replaces a locked entry's value while keeping it locked.
 void update_locked_entry(EntrySlot& slot, PageEntry value);
+/// Sets kForkShared on an unlocked system entry (a flag, not a transition:
+/// nothing waits on it).  A locked entry is left to its holder, whose
+/// unlock would overwrite the flag anyway; a page left unmarked that way
+/// is caught when UFFDIO_MOVE refuses it (EBUSY), which marks it.
+void mark_fork_shared(EntrySlot& slot);
 
 template <class Fn>
 void PageTable::for_each_populated(Vpn first, std::uint64_t count, Fn&& fn) const {

@@ -285,11 +285,20 @@ static void test_fork(int fd) {
     if (!same(cb, N, 900)) _exit(4);
     _exit(0);
   }
+  /* The parent's pages, shared copy-on-write with the child and not
+   * written since the fork, migrate as the kernel migrates them: while the
+   * child still maps them, and after it exited. */
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N && same(out, N, 800));
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == N && same(buf, N, 800));
   int status = 0;
   CHECK(waitpid(pid, &status, 0) == pid);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) fprintf(stderr, "child status %d\n", status);
   CHECK(same(buf, N, 800));
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N && same(out, N, 800));
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == N && same(buf, N, 800));
   munmap(buf, N * PAGE);
   munmap(out, N * PAGE);
 }

@@ -361,9 +361,13 @@ TEST_F(SimDeviceTest, CopyFailureOnTheWayBackLeavesThePageOnTheDevice) {
   EXPECT_EQ(count_states(*as, base, n).system, n);
 }
 
-// ---- pinned pages ------------------------------------------------------------------
+// ---- pages shared with a forked child ------------------------------------------
 
-TEST_F(SimDeviceTest, PagesSharedWithForkedChildAreSkippedAsPinned) {
+// The kernel migrates a page shared copy-on-write with a child (mapped
+// twice, not pinned); so does uhmm, giving the parent its own copy first.
+// The skip path for pages that stay busy: e2e fork_test
+// (PagesSharedByAnUnseenForkMigrateOnTheNextAttempt).
+TEST_F(SimDeviceTest, PagesSharedWithForkedChildMigrate) {
   constexpr std::size_t n = 16;
   const VirtAddr base = map_bytes(n * kPageSize);
   fill(base, n);
@@ -372,22 +376,20 @@ TEST_F(SimDeviceTest, PagesSharedWithForkedChildAreSkippedAsPinned) {
     ASSERT_TRUE(child.started());
     auto to = dev->migrate_to_device(*as, base, n * kPageSize);
     ASSERT_TRUE(to.is_ok());
-    EXPECT_EQ(to->pages_migrated, 0u);
-    EXPECT_EQ(to->pages_skipped, n);
-    EXPECT_EQ(counter(Counter::migrate_skipped_pinned), n);
-    EXPECT_EQ(count_states(*as, base, n).system, n);
-    EXPECT_EQ(dev->free_pages(), kDevicePages);
+    EXPECT_EQ(to->pages_migrated, n);
+    EXPECT_EQ(to->pages_skipped, 0u);
+    EXPECT_EQ(counter(Counter::migrate_skipped_pinned), 0u);
+    EXPECT_EQ(count_states(*as, base, n).device, n);
+    EXPECT_EQ(dev->free_pages(), kDevicePages - n);
     UHMM_EXPECT_INVARIANTS(*as);
     EXPECT_TRUE(range_has_pattern(base, n));
     child.stop();
   }
-  // Once the child is gone and the CPU has written the pages again (which
-  // makes them exclusive to this process), they migrate.
-  fill(base, n, 31);
+  // Brought back by the reads above, they migrate again, child gone.
   auto to = dev->migrate_to_device(*as, base, n * kPageSize);
   ASSERT_TRUE(to.is_ok());
   EXPECT_EQ(to->pages_migrated, n);
-  EXPECT_TRUE(range_has_pattern(base, n, 31));
+  EXPECT_TRUE(range_has_pattern(base, n));
 }
 
 // ---- device-side access ----------------------------------------------------------
