@@ -780,6 +780,37 @@ static void test_coherent(void) {
   CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0);
   for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x02);
   CHECK(same(buf, N, 700));
+  /* fork copies coherent pages: the child reads them and its writes stay
+   * its own; the parent's stay on the device. */
+  CHECK(cmd(c2, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N);
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (!same(buf, N, 700)) _exit(1);
+    fill(buf, N, 950);
+    _exit(same(buf, N, 950) ? 0 : 2);
+  }
+  int status = 0;
+  CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(same(buf, N, 700));
+  CHECK(cmd(c2, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x42 && snap[N - 1] == 0x42);
+  CHECK(cmd(c2, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == N);
+  /* EXCLUSIVE through a coherent device, as through a private one; fork
+   * revokes it and both sides keep the data. */
+  char *ex = map_rw(4);
+  fill(ex, 4, 960);
+  CHECK(cmd(c2, DM_EXCLUSIVE, ex, out, 4, &c) == 0 && c.cpages == 4 && same(out, 4, 960));
+  errno = 0;
+  CHECK(cmd(c2, DM_CHECK_EXCLUSIVE, ex, NULL, 4, &c) == -1 && errno == EPERM);
+  pid = fork();
+  if (pid == 0) _exit(same(ex, 4, 960) ? 0 : 1);
+  CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(cmd(c2, DM_CHECK_EXCLUSIVE, ex, NULL, 4, &c) == 0);
+  CHECK(same(ex, 4, 960));
+  CHECK(cmd(c2, DM_EXCLUSIVE, ex, out, 4, &c) == 0 && c.cpages == 4);
+  for (unsigned long i = 0; i < 4; ++i) ((unsigned *)(ex + i * PAGE))[0] += 1; /* CPU access revokes */
+  CHECK(cmd(c2, DM_CHECK_EXCLUSIVE, ex, NULL, 4, &c) == 0);
+  CHECK(((unsigned *)(ex + 2 * PAGE))[0] == 960 + 2 * PAGE / sizeof(unsigned) + 1);
+  munmap(ex, 4 * PAGE);
   /* RELEASE evicts the device, and so does closing it. */
   CHECK(cmd(c2, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N);
   CHECK(cmd(c2, DM_RELEASE, buf, out, N, &c) == 0);
