@@ -35,6 +35,8 @@ constexpr std::size_t kCopyInstallPages = 16;
 // Where a page being installed comes from.
 enum class Source {
   kStaging,  // a staging slot (system data)
+  kHoleFill, // a staging slot filling what was a hole: nothing to carry
+             // along if the range moved (its new place holds the real data)
   kHome,     // a coherent device page's home slot: its frame moves in, and
              // must not be copied unless the kernel refuses the move
 };
@@ -58,14 +60,16 @@ class Installer {
   void add(VirtAddr slot, VirtAddr managed, const mm::EntrySlot& entry, Source source = Source::kStaging) {
     if (PageEntry{entry.load(std::memory_order_acquire)}.poisoned()) as_.clear_poison(managed);
     const bool home = source == Source::kHome;
+    const bool hole = source == Source::kHoleFill;
     if (!runs_.empty()) {
       Run& r = runs_.back();
-      if (r.home == home && r.slot + r.pages * kPageSize == slot && r.origin + r.pages * kPageSize == managed) {
+      if (r.home == home && r.hole == hole && r.slot + r.pages * kPageSize == slot &&
+          r.origin + r.pages * kPageSize == managed) {
         ++r.pages;
         return;
       }
     }
-    runs_.push_back(Run{slot, managed, 1, home});
+    runs_.push_back(Run{slot, managed, 1, home, hole});
   }
 
   // Installs everything without waking anyone; falls back to copying for
@@ -108,6 +112,7 @@ class Installer {
     VirtAddr origin;  // the address the page left (entries stay keyed by it)
     std::size_t pages;
     bool home = false;
+    bool hole = false;
     std::size_t done = 0;              // pages installed or gone
     std::size_t cleared = SIZE_MAX;    // the page whose obstacle was zapped
   };
@@ -161,7 +166,7 @@ class Installer {
             ++len;
           }
         }
-        if (!to) {
+        if (!to || (r.hole && *to != first)) {
           drop(r, len, gone_pages);
           continue;
         }
@@ -230,14 +235,16 @@ class Installer {
     as_.staging.give_back_empty(rest_slot, moved);
     step.pages += moved;
     if (res.error == 0) return step;
-    // The kernel refused a page (move_in already verified that it really
-    // did not move: the slot still holds the data).  The locked entry makes
-    // our data the page's content, so whatever is in the way goes; then
-    // the page is tried once more (moved, else copied).
-    if (res.error != EAGAIN)
+    // EAGAIN: a change waits to be read.  ENOENT: the destination is no
+    // longer mapped (its change is read, or about to be: the page goes with
+    // the range).  Otherwise the kernel refused a page (move_in already
+    // verified that it really did not move: the slot still holds the data);
+    // the locked entry makes our data the page's content, so whatever is in
+    // the way goes, then the page is tried once more (moved, else copied).
+    if (res.error != EAGAIN && res.error != ENOENT)
       std::fprintf(stderr, "uhmm: UFFDIO_MOVE into %#lx failed (%s); clearing it\n",
                    static_cast<unsigned long>(rest_to.value + moved * kPageSize), platform::errno_text(res.error).c_str());
-    step.kind = res.error == EAGAIN ? Step::kBusy : Step::kInTheWay;
+    step.kind = step_for(res.error);
     return step;
   }
 
@@ -269,7 +276,7 @@ class Installer {
     }
     const platform::PartialResult res = as_.move_in(slot, to, len, /*wake=*/false);
     Step step{res.bytes_done / kPageSize, Step::kAll};
-    if (res.error != 0) step.kind = res.error == EAGAIN ? Step::kBusy : Step::kInTheWay;
+    if (res.error != 0) step.kind = step_for(res.error);
     return step;
   }
 
@@ -742,10 +749,6 @@ void migrate_vma_pages(MigrateVma& m) {
 }
 
 namespace {
-// A page just installed (its entry still locked, about to hold `installed`)
-// that the application discarded while it was in transit: discards it
-// again and returns the entry value to unlock with
-// (docs/address-space-events.md, case 3).
 // What is left of an entry whose page was not put back (the application
 // discarded or unmapped the address while it was in transit): nothing; a
 // coherent page's frame stays home and the entry's reference goes.
@@ -785,6 +788,12 @@ void migrate_vma_finalize(MigrateVma& m) {
   std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
   // unlocks[index_of[i]] is page i's, where it has one.
   std::vector<std::size_t> index_of(m.npages, SIZE_MAX);
+  // The application unmapped the range while it was in transit and uhmm has
+  // processed that: only holes can still be held then (it waited for every
+  // page-holding entry), locked after its sweep; they stay holes
+  // (process_unmap sweeps again once the region is closed, so a hole locked
+  // before that is dropped there, one locked after sees the flag here).
+  const bool range_gone = (*static_cast<mm::RegionPin*>(m.internal_pin))->closing.load(std::memory_order_acquire);
 
   for (std::uint64_t i = 0; i < m.npages; ++i) {
     const std::uint64_t s = m.src[i];
@@ -797,6 +806,13 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
     index_of[i] = unlocks.size();
+    const bool hole = migrating && !entry_valid(s);
+    if (hole && range_gone) {
+      ++fail;
+      release_unused_dst(&as, d);
+      unlocks.push_back({slot, addr, PageEntry::none(), false});
+      continue;
+    }
     if (migrating) {
       ++success;
       if (is_device_entry(d)) {
@@ -804,7 +820,7 @@ void migrate_vma_finalize(MigrateVma& m) {
         unlocks.push_back({slot, addr, {}, true});
         ++to_device;
       } else {
-        installer.add(system_page_address(d), addr, *slot);
+        installer.add(system_page_address(d), addr, *slot, hole ? Source::kHoleFill : Source::kStaging);
         unlocks.push_back({slot, addr, PageEntry::system(), false});
         ++to_ram;
       }

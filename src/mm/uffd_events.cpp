@@ -376,20 +376,27 @@ void AddressSpace::Impl::process_unmap(VirtAddr start, VirtAddr end) {
     drop_entries(lo, hi);
     // The region object is shared with operations in flight, which keep
     // their view; the address space gets new regions for what is left.
-    WriterLock lock(regions_mutex);
-    auto it = regions.find(region->info.start.value);
-    if (it == regions.end() || it->second != region) continue;  // replaced meanwhile
-    regions.erase(it);
-    region->closing.store(true, std::memory_order_release);
-    const std::pair<VirtAddr, VirtAddr> left_over[2] = {{region->info.start, lo}, {hi, region->info.end()}};
-    for (const auto& [s, e] : left_over) {
-      if (e <= s) continue;
-      auto part = std::make_shared<mm::Region>();
-      part->info = region->info;
-      part->info.start = s;
-      part->info.length = e - s;
-      regions.emplace(s.value, std::move(part));
+    {
+      WriterLock lock(regions_mutex);
+      auto it = regions.find(region->info.start.value);
+      if (it == regions.end() || it->second != region) continue;  // replaced meanwhile
+      regions.erase(it);
+      region->closing.store(true, std::memory_order_release);
+      const std::pair<VirtAddr, VirtAddr> left_over[2] = {{region->info.start, lo}, {hi, region->info.end()}};
+      for (const auto& [s, e] : left_over) {
+        if (e <= s) continue;
+        auto part = std::make_shared<mm::Region>();
+        part->info = region->info;
+        part->info.start = s;
+        part->info.length = e - s;
+        regions.emplace(s.value, std::move(part));
+      }
     }
+    // A migration that pinned the region before it closed may have locked
+    // holes after the sweep above, and finalize would fill them: sweep
+    // again (it waits for such entries).  One that locks holes after this
+    // sweep finds the region closed at finalize and leaves them holes.
+    drop_entries(lo, hi);
   }
   stats.add(Counter::uffd_events);
 }

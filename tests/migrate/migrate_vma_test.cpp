@@ -298,6 +298,25 @@ TEST_F(MigrateVmaTest, SetupCollectsPresentPagesAndReportsHoles) {
   EXPECT_EQ(drv->page_free_calls(), 0u);
 }
 
+// Holes a migration collected in a range the application unmapped before
+// they were filled stay holes: no device page is left behind at an address
+// nobody manages any more (nothing would ever free it).
+TEST_F(MigrateVmaTest, HolesOfARangeUnmappedInTransitStayHoles) {
+  constexpr std::size_t n = 16;
+  const VirtAddr base = map_pages(n);  // never touched: every page a hole
+  RawMigration m(*as, base, base + n * kPageSize, drv->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+  ASSERT_TRUE(m.setup().is_ok());
+  ASSERT_EQ(m.args.cpages, n);
+  ASSERT_EQ(::munmap(base.ptr(), n * kPageSize), 0);
+  ASSERT_TRUE(test::eventually([&] { return !as->find_region(base).has_value(); }));
+  ASSERT_EQ(drv->copy_to_device(m.src.data(), m.dst.data(), n), n);
+  m.pages_and_finalize();
+  EXPECT_TRUE(test::eventually([&] { return drv->pagemap().pages_in_use() == 0; }))
+      << drv->pagemap().pages_in_use() << " device pages left at an unmapped address";
+  EXPECT_EQ(drv->free_pages(), kDevicePages);
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
 TEST_F(MigrateVmaTest, PagesAndHolesMoveToTheDevice) {
   constexpr std::size_t n = 16, present = 10;
   const VirtAddr base = map_pages(n);
