@@ -171,12 +171,21 @@ class Installer {
           continue;
         }
         const Step step = r.home ? install_home(r, *to, len) : install_staging(r, *to, len);
-        if (step.pages > 0) placed_.push_back(Placed{*to, step.pages});
+        if (step.pages > 0) {
+          placed_.push_back(Placed{*to, step.pages});
+          unmapped_looks_ = 0;
+        }
         r.done += step.pages;
         switch (step.kind) {
           case Step::kAll:
             break;
-          case Step::kGone:  // the range went after all (ENOENT)
+          case Step::kGone:
+            // No mapping there (ENOENT).  The kernel looks for the mapping
+            // before it looks for an unread change, so the range may have
+            // moved or gone with its event still unread: read, look again.
+            // Gone for good once looks after reading explain nothing.
+            if (++unmapped_looks_ <= kUnmappedLooks) return Stop{Stop::kBusy, {}};
+            unmapped_looks_ = 0;
             drop(r, 1, gone_pages);
             break;
           case Step::kBusy:
@@ -280,9 +289,12 @@ class Installer {
     return step;
   }
 
+  static constexpr int kUnmappedLooks = 3;
+
   AddressSpace::Impl& as_;
   std::vector<Run> runs_;
   std::size_t next_ = 0;  // the first run not completely done
+  int unmapped_looks_ = 0;  // looks in a row that found no mapping
   std::vector<Placed> placed_;
 };
 
