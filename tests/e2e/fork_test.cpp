@@ -47,6 +47,16 @@ class ForkTest : public ::testing::TestWithParam<FaultMode> {
     as.reset();
   }
   VirtAddr page(std::size_t i) const { return base + i * kPageSize; }
+  // Forks a child that reads every page of the range and exits.
+  void expect_a_child_reads_every_page() {
+    const test::ChildResult child = test::run_in_child([&] {
+      for (std::size_t i = 0; i < kPages; ++i)
+        if (!test::page_has_pattern(page(i).ptr(), i)) return static_cast<int>(kDataWrong);
+      return static_cast<int>(kChildOk);
+    });
+    ASSERT_TRUE(child.exited) << child.describe();
+    EXPECT_EQ(child.exit_code, kChildOk);
+  }
 
   std::unique_ptr<AddressSpace> as;
   std::unique_ptr<sim::SimDevice> dev;
@@ -101,18 +111,7 @@ TEST_P(ForkTest, ChildSeesDeviceDataAndCopyOnWriteHoldsBothWays) {
 
 TEST_P(ForkTest, ParentMigratesOnAfterForkAndLosesNothing) {
   ASSERT_TRUE(dev->migrate_to_device(*as, base, kLen).is_ok());
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::alarm(20);
-    for (std::size_t i = 0; i < kPages; ++i)
-      if (!test::page_has_pattern(page(i).ptr(), i)) ::_exit(kDataWrong);
-    ::_exit(kChildOk);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), kChildOk);
+  expect_a_child_reads_every_page();
   // Pages still shared copy-on-write with the (now gone) child may refuse
   // to move (the kernel reports them busy); whatever moves comes back intact.
   for (int round = 0; round < 3; ++round) {
@@ -141,18 +140,7 @@ TEST_P(ForkTest, PagesSharedWithAnExitedChildAllMigrate) {
   auto holes = as->map(kHugePageSize);
   ASSERT_TRUE(holes.is_ok());
 
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::alarm(20);
-    for (std::size_t i = 0; i < kPages; ++i)
-      if (!test::page_has_pattern(page(i).ptr(), i)) ::_exit(kDataWrong);
-    ::_exit(kChildOk);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), kChildOk);
+  expect_a_child_reads_every_page();
   ASSERT_EQ(count_states(*as, base, kPages).system, kPages);
 
   auto to = dev->migrate_to_device(*as, base, kLen);
