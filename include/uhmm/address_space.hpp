@@ -32,8 +32,8 @@ class DevicePage;
 
 enum class RegionKind : std::uint8_t {
   kPrivateAnonymous,
-  kSharedAnonymous,  // issue 5
-  kFile,             // issue 5
+  kSharedAnonymous,  // FileCache::create_anonymous (docs/adr/0006-file-cache.md)
+  kFile,             // FileCache::open
 };
 
 struct RegionInfo {

@@ -119,11 +119,11 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
   /// Waits until page `index` is not being loaded, then claims it for
   /// loading (kMine) unless it is loaded already or past the end.
   Claim claim(std::uint64_t index) {
-    std::unique_lock<Mutex> lock(mutex);
+    MutexLock lock(mutex);
     for (;;) {
       if (index * kPageSize >= size || index >= pages.size()) return Claim::kBeyondEnd;
       if (!(pages[index] & kLoading)) break;
-      changed.wait(lock);
+      changed.wait(mutex);
     }
     if (pages[index] & kLoaded) return Claim::kLoaded;
     pages[index] |= kLoading;
@@ -156,7 +156,7 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     // mapping punches the file.  It reads as zeros and reaches the file so.
     const bool punched = c == Claim::kLoaded;
     if (punched) {
-      std::unique_lock<Mutex> lock(mutex);
+      MutexLock lock(mutex);
       if (index >= pages.size() || (pages[index] & kLoading)) return Fault::kInstalled;  // look again
       pages[index] |= kLoading;
     }
@@ -302,8 +302,8 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     bool reported = false;
     for (;;) {
       {
-        std::unique_lock<Mutex> lock(mutex);
-        changed.wait_for(lock, options.flush_interval, [&] { return stop_flusher; });
+        MutexLock lock(mutex);
+        changed.wait_for(mutex, options.flush_interval, [&]() UHMM_REQUIRES(mutex) { return stop_flusher; });
         if (stop_flusher) return;
       }
       try {
@@ -477,24 +477,24 @@ Status FileCache::truncate(std::uint64_t new_size) {
   MutexLock serial(c.writeback_mutex);
   std::uint64_t old_size;
   {
-    std::unique_lock<Mutex> lock(c.mutex);
+    MutexLock lock(c.mutex);
     old_size = c.size;
     if (new_size < old_size) {
       // Pages past the new end stop loading first: a load that read the old
       // content and installs it after the memfd shrank would leave stale
       // bytes beyond the end (or, for the new last page, in its tail).
       const std::uint64_t first = new_size / kPageSize;
-      auto loading = [&] {
+      auto loading = [&]() UHMM_REQUIRES(c.mutex) {
         for (std::uint64_t i = first; i < c.pages.size(); ++i)
           if (c.pages[i] & kLoading) return true;
         return false;
       };
       c.size = new_size;  // no new load starts past it
       if (new_size % kPageSize != 0) {
-        c.changed.wait(lock, [&] { return !loading(); });
+        while (loading()) c.changed.wait(c.mutex);
         c.pages[first] |= kLoading;  // nor of the new last page, until the memfd is cut
       } else {
-        c.changed.wait(lock, [&] { return !loading(); });
+        while (loading()) c.changed.wait(c.mutex);
       }
       c.pages.resize(pages_for(new_size));
     }
