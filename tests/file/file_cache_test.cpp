@@ -13,6 +13,8 @@
 #include <atomic>
 #include <cstring>
 #include <random>
+#include <setjmp.h>
+#include <sys/mman.h>
 #include <string>
 #include <thread>
 #include <vector>
@@ -166,6 +168,69 @@ TEST_P(FileCacheTest, UnmapAndApplicationMunmapLoseNothing) {
   auto disk = read_file(path);
   for (std::uint64_t i = 0; i < 8 * kPageSize; ++i) ASSERT_EQ(disk[i], i < 4 * kPageSize ? 0x11 : 0x22) << i;
   EXPECT_EQ(cache->unmap(*a).code(), EINVAL);
+}
+
+TEST_P(FileCacheTest, DiscardAndMremapBehindUhmmsBackLoseNothing) {
+  const std::string path = dir.file("data");
+  write_file(path, 8 * kPageSize, 11);
+  FileCacheOptions o;
+  o.flush_interval = std::chrono::milliseconds(0);
+  auto cache = open(path, O_RDWR, o);
+  ASSERT_TRUE(cache);
+  auto a = cache->map(0, 4 * kPageSize);
+  auto b = cache->map(4 * kPageSize, 4 * kPageSize);
+  ASSERT_TRUE(a.is_ok() && b.is_ok());
+  std::memset(a->ptr(), 0x44, 4 * kPageSize);
+  // The page tables go, the pages stay in the cache, as for a file mapping.
+  ASSERT_EQ(::madvise(a->ptr(), 4 * kPageSize, MADV_DONTNEED), 0);
+  EXPECT_EQ(static_cast<std::uint8_t*>(a->ptr())[kPageSize], 0x44);
+  std::memset(b->ptr(), 0x55, 2 * kPageSize);
+  void* target = ::mmap(nullptr, 4 * kPageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(target, MAP_FAILED);
+  void* moved = ::mremap(b->ptr(), 4 * kPageSize, 4 * kPageSize, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+  ASSERT_NE(moved, MAP_FAILED);
+  auto* m = static_cast<std::uint8_t*>(moved);
+  EXPECT_EQ(m[0], 0x55);
+  std::memset(m + 2 * kPageSize, 0x66, 2 * kPageSize);  // written only at the new place
+  ASSERT_TRUE(cache->sync());
+  auto disk = read_file(path);
+  for (std::uint64_t i = 0; i < 8 * kPageSize; ++i)
+    ASSERT_EQ(disk[i], i < 4 * kPageSize ? 0x44 : (i < 6 * kPageSize ? 0x55 : 0x66)) << i;
+  // The moved mapping is still the cache's: a later write there is tracked.
+  m[3 * kPageSize] = 0x67;
+  ASSERT_TRUE(cache->close());
+  EXPECT_EQ(read_file(path)[7 * kPageSize], 0x67);
+}
+
+sigjmp_buf g_sigbus_jump;
+void on_test_sigbus(int sig, siginfo_t* info, void* uc) {
+  if (handle_sigbus(sig, info, uc)) return;  // an in-thread fault uhmm served
+  siglongjmp(g_sigbus_jump, 1);
+}
+
+TEST_P(FileCacheTest, AccessPastTheEndRaisesSigbus) {
+  const std::string path = dir.file("data");
+  write_file(path, kPageSize + 10, 12);
+  auto cache = open(path);
+  ASSERT_TRUE(cache);
+  auto a = cache->map(0, 4 * kPageSize);
+  ASSERT_TRUE(a.is_ok());
+  auto* p = static_cast<volatile std::uint8_t*>(a->ptr());
+  struct sigaction sa {}, prev {};
+  sa.sa_sigaction = on_test_sigbus;
+  sa.sa_flags = SA_SIGINFO;
+  ASSERT_EQ(::sigaction(SIGBUS, &sa, &prev), 0);
+  bool inside_ok = false;
+  bool past_end_faulted = false;
+  if (sigsetjmp(g_sigbus_jump, 1) == 0) {
+    inside_ok = p[kPageSize + 9] == pattern(kPageSize + 9, 12) && p[kPageSize + 10] == 0;
+    (void)p[2 * kPageSize];
+  } else {
+    past_end_faulted = true;
+  }
+  ASSERT_EQ(::sigaction(SIGBUS, &prev, nullptr), 0);
+  EXPECT_TRUE(inside_ok);
+  EXPECT_TRUE(past_end_faulted);
 }
 
 TEST_P(FileCacheTest, TruncateDropsPagesAndGrowingReadsZeros) {
