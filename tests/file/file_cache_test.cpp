@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -313,6 +315,52 @@ TEST_P(FileCacheTest, WriteErrorReachesSyncAndPagesStayDirty) {
   ASSERT_TRUE(cache->sync());
   EXPECT_EQ(cache->dirty_pages(), 0u);
   EXPECT_EQ(read_file(path)[3 * kPageSize], 0x42);
+}
+
+// A real full disk: a 64 KiB tmpfs, mounted in a child's own mount
+// namespace (needs root; skipped otherwise).
+TEST_P(FileCacheTest, FullDiskReachesSyncAndTheDataStaysDirty) {
+  const std::string mnt = dir.file("small");
+  ASSERT_EQ(::mkdir(mnt.c_str(), 0700), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::unshare(CLONE_NEWNS) != 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+        ::mount("uhmm-test", mnt.c_str(), "tmpfs", 0, "size=64k") != 0)
+      ::_exit(77);
+    constexpr std::uint64_t kPages = 32;  // twice what fits
+    const std::string path = mnt + "/data";
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ::ftruncate(fd, kPages * kPageSize) != 0) ::_exit(10);
+    ::close(fd);
+    AddressSpaceOptions o;
+    o.fault_mode = GetParam();
+    auto space = AddressSpace::create(o);
+    if (!space) ::_exit(11);
+    FileCacheOptions fo;
+    fo.flush_interval = std::chrono::milliseconds(0);
+    auto c = FileCache::open(**space, path, O_RDWR, 0600, fo);
+    if (!c) ::_exit(12);
+    auto m = (*c)->map(0, kPages * kPageSize);
+    if (!m) ::_exit(13);
+    for (std::uint64_t i = 0; i < kPages * kPageSize; ++i) static_cast<std::uint8_t*>(m->ptr())[i] = pattern(i, 13);
+    if ((*c)->sync(SyncMode::kDurable).code() != ENOSPC) ::_exit(14);
+    if ((*c)->dirty_pages() == 0) ::_exit(15);  // what did not fit stays dirty
+    // Make room: drop the second half.  Everything left reaches the disk.
+    if (!(*c)->truncate(kPages / 2 * kPageSize)) ::_exit(16);
+    if (!(*c)->sync(SyncMode::kDurable) || (*c)->dirty_pages() != 0) ::_exit(17);
+    if (!(*c)->close()) ::_exit(18);
+    const auto disk = read_file(path);
+    if (disk.size() != kPages / 2 * kPageSize) ::_exit(19);
+    for (std::uint64_t i = 0; i < disk.size(); ++i)
+      if (disk[i] != pattern(i, 13)) ::_exit(20);
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 77) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's check that failed (see the exit codes in the test)";
 }
 
 TEST_P(FileCacheTest, ConcurrentWritersAndWritebackLoseNothing) {
