@@ -46,6 +46,9 @@ struct FileCacheOptions {
   /// Written pages reach the file at least this often (sync(kWriteback) on a
   /// library thread).  Zero: no periodic flush.
   std::chrono::milliseconds flush_interval{5000};
+  /// A fault reads in up to this many pages (the faulting one and those
+  /// after it in its mapping that the cache lacks) with one read of the file.
+  std::size_t fault_around_pages = 16;
 };
 
 enum class SyncMode : std::uint8_t {

@@ -147,7 +147,8 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     return pread_full(file_fd, buf, kPageSize, index * kPageSize, /*short_ok=*/true, "pread of the file");
   }
 
-  Fault fault_missing(AddressSpace::Impl& space, VirtAddr page, std::uint64_t offset, bool /*write*/) override {
+  Fault fault_missing(AddressSpace::Impl& space, VirtAddr page, std::uint64_t offset, std::size_t pages_left,
+                      bool /*write*/) override {
     const std::uint64_t index = offset / kPageSize;
     const Claim c = claim(index);
     if (c == Claim::kBeyondEnd) return Fault::kBeyondEnd;
@@ -155,33 +156,60 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     // of the memfd (MADV_REMOVE) after it was read in, which for a file
     // mapping punches the file.  It reads as zeros and reaches the file so.
     const bool punched = c == Claim::kLoaded;
-    if (punched) {
+    std::size_t run = 1;
+    {
       MutexLock lock(mutex);
-      if (index >= pages.size() || (pages[index] & kLoading)) return Fault::kInstalled;  // look again
-      pages[index] |= kLoading;
+      if (punched) {
+        if (index >= pages.size() || (pages[index] & kLoading)) return Fault::kInstalled;  // look again
+        pages[index] |= kLoading;
+      } else if (!anonymous()) {
+        // Fault-around: the pages after it that nobody has, read with it.
+        const std::size_t limit = std::min(pages_left, std::max<std::size_t>(options.fault_around_pages, 1));
+        while (run < limit && index + run < pages.size() && !(pages[index + run] & (kLoaded | kLoading))) {
+          pages[index + run] |= kLoading;
+          ++run;
+        }
+      }
     }
-    PageBuffer buf;
-    if (!punched) {
-      if (Status s = read_from_file(index, buf.data()); !s) {
+    std::vector<std::byte> buf(run * kPageSize);
+    if (!punched && !anonymous()) {
+      if (Status s = pread_full(file_fd, buf.data(), buf.size(), offset, /*short_ok=*/true, "pread of the file"); !s) {
         std::fprintf(stderr, "uhmm: reading page %llu of a cached file failed: %s\n",
                      static_cast<unsigned long long>(index), s.to_string().c_str());
-        finish_load(index, false, false);
+        for (std::size_t i = 0; i < run; ++i) finish_load(index + i, false, false);
         return Fault::kFailed;
       }
     }
-    // Installed write-protected, so that only a later write marks it; EEXIST:
-    // another mapping's fault or read/write put it in the memfd meanwhile.
-    const platform::PartialResult r =
-        space.uffd.copy(page, buf.data(), kPageSize, /*wake=*/false, /*write_protect=*/!anonymous());
-    const bool present = r.error == 0 || r.error == EEXIST;
-    finish_load(index, present, punched && !anonymous() && r.error == 0);
-    if (present) return Fault::kInstalled;
+    // Installed write-protected, so that only a later write marks them.
+    // EEXIST: that page reached the memfd another way (another mapping's
+    // fault, read/write) and stays as it is; the copy goes on after it.
+    std::vector<int> result(run, 0);
+    std::size_t done = 0;
+    while (done < run) {
+      const platform::PartialResult r = space.uffd.copy(page + done * kPageSize, buf.data() + done * kPageSize,
+                                                        (run - done) * kPageSize, /*wake=*/false,
+                                                        /*write_protect=*/!anonymous());
+      done += r.bytes_done / kPageSize;
+      if (r.error == 0) break;
+      if (r.error == EEXIST) {
+        result[done++] = EEXIST;
+        continue;
+      }
+      // Any other error: the pages left are not installed; each faults again.
+      for (std::size_t i = done; i < run; ++i) result[i] = r.error;
+      break;
+    }
+    for (std::size_t i = 0; i < run; ++i) {
+      const bool present = result[i] == 0 || result[i] == EEXIST;
+      finish_load(index + i, present, i == 0 && punched && !anonymous() && result[0] == 0);
+    }
+    if (result[0] == 0 || result[0] == EEXIST) return Fault::kInstalled;
     {
       MutexLock lock(mutex);
       if (offset >= size) return Fault::kBeyondEnd;  // truncated meanwhile
     }
     std::fprintf(stderr, "uhmm: installing page %llu of a cached file failed: %s\n",
-                 static_cast<unsigned long long>(index), platform::errno_text(r.error).c_str());
+                 static_cast<unsigned long long>(index), platform::errno_text(result[0]).c_str());
     return Fault::kFailed;
   }
 

@@ -41,10 +41,12 @@ class RegionBackend {
     kFailed,     // the page could not be read: the access ends in SIGBUS
   };
   /// Serves a missing-page fault at `page` (page aligned), `offset` bytes
-  /// into the object.  Runs on a fault-service thread or in the faulting
+  /// into the object; `pages_left` pages of the region start there (it may
+  /// fill them too).  Runs on a fault-service thread or in the faulting
   /// thread's SIGBUS handler, with no mm lock held; may block on I/O.  It
-  /// wakes nobody: the caller does.
-  virtual Fault fault_missing(AddressSpace::Impl& as, VirtAddr page, std::uint64_t offset, bool write) = 0;
+  /// wakes nobody at `page`: the caller does.
+  virtual Fault fault_missing(AddressSpace::Impl& as, VirtAddr page, std::uint64_t offset, std::size_t pages_left,
+                              bool write) = 0;
   /// The application discarded or unmapped [offset, offset + len) of one of
   /// the object's mappings behind uhmm's back (madvise, munmap, mremap):
   /// whatever the page tables knew there (which pages were written) is gone.

@@ -148,7 +148,8 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
     // A shared or file-backed page the object does not hold yet: its owner
     // reads it in (docs/adr/0006-file-cache.md).
     const std::uint64_t offset = region->backend_offset + (addr - region->info.start);
-    switch (region->backend->fault_missing(*this, addr, offset, write)) {
+    const std::size_t pages_left = (region->info.end() - addr) / kPageSize;
+    switch (region->backend->fault_missing(*this, addr, offset, pages_left, write)) {
       case mm::RegionBackend::Fault::kInstalled:
         wake(addr, 1);
         return FaultResult::kResolved;
