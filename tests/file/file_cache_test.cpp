@@ -322,6 +322,7 @@ TEST_P(FileCacheTest, WriteErrorReachesSyncAndPagesStayDirty) {
 TEST_P(FileCacheTest, FullDiskReachesSyncAndTheDataStaysDirty) {
   const std::string mnt = dir.file("small");
   ASSERT_EQ(::mkdir(mnt.c_str(), 0700), 0);
+  as.reset();  // fork with no threads: the child's allocator locks are free (ASan's are not fork-safe)
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
@@ -459,6 +460,7 @@ TEST_P(FileCacheTest, KilledWriterNeverLeavesATornPage) {
   const std::string path = dir.file("data");
   constexpr std::uint64_t kPages = 32;
   std::mt19937 rng(12345);
+  as.reset();  // fork with no threads: the child's allocator locks are free (ASan's are not fork-safe)
   for (int run = 0; run < 4; ++run) {
     {
       const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
