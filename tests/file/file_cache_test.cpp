@@ -222,8 +222,8 @@ TEST_P(FileCacheTest, AccessPastTheEndRaisesSigbus) {
   sa.sa_sigaction = on_test_sigbus;
   sa.sa_flags = SA_SIGINFO;
   ASSERT_EQ(::sigaction(SIGBUS, &sa, &prev), 0);
-  bool inside_ok = false;
-  bool past_end_faulted = false;
+  volatile bool inside_ok = false;  // set across a siglongjmp
+  volatile bool past_end_faulted = false;
   if (sigsetjmp(g_sigbus_jump, 1) == 0) {
     inside_ok = p[kPageSize + 9] == pattern(kPageSize + 9, 12) && p[kPageSize + 10] == 0;
     (void)p[2 * kPageSize];
