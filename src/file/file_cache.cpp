@@ -213,25 +213,52 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     return Fault::kFailed;
   }
 
-  /// read/write's way to a page: into the memfd, if not there yet.
-  Status ensure_loaded(std::uint64_t index) {
-    const Claim c = claim(index);
-    if (c == Claim::kBeyondEnd) return Status::error(EINVAL, "beyond the end of the object");
-    if (c == Claim::kLoaded) return Status::ok();
+  /// read/write's way to a page: holds it (as a load does, so faults and
+  /// truncate wait for it) and fills the memfd from the file if it lacks
+  /// it.  The caller copies, then calls release().
+  Status hold_loaded(std::uint64_t index) {
+    bool loaded;
+    {
+      MutexLock lock(mutex);
+      for (;;) {
+        if (index * kPageSize >= size || index >= pages.size())
+          return Status::error(EINVAL, "beyond the end of the object (truncated meanwhile)");
+        if (!(pages[index] & kLoading)) break;
+        changed.wait(mutex);
+      }
+      loaded = pages[index] & kLoaded;
+      pages[index] |= kLoading;
+    }
+    if (loaded) return Status::ok();
     PageBuffer buf;
     Status s = read_from_file(index, buf.data());
     if (s) {
       std::uint64_t len;
       {
+        // A truncation may have moved the end since; it waits for us.
         MutexLock lock(mutex);
-        // A truncation may have moved the end since claim(); it waits for us.
         const std::uint64_t at = index * kPageSize;
         len = size > at ? std::min<std::uint64_t>(kPageSize, size - at) : 0;
       }
       s = pwrite_full(memfd, buf.data(), len, index * kPageSize, "pwrite of the cache");
     }
-    finish_load(index, s.is_ok(), false);
+    if (!s) finish_load(index, false, false);
     return s;
+  }
+  void release(std::uint64_t index, bool dirty) { finish_load(index, true, dirty && !anonymous()); }
+  /// hold_loaded for the bytes [at, at + n) of one page: they must still lie
+  /// inside the object (a truncation since the caller looked may have cut
+  /// the page it holds).
+  Status hold_range(std::uint64_t at, std::size_t n) {
+    UHMM_TRY(hold_loaded(at / kPageSize));
+    bool inside;
+    {
+      MutexLock lock(mutex);
+      inside = at + n <= size;
+    }
+    if (inside) return Status::ok();
+    release(at / kPageSize, false);
+    return Status::error(EINVAL, "beyond the end of the object (truncated meanwhile)");
   }
 
   void mapping_lost(std::uint64_t offset, std::size_t len) noexcept override {
@@ -566,8 +593,10 @@ Status FileCache::read(std::uint64_t offset, std::span<std::byte> out) {
     const std::uint64_t at = offset + done;
     const std::size_t in_page = at % kPageSize;
     const std::size_t n = std::min<std::size_t>(kPageSize - in_page, out.size() - done);
-    UHMM_TRY(c.ensure_loaded(at / kPageSize));
-    UHMM_TRY(pread_full(c.memfd, buf.data(), n, at, false, "pread of the cache"));
+    UHMM_TRY(c.hold_range(at, n));
+    const Status s = pread_full(c.memfd, buf.data(), n, at, false, "pread of the cache");
+    c.release(at / kPageSize, false);
+    UHMM_TRY(s);
     std::memcpy(out.data() + done, buf.data(), n);
     done += n;
   }
@@ -589,12 +618,11 @@ Status FileCache::write(std::uint64_t offset, std::span<const std::byte> in) {
     const std::size_t in_page = at % kPageSize;
     const std::size_t n = std::min<std::size_t>(kPageSize - in_page, in.size() - done);
     std::memcpy(buf.data(), in.data() + done, n);  // may fault: nothing held yet
-    UHMM_TRY(c.ensure_loaded(at / kPageSize));
-    UHMM_TRY(pwrite_full(c.memfd, buf.data(), n, at, "pwrite of the cache"));
-    {
-      MutexLock lock(c.mutex);
-      if (at / kPageSize < c.pages.size() && !c.anonymous()) c.pages[at / kPageSize] |= kDirty;
-    }
+    UHMM_TRY(c.hold_range(at, n));
+    // Held: a truncation waits, so this never writes past the memfd's end.
+    const Status s = pwrite_full(c.memfd, buf.data(), n, at, "pwrite of the cache");
+    c.release(at / kPageSize, s.is_ok());
+    UHMM_TRY(s);
     done += n;
   }
   return Status::ok();

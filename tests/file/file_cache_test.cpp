@@ -396,6 +396,57 @@ TEST_P(FileCacheTest, ConcurrentWritersAndWritebackLoseNothing) {
   EXPECT_EQ(read_file(path), expect);
 }
 
+// Truncations race with faults and read()/write(): nothing read before a
+// cut may come back past it, and what lies inside stays intact.
+TEST_P(FileCacheTest, TruncateRacingWithLoadsLeavesNoStaleBytes) {
+  const std::string path = dir.file("data");
+  constexpr std::uint64_t kPages = 64;
+  constexpr std::uint64_t kCut = 16 * kPageSize + kPageSize / 2;
+  write_file(path, kPages * kPageSize, 14);
+  FileCacheOptions o;
+  o.flush_interval = std::chrono::milliseconds(0);
+  o.fault_around_pages = 4;
+  auto cache = open(path, O_RDWR, o);
+  ASSERT_TRUE(cache);
+  auto a = cache->map(0, kPages * kPageSize);
+  ASSERT_TRUE(a.is_ok());
+  auto* p = static_cast<volatile std::uint8_t*>(a->ptr());
+  std::atomic<bool> done{false};
+  std::atomic<int> unexpected{0};
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      std::byte buf[3000]{};  // thread 0 writes zeros
+      while (!done.load()) {
+        const std::uint64_t off = rng() % (kPages * kPageSize - sizeof buf);
+        const Status s = t == 0 ? cache->write(off, buf) : cache->read(off, buf);
+        if (!s && s.code() != EINVAL && unexpected.fetch_add(1) == 0)
+          ADD_FAILURE() << "thread " << t << ": " << s.to_string();
+        (void)p[rng() % 16 * kPageSize];  // always inside: faults race too
+      }
+    });
+  }
+  for (int round = 0; round < 200; ++round) {
+    ASSERT_TRUE(cache->truncate(kCut));
+    ASSERT_TRUE(cache->truncate(kPages * kPageSize));
+  }
+  done = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(unexpected.load(), 0);
+  // The last cut zeroed everything past it; only writes after it (thread 0
+  // stopped) could have put data there, and those are zeros too.
+  ASSERT_TRUE(cache->truncate(kCut));
+  ASSERT_TRUE(cache->truncate(kPages * kPageSize));
+  for (std::uint64_t i = kCut; i < kPages * kPageSize; ++i) ASSERT_EQ(p[i], 0) << i;
+  for (std::uint64_t i = 0; i < kCut; ++i)
+    ASSERT_TRUE(p[i] == pattern(i, 14) || p[i] == 0) << i;  // the file's, or thread 0's zeros
+  std::vector<std::uint8_t> expect(kPages * kPageSize);
+  for (std::uint64_t i = 0; i < expect.size(); ++i) expect[i] = p[i];
+  ASSERT_TRUE(cache->close());
+  EXPECT_EQ(read_file(path), expect);
+}
+
 TEST_P(FileCacheTest, PeriodicFlushWritesBack) {
   const std::string path = dir.file("data");
   write_file(path, 2 * kPageSize, 9);
@@ -442,6 +493,8 @@ TEST_P(FileCacheTest, ForkedChildGetsNoMappingAndClearErrors) {
   ASSERT_GE(child, 0);
   if (child == 0) {
     if (cache->sync().code() != ECHILD) ::_exit(2);
+    // Another cache of the file, here or in any process: refused.
+    if (FileCache::open(*as, path, O_RDWR).status().code() != EBUSY) ::_exit(4);
     ::signal(SIGSEGV, SIG_DFL);
     (void)static_cast<volatile std::uint8_t*>(a->ptr())[0];  // not mapped here
     ::_exit(3);
