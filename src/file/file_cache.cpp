@@ -399,7 +399,7 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     // munmap), and none lands after the scan below.
     if (!anonymous() && ::mprotect(addr.ptr(), length, PROT_READ) != 0) return errno_status("mprotect");
     const Status wb = writeback(SyncMode::kWriteback, addr);
-    UHMM_TRY(as->unmap(addr));
+    UHMM_TRY(as->impl().unmap_region(addr, /*backed_ok=*/true));
     return wb;
   }
 };

@@ -243,7 +243,7 @@ AddressSpace::~AddressSpace() {
     ReaderLock lock(impl_->regions_mutex);
     for (const auto& [start, region] : impl_->regions) starts.push_back(start);
   }
-  for (std::uintptr_t s : starts) (void)unmap(VirtAddr{s});
+  for (std::uintptr_t s : starts) (void)impl_->unmap_region(VirtAddr{s}, /*backed_ok=*/true);
 }
 
 static Status check_length(std::size_t length) {
@@ -340,24 +340,30 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
   return Status::ok();
 }
 
-Status AddressSpace::unmap(VirtAddr start) {
+Status AddressSpace::unmap(VirtAddr start) { return impl_->unmap_region(start, /*backed_ok=*/false); }
+
+Status AddressSpace::Impl::unmap_region(VirtAddr start, bool backed_ok) {
   std::shared_ptr<mm::Region> region;
   {
-    ReaderLock lock(impl_->regions_mutex);
-    auto it = impl_->regions.find(start.value);
-    if (it == impl_->regions.end()) return Status::error(EINVAL, "no managed range starts here");
+    ReaderLock lock(regions_mutex);
+    auto it = regions.find(start.value);
+    if (it == regions.end()) return Status::error(EINVAL, "no managed range starts here");
     region = it->second;
   }
+  // The owner of a backed range writes its pages back first; unmapped from
+  // here, what the page tables knew about written pages would be lost.
+  if (region->backend && !backed_ok)
+    return Status::error(EINVAL, "a shared or file-backed range is unmapped through its FileCache");
   if (region->closing.exchange(true)) return Status::error(EBUSY, "range already being unmapped");
-  if (region->info.adopted) impl_->evict_device_pages(region->info.start, region->info.end());
+  if (region->info.adopted) evict_device_pages(region->info.start, region->info.end());
   // Mirrors drop the range before it goes.
-  mm::ScopedInvalidation invalidation(impl_->notifiers,
+  mm::ScopedInvalidation invalidation(notifiers,
                                       NotifyRange{region->info.start, region->info.end(), NotifyEvent::kUnmap});
   {
-    WriterLock lock(impl_->regions_mutex);
-    impl_->regions.erase(start.value);
+    WriterLock lock(regions_mutex);
+    regions.erase(start.value);
   }
-  impl_->teardown_region(*region);
+  teardown_region(*region);
   return Status::ok();
 }
 

@@ -164,6 +164,9 @@ struct AddressSpace::Impl {
   /// inherited by fork (MADV_DONTFORK: docs/adr/0006-file-cache.md).
   Result<VirtAddr> map_backed(int fd, std::uint64_t offset, std::size_t length, int prot, RegionKind kind,
                               bool track_writes, std::shared_ptr<mm::RegionBackend> backend);
+  /// AddressSpace::unmap; a backed region only if `backed_ok` (its owner,
+  /// which has written its pages back, or the address space's destructor).
+  Status unmap_region(VirtAddr start, bool backed_ok);
   /// Calls `fn(start, length, offset)` for each managed region `backend`
   /// serves, holding regions_mutex shared, so no region is removed (and no
   /// new one is added) while `fn` looks at its page tables.
