@@ -32,8 +32,8 @@ class DevicePage;
 
 enum class RegionKind : std::uint8_t {
   kPrivateAnonymous,
-  kSharedAnonymous,  // issue 5
-  kFile,             // issue 5
+  kSharedAnonymous,  // FileCache::create_anonymous (docs/adr/0006-file-cache.md)
+  kFile,             // FileCache::open
 };
 
 struct RegionInfo {
@@ -128,7 +128,8 @@ class AddressSpace {
   Status adopt(VirtAddr start, std::size_t length);
   /// Ends management of the region starting at `start`: device pages are
   /// migrated back first (adopted regions keep their data), then the range
-  /// is unregistered; a range uhmm mapped is also unmapped.
+  /// is unregistered; a range uhmm mapped is also unmapped.  EINVAL for a
+  /// FileCache mapping: FileCache::unmap writes it back first.
   Status unmap(VirtAddr start);
 
   /// mprotect for managed memory: userfaultfd reports no event for

@@ -3,6 +3,7 @@
 
 #include "uhmm/address_space.hpp"
 #include "uhmm/device_memory.hpp"
+#include "uhmm/file_cache.hpp"
 #include "uhmm/hmm.hpp"
 #include "uhmm/migrate.hpp"
 #include "uhmm/notifier.hpp"

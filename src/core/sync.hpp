@@ -14,11 +14,13 @@ namespace uhmm {
 
 // Mirrors docs/locking.md.  Lower ranks are taken first.
 enum class LockRank : unsigned {
+  kFileWriteback = 3,   // FileCache::Impl::writeback_mutex (one writeback or truncate of a cache at a time)
   kUffdRead = 5,        // AddressSpace::Impl::read_mutex (read() of the managed uffd + queueing; install windows)
   kRegions = 10,        // AddressSpace::Impl::regions_mutex
   kDeviceDriver = 20,   // a device's own state (sim: free list)
   kStaging = 30,        // StagingPool::mutex
   kPfnRegistry = 50,    // device pfn registry
+  kFileCache = 60,      // FileCache::Impl::mutex (page states of one cache; no I/O under it)
   kNotifierTable = 70,  // mm::NotifierTable::mutex_ (nothing nests inside; callbacks run without it)
   kUffdEvents = 90,     // AddressSpace::Impl::events_mutex (the event queue)
   kLeaf = 100,          // locks that never nest

@@ -468,6 +468,8 @@ Status migrate_vma_setup(MigrateVma& m) {
   AddressSpace::Impl& as = m.address_space->impl();
   mm::RegionPin pin = as.pin_region(m.start, m.end);
   if (!pin) return Status::error(EINVAL, "range not inside one managed range");
+  if (pin->backend)  // FIXME(issue 5, stage 1): device pages in the file cache
+    return Status::error(EINVAL, "shared and file-backed ranges do not migrate to devices yet");
   const bool want_system = (m.flags & MIGRATE_VMA_SELECT_SYSTEM) && !pin->closing.load();
   const bool want_private = m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
   const bool want_coherent = m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT;

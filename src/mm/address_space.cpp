@@ -27,9 +27,15 @@ Status AddressSpace::Impl::init() {
   // Events: the application's munmap, madvise and mremap of managed memory
   // reach uhmm (mm/uffd_events.cpp).
   constexpr std::uint64_t kEvents = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
-  auto u = platform::Uffd::open(
-      platform::kFeatureMove | platform::kFeaturePoison | kEvents | (in_thread ? UFFD_FEATURE_SIGBUS : 0),
-      /*nonblocking=*/true);
+  const std::uint64_t features =
+      platform::kFeatureMove | platform::kFeaturePoison | kEvents | (in_thread ? UFFD_FEATURE_SIGBUS : 0);
+  // Shared and file-backed regions track written pages with asynchronous
+  // write-protection (docs/adr/0006-file-cache.md); without it they are
+  // refused, everything else works.
+  constexpr std::uint64_t kSharedWp = platform::kFeatureWpAsync | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+  auto u = platform::Uffd::open(features | kSharedWp, /*nonblocking=*/true);
+  shared_write_tracking = u.is_ok();
+  if (!u) u = platform::Uffd::open(features, /*nonblocking=*/true);
   if (!u) return u.status();
   uffd = std::move(*u);
   // Until a pending event is read, COPY and MOVE into managed ranges fail
@@ -237,7 +243,7 @@ AddressSpace::~AddressSpace() {
     ReaderLock lock(impl_->regions_mutex);
     for (const auto& [start, region] : impl_->regions) starts.push_back(start);
   }
-  for (std::uintptr_t s : starts) (void)unmap(VirtAddr{s});
+  for (std::uintptr_t s : starts) (void)impl_->unmap_region(VirtAddr{s}, /*backed_ok=*/true);
 }
 
 static Status check_length(std::size_t length) {
@@ -265,6 +271,45 @@ Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
   WriterLock lock(impl_->regions_mutex);
   impl_->regions.emplace(addr->value, std::move(region));
   return *addr;
+}
+
+Result<VirtAddr> AddressSpace::Impl::map_backed(int fd, std::uint64_t offset, std::size_t length, int prot,
+                                                RegionKind kind, bool track_writes,
+                                                std::shared_ptr<mm::RegionBackend> backend) {
+  UHMM_TRY(check_length(length));
+  if (forked_child) return Status::error(ECHILD, "this address space belongs to the parent process");
+  if (track_writes && !shared_write_tracking)
+    return Status::error(ENOSYS, "the kernel lacks asynchronous write-protection of shared memory (Linux >= 6.7)");
+  void* p = ::mmap(nullptr, length, prot, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) return Status::error(errno, "mmap: " + platform::errno_text(errno));
+  const VirtAddr addr{reinterpret_cast<std::uintptr_t>(p)};
+  auto fail = [&](Status s) {
+    (void)platform::unmap(addr, length);
+    return s;
+  };
+  // A forked child would share the pages but not the registration: a page
+  // uhmm later moves (or the cache drops) would silently differ between
+  // the two.  The child gets no mapping at all instead.
+  if (Status s = platform::advise(addr, length, MADV_DONTFORK); !s) return fail(s);
+  const std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (track_writes ? UFFDIO_REGISTER_MODE_WP : 0);
+  if (Status s = uffd.register_range(addr, length, mode); !s) return fail(s);
+  if (track_writes) {
+    // Every page starts protected, present or not (markers in empty slots):
+    // what the first scan calls written was written through this mapping.
+    std::vector<std::pair<VirtAddr, VirtAddr>> ignored;
+    if (Status s = platform::scan_written(addr, length, /*reprotect=*/true, &ignored); !s) {
+      (void)uffd.unregister_range(addr, length);
+      return fail(s);
+    }
+  }
+  settle_events_in(addr, addr + length);
+  auto region = std::make_shared<mm::Region>();
+  region->info = RegionInfo{addr, length, kind, prot, false};
+  region->backend = std::move(backend);
+  region->backend_offset = offset;
+  WriterLock lock(regions_mutex);
+  regions.emplace(addr.value, std::move(region));
+  return addr;
 }
 
 Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
@@ -298,24 +343,30 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
   return Status::ok();
 }
 
-Status AddressSpace::unmap(VirtAddr start) {
+Status AddressSpace::unmap(VirtAddr start) { return impl_->unmap_region(start, /*backed_ok=*/false); }
+
+Status AddressSpace::Impl::unmap_region(VirtAddr start, bool backed_ok) {
   std::shared_ptr<mm::Region> region;
   {
-    ReaderLock lock(impl_->regions_mutex);
-    auto it = impl_->regions.find(start.value);
-    if (it == impl_->regions.end()) return Status::error(EINVAL, "no managed range starts here");
+    ReaderLock lock(regions_mutex);
+    auto it = regions.find(start.value);
+    if (it == regions.end()) return Status::error(EINVAL, "no managed range starts here");
     region = it->second;
   }
+  // The owner of a backed range writes its pages back first; unmapped from
+  // here, what the page tables knew about written pages would be lost.
+  if (region->backend && !backed_ok)
+    return Status::error(EINVAL, "a shared or file-backed range is unmapped through its FileCache");
   if (region->closing.exchange(true)) return Status::error(EBUSY, "range already being unmapped");
-  if (region->info.adopted) impl_->evict_device_pages(region->info.start, region->info.end());
+  if (region->info.adopted) evict_device_pages(region->info.start, region->info.end());
   // Mirrors drop the range before it goes.
-  mm::ScopedInvalidation invalidation(impl_->notifiers,
+  mm::ScopedInvalidation invalidation(notifiers,
                                       NotifyRange{region->info.start, region->info.end(), NotifyEvent::kUnmap});
   {
-    WriterLock lock(impl_->regions_mutex);
-    impl_->regions.erase(start.value);
+    WriterLock lock(regions_mutex);
+    regions.erase(start.value);
   }
-  impl_->teardown_region(*region);
+  teardown_region(*region);
   return Status::ok();
 }
 
@@ -336,6 +387,7 @@ Status AddressSpace::protect(VirtAddr start, std::size_t length, int prot) {
     }
   }
   if (!region) return Status::error(EINVAL, "range not inside one managed range");
+  if (region->backend) return Status::error(EINVAL, "shared and file-backed ranges keep the protection they were mapped with");
   // Exclusive pages come back first: the kernel moves frames only between
   // mappings of one protection, and the device would lose its access to
   // them below anyway.

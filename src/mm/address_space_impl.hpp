@@ -27,9 +27,52 @@ namespace uhmm {
 
 namespace mm {
 
+/// What a CPU fault on a missing page of a region that is not private
+/// anonymous memory does: the kernel's vm_operations_struct for mm.  The
+/// layer above that owns the pages implements it (src/file/: a page cache
+/// over a memfd, docs/adr/0006-file-cache.md); mm only dispatches to it and
+/// reports changes the application made behind uhmm's back.
+class RegionBackend {
+ public:
+  virtual ~RegionBackend() = default;
+  enum class Fault : std::uint8_t {
+    kInstalled,  // the page is present now (installed, or someone else did)
+    kBeyondEnd,  // past the end of the object: the access gets SIGBUS from the kernel
+    kFailed,     // the page could not be read: the access ends in SIGBUS
+  };
+  /// Serves a missing-page fault at `page` (page aligned), `offset` bytes
+  /// into the object; `pages_left` pages of the region start there (it may
+  /// fill them too).  Runs on a fault-service thread or in the faulting
+  /// thread's SIGBUS handler, with no mm lock held; may block on I/O.  It
+  /// wakes nobody at `page`: the caller does.
+  virtual Fault fault_missing(AddressSpace::Impl& as, VirtAddr page, std::uint64_t offset, std::size_t pages_left,
+                              bool write) = 0;
+  /// The application discarded or unmapped [offset, offset + len) of one of
+  /// the object's mappings behind uhmm's back (madvise, munmap, mremap):
+  /// whatever the page tables knew there (which pages were written) is gone.
+  /// Called by the event worker, with no lock held.
+  virtual void mapping_lost(std::uint64_t offset, std::size_t len) noexcept = 0;
+};
+
 /// A managed range (the kernel's vm_area_struct).
 struct Region {
   RegionInfo info;
+  /// Serves faults of shared and file-backed regions; null for private
+  /// anonymous memory, which mm serves itself.
+  std::shared_ptr<RegionBackend> backend;
+  /// Offset of info.start in the backend's object (the kernel's vm_pgoff, in bytes).
+  std::uint64_t backend_offset = 0;
+
+  /// A new region for [start, start + len) of this one, same backend.
+  std::shared_ptr<Region> slice(VirtAddr start, std::size_t len) const {
+    auto part = std::make_shared<Region>();
+    part->info = info;
+    part->info.start = start;
+    part->info.length = len;
+    part->backend = backend;
+    part->backend_offset = backend_offset + (start - info.start);
+    return part;
+  }
   /// Migrations and faults in flight inside the region; unmap waits for 0.
   std::atomic<int> users{0};
   /// Set once unmap starts: no new migration to a device may begin.
@@ -110,6 +153,29 @@ struct AddressSpace::Impl {
   std::thread backup_reader;
 
   Status init();
+
+  /// The userfaultfd supports asynchronous write-protection on shared
+  /// memory (UFFD_FEATURE_WP_ASYNC and WP_HUGETLBFS_SHMEM, Linux >= 6.7).
+  bool shared_write_tracking = false;
+  /// Maps `length` bytes of `fd` at `offset` (MAP_SHARED), registers the
+  /// range for missing-page faults (and, when `track_writes`, asynchronous
+  /// write-protection, with every page protected), and manages it as a
+  /// region of `kind` whose faults `backend` serves.  The mapping is not
+  /// inherited by fork (MADV_DONTFORK: docs/adr/0006-file-cache.md).
+  Result<VirtAddr> map_backed(int fd, std::uint64_t offset, std::size_t length, int prot, RegionKind kind,
+                              bool track_writes, std::shared_ptr<mm::RegionBackend> backend);
+  /// AddressSpace::unmap; a backed region only if `backed_ok` (its owner,
+  /// which has written its pages back, or the address space's destructor).
+  Status unmap_region(VirtAddr start, bool backed_ok);
+  /// Calls `fn(start, length, offset)` for each managed region `backend`
+  /// serves, holding regions_mutex shared, so no region is removed (and no
+  /// new one is added) while `fn` looks at its page tables.
+  template <class Fn>
+  void for_each_backed_region(const mm::RegionBackend* backend, Fn&& fn) const {
+    ReaderLock lock(regions_mutex);
+    for (const auto& [start, region] : regions)
+      if (region->backend.get() == backend) fn(region->info.start, region->info.length, region->backend_offset);
+  }
 
   /// True if `addr` lies in a managed range that is read and write.
   bool read_write_at(VirtAddr addr) const;

@@ -144,6 +144,23 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
     return FaultResult::kNotManaged;
   }
   stats.add(Counter::uffd_faults);
+  if (region->backend) {
+    // A shared or file-backed page the object does not hold yet: its owner
+    // reads it in (docs/adr/0006-file-cache.md).
+    const std::uint64_t offset = region->backend_offset + (addr - region->info.start);
+    const std::size_t pages_left = (region->info.end() - addr) / kPageSize;
+    switch (region->backend->fault_missing(*this, addr, offset, pages_left, write)) {
+      case mm::RegionBackend::Fault::kInstalled:
+        wake(addr, 1);
+        return FaultResult::kResolved;
+      case mm::RegionBackend::Fault::kBeyondEnd:
+        wake(addr, 1);  // the retried access gets the kernel's SIGBUS
+        return FaultResult::kFailed;
+      case mm::RegionBackend::Fault::kFailed:
+        poison_or_wake(addr);
+        return FaultResult::kFailed;
+    }
+  }
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   bool device_fault = false;
   bool events_checked = false;

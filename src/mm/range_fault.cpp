@@ -123,7 +123,9 @@ class Walk {
       Stretch s = stretch_at(as_, at, range_.end);
       // No managed mapping, or one the device may not read: ERROR, or
       // EFAULT if a fault was asked for anywhere in it.
-      if (!s.pin || !(s.pin->info.prot & PROT_READ)) {
+      // FIXME(issue 5, stage 1): mirrors of shared and file-backed ranges;
+      // until then they read as unmapped.
+      if (!s.pin || !(s.pin->info.prot & PROT_READ) || s.pin->backend) {
         const std::uint64_t first = index_of(at.vpn());
         const std::uint64_t count = (s.end - at) / kPageSize;
         if (any_fault_requested(range_, first, count)) return Stop{Stop::kError, at, false, EFAULT};

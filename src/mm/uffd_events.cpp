@@ -364,6 +364,7 @@ void AddressSpace::Impl::process_remove(VirtAddr start, VirtAddr end) {
     const VirtAddr lo = std::max(start, region->info.start);
     const VirtAddr hi = std::min(end, region->info.end());
     drop_entries(lo, hi);
+    if (region->backend) region->backend->mapping_lost(region->backend_offset + (lo - region->info.start), hi - lo);
   }
   stats.add(Counter::uffd_events);
 }
@@ -374,6 +375,7 @@ void AddressSpace::Impl::process_unmap(VirtAddr start, VirtAddr end) {
     const VirtAddr lo = std::max(start, region->info.start);
     const VirtAddr hi = std::min(end, region->info.end());
     drop_entries(lo, hi);
+    if (region->backend) region->backend->mapping_lost(region->backend_offset + (lo - region->info.start), hi - lo);
     // The region object is shared with operations in flight, which keep
     // their view; the address space gets new regions for what is left.
     {
@@ -384,12 +386,7 @@ void AddressSpace::Impl::process_unmap(VirtAddr start, VirtAddr end) {
       region->closing.store(true, std::memory_order_release);
       const std::pair<VirtAddr, VirtAddr> left_over[2] = {{region->info.start, lo}, {hi, region->info.end()}};
       for (const auto& [s, e] : left_over) {
-        if (e <= s) continue;
-        auto part = std::make_shared<mm::Region>();
-        part->info = region->info;
-        part->info.start = s;
-        part->info.length = e - s;
-        regions.emplace(s.value, std::move(part));
+        if (e > s) regions.emplace(s.value, region->slice(s, e - s));
       }
     }
     // A migration that pinned the region before it closed may have locked
@@ -409,10 +406,13 @@ void AddressSpace::Impl::process_remap(VirtAddr from, VirtAddr to, std::size_t l
   const auto sources = overlapping(*this, from, from + len);
   if (sources.empty()) return;  // not managed (any more)
   {
-    auto moved = std::make_shared<mm::Region>();
-    moved->info = sources.front()->info;
+    const mm::Region& source = *sources.front();
+    auto moved = source.slice(source.info.start, len);
     moved->info.start = to;
-    moved->info.length = len;
+    if (from > source.info.start) moved->backend_offset += from - source.info.start;
+    // The page tables moved with their write-protect bits, but a scan may
+    // have looked at neither place in between: count them as written.
+    if (source.backend) source.backend->mapping_lost(moved->backend_offset, len);
     WriterLock lock(regions_mutex);
     regions.emplace(to.value, std::move(moved));
   }

@@ -137,14 +137,14 @@ PartialResult Uffd::move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint6
   return r;
 }
 
-PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wake) {
+PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wake, bool write_protect) {
   PartialResult r;
   while (r.bytes_done < len) {
     struct uffdio_copy c {};
     c.dst = dst.value + r.bytes_done;
     c.src = reinterpret_cast<std::uintptr_t>(src) + r.bytes_done;
     c.len = len - r.bytes_done;
-    c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
+    c.mode = (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE) | (write_protect ? UFFDIO_COPY_MODE_WP : 0);
     const int rc = ::ioctl(fd_, UFFDIO_COPY, &c);
     const int e = rc == 0 ? 0 : errno;
     if (c.copy > 0) r.bytes_done += static_cast<std::size_t>(c.copy);
@@ -241,6 +241,67 @@ Status resident_pages(VirtAddr start, std::size_t len, unsigned char* out) {
     return Status::error(e, "mincore: " + errno_text(e));
   }
   return Status::ok();
+}
+
+namespace {
+// The PAGEMAP_SCAN ABI (include/uapi/linux/fs.h, Linux 6.7).
+struct PageRegion {
+  std::uint64_t start;
+  std::uint64_t end;
+  std::uint64_t categories;
+};
+struct PmScanArg {
+  std::uint64_t size;
+  std::uint64_t flags;
+  std::uint64_t start;
+  std::uint64_t end;
+  std::uint64_t walk_end;
+  std::uint64_t vec;
+  std::uint64_t vec_len;
+  std::uint64_t max_pages;
+  std::uint64_t category_inverted;
+  std::uint64_t category_mask;
+  std::uint64_t category_anyof_mask;
+  std::uint64_t return_mask;
+};
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+constexpr std::uint64_t kPmScanWpMatching = 1u << 0;
+constexpr std::uint64_t kPmScanCheckWpAsync = 1u << 1;
+constexpr std::uint64_t kPageIsWritten = 1u << 1;
+}  // namespace
+
+Status scan_written(VirtAddr start, std::size_t len, bool reprotect,
+                    std::vector<std::pair<VirtAddr, VirtAddr>>* out) {
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(errno, "open /proc/self/pagemap: " + errno_text(errno));
+  PageRegion regions[64];
+  std::uint64_t cur = start.value;
+  const std::uint64_t end = start.value + len;
+  Status result;
+  while (cur < end) {
+    PmScanArg arg{};
+    arg.size = sizeof arg;
+    arg.flags = reprotect ? (kPmScanWpMatching | kPmScanCheckWpAsync) : 0;
+    arg.start = cur;
+    arg.end = end;
+    arg.vec = reinterpret_cast<std::uintptr_t>(regions);
+    arg.vec_len = 64;
+    arg.category_mask = kPageIsWritten;
+    arg.return_mask = kPageIsWritten;
+    const long n = ::ioctl(fd, kPagemapScan, &arg);
+    if (n < 0) {
+      result = Status::error(errno, "PAGEMAP_SCAN: " + errno_text(errno));
+      break;
+    }
+    for (long i = 0; i < n; ++i)
+      out->emplace_back(VirtAddr{static_cast<std::uintptr_t>(regions[i].start)},
+                        VirtAddr{static_cast<std::uintptr_t>(regions[i].end)});
+    // The kernel stops early when the vector is full: go on from there.
+    if (arg.walk_end <= cur) break;
+    cur = arg.walk_end;
+  }
+  ::close(fd);
+  return result;
 }
 
 }  // namespace uhmm::platform

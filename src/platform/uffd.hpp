@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "uhmm/status.hpp"
 #include "uhmm/types.hpp"
@@ -73,7 +75,9 @@ class Uffd {
   /// the first other error.
   PartialResult move(VirtAddr dst, VirtAddr src, std::size_t len, std::uint64_t mode);
   /// UFFDIO_COPY, continuing after EAGAIN while on_busy allows.
-  PartialResult copy(VirtAddr dst, const void* src, std::size_t len, bool wake);
+  /// `write_protect`: the pages arrive write-protected (a range registered
+  /// in WP mode; with kFeatureWpAsync the first write just clears the bit).
+  PartialResult copy(VirtAddr dst, const void* src, std::size_t len, bool wake, bool write_protect = false);
   /// Called when MOVE or COPY fails with EAGAIN; it retries if this returns
   /// true and returns EAGAIN otherwise (without a hook: retries).  The
   /// kernel says EAGAIN while an event (munmap, madvise, mremap) waits to be
@@ -89,6 +93,17 @@ class Uffd {
   std::uint64_t features_ = 0;
   std::function<bool()> on_busy_;
 };
+
+/// PAGEMAP_SCAN on /proc/self/pagemap (Linux >= 6.7; the installed headers
+/// predate it): appends to `out` the ranges of [start, start+len) whose
+/// pages were written since they were last write-protected (present pages
+/// without the userfaultfd write-protect bit).  `reprotect` write-protects
+/// every page of the range in the same walk, atomically with the test (the
+/// range must be registered in WP mode with kFeatureWpAsync); it also puts
+/// write-protect markers in empty page-table slots, so that pages the
+/// kernel maps later (from the page cache) start protected.
+Status scan_written(VirtAddr start, std::size_t len, bool reprotect,
+                    std::vector<std::pair<VirtAddr, VirtAddr>>* out);
 
 /// Maps anonymous private memory, PROT_READ|PROT_WRITE unless told otherwise.
 Result<VirtAddr> map_anonymous(std::size_t len, int prot, bool noreserve);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "devmem_test_util.hpp"
 #include "uhmm/device_memory.hpp"
@@ -113,10 +114,19 @@ TEST(PagemapCreate, CoherentMemoryMustBeOneReadWriteAnonymousMappingOfTheMapsSiz
     EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
   }
   {
-    static int on_stack_like = 0;  // not anonymous memory
+    // Not anonymous memory: a shared mapping of a memfd the test made.  (A
+    // static variable's page is no good: where .bss outgrows the file, the
+    // kernel backs it with anonymous memory, as under ASan's layout.)
+    const int fd = ::memfd_create("not-anonymous", MFD_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, kPageSize), 0);
+    void* shared = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    ASSERT_NE(shared, MAP_FAILED);
     auto c = valid_config(PagemapType::kCoherent, 1);
-    c.coherent_memory = reinterpret_cast<void*>(reinterpret_cast<std::uintptr_t>(&on_stack_like) & ~(kPageSize - 1));
+    c.coherent_memory = shared;
     EXPECT_EQ(DevicePagemap::create(std::move(c)).code(), EINVAL);
+    ::munmap(shared, kPageSize);
   }
 }
 
