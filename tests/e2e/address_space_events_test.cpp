@@ -119,9 +119,13 @@ TEST_P(AddressSpaceEvents, AccessRightAfterAPartialMunmapBringsBackItsNeighbours
     ASSERT_TRUE(test::page_has_pattern((scratch + (hole - 1) * kPageSize).ptr(), 7000 + hole - 1));
     ASSERT_EQ(::munmap(scratch.ptr(), kLen), 0);
     ASSERT_TRUE(device_pages_become(kPages));
+    // Both pieces gone: the munmap is processed (its sweeps lock entries).
+    ASSERT_TRUE(test::eventually([&] {
+      return !as->find_region(scratch).has_value() && !as->find_region(scratch + after * kPageSize).has_value();
+    }));
   }
   EXPECT_EQ(counter(Counter::migrate_to_ram_fail), 0u);
-  ASSERT_TRUE(test::settles(*as));  // the last munmap's second sweep may still hold an entry
+  ASSERT_TRUE(test::settles(*as));
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
