@@ -88,6 +88,15 @@ class FileCacheTest : public ::testing::TestWithParam<FaultMode> {
     EXPECT_TRUE(r.is_ok()) << r.status().to_string();
     return r.is_ok() ? std::move(*r) : nullptr;
   }
+  // Writes `bytes` of pattern `seed` to `path` and opens it read-write,
+  // flushing every `flush` (0: only when asked).
+  std::unique_ptr<FileCache> open_written(const std::string& path, std::uint64_t bytes, unsigned seed,
+                                          std::chrono::milliseconds flush) {
+    write_file(path, bytes, seed);
+    FileCacheOptions o;
+    o.flush_interval = flush;
+    return open(path, O_RDWR, o);
+  }
 
   TempDir dir;
   std::unique_ptr<AddressSpace> as;
@@ -125,10 +134,7 @@ TEST_P(FileCacheTest, MappingsReadTheFileAndSeeEachOthersWrites) {
 
 TEST_P(FileCacheTest, SyncWritesWrittenPagesOnlyAndKeepsTracking) {
   const std::string path = dir.file("data");
-  write_file(path, 16 * kPageSize, 3);
-  FileCacheOptions o;
-  o.flush_interval = std::chrono::milliseconds(0);
-  auto cache = open(path, O_RDWR, o);
+  auto cache = open_written(path, 16 * kPageSize, 3, std::chrono::milliseconds(0));
   ASSERT_TRUE(cache);
   auto a = cache->map(0, 16 * kPageSize);
   ASSERT_TRUE(a.is_ok());
@@ -153,10 +159,7 @@ TEST_P(FileCacheTest, SyncWritesWrittenPagesOnlyAndKeepsTracking) {
 
 TEST_P(FileCacheTest, UnmapAndApplicationMunmapLoseNothing) {
   const std::string path = dir.file("data");
-  write_file(path, 8 * kPageSize, 4);
-  FileCacheOptions o;
-  o.flush_interval = std::chrono::milliseconds(0);
-  auto cache = open(path, O_RDWR, o);
+  auto cache = open_written(path, 8 * kPageSize, 4, std::chrono::milliseconds(0));
   ASSERT_TRUE(cache);
   auto a = cache->map(0, 4 * kPageSize);
   auto b = cache->map(4 * kPageSize, 4 * kPageSize);
@@ -175,10 +178,7 @@ TEST_P(FileCacheTest, UnmapAndApplicationMunmapLoseNothing) {
 
 TEST_P(FileCacheTest, DiscardAndMremapBehindUhmmsBackLoseNothing) {
   const std::string path = dir.file("data");
-  write_file(path, 8 * kPageSize, 11);
-  FileCacheOptions o;
-  o.flush_interval = std::chrono::milliseconds(0);
-  auto cache = open(path, O_RDWR, o);
+  auto cache = open_written(path, 8 * kPageSize, 11, std::chrono::milliseconds(0));
   ASSERT_TRUE(cache);
   auto a = cache->map(0, 4 * kPageSize);
   auto b = cache->map(4 * kPageSize, 4 * kPageSize);
@@ -289,10 +289,7 @@ TEST_P(FileCacheTest, BadInputGetsClearErrors) {
 
 TEST_P(FileCacheTest, WriteErrorReachesSyncAndPagesStayDirty) {
   const std::string path = dir.file("data");
-  write_file(path, 4 * kPageSize, 7);
-  FileCacheOptions o;
-  o.flush_interval = std::chrono::milliseconds(0);
-  auto cache = open(path, O_RDWR, o);
+  auto cache = open_written(path, 4 * kPageSize, 7, std::chrono::milliseconds(0));
   ASSERT_TRUE(cache);
   auto a = cache->map(0, 4 * kPageSize);
   ASSERT_TRUE(a.is_ok());
@@ -368,10 +365,7 @@ TEST_P(FileCacheTest, FullDiskReachesSyncAndTheDataStaysDirty) {
 TEST_P(FileCacheTest, ConcurrentWritersAndWritebackLoseNothing) {
   const std::string path = dir.file("data");
   constexpr std::uint64_t kPages = 64;
-  write_file(path, kPages * kPageSize, 8);
-  FileCacheOptions o;
-  o.flush_interval = std::chrono::milliseconds(1);  // the flusher races too
-  auto cache = open(path, O_RDWR, o);
+  auto cache = open_written(path, kPages * kPageSize, 8, std::chrono::milliseconds(1));  // the flusher races too
   ASSERT_TRUE(cache);
   auto a = cache->map(0, kPages * kPageSize);
   auto b = cache->map(0, kPages * kPageSize);
@@ -450,10 +444,7 @@ TEST_P(FileCacheTest, TruncateRacingWithLoadsLeavesNoStaleBytes) {
 
 TEST_P(FileCacheTest, PeriodicFlushWritesBack) {
   const std::string path = dir.file("data");
-  write_file(path, 2 * kPageSize, 9);
-  FileCacheOptions o;
-  o.flush_interval = std::chrono::milliseconds(5);
-  auto cache = open(path, O_RDWR, o);
+  auto cache = open_written(path, 2 * kPageSize, 9, std::chrono::milliseconds(5));
   ASSERT_TRUE(cache);
   auto a = cache->map(0, 2 * kPageSize);
   ASSERT_TRUE(a.is_ok());
