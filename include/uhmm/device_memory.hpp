@@ -31,6 +31,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 
 #include "uhmm/status.hpp"
 #include "uhmm/types.hpp"
@@ -64,6 +65,22 @@ enum class FaultOutcome {
   kOom,     // no system memory: treated like SIGBUS for the faulting thread
 };
 
+/// Whoever holds a device page that backs a page of a shared or
+/// file-backed object (uhmm's FileCache: the page cache, in the kernel's
+/// terms) rather than a private anonymous mapping.  Eviction
+/// (migrate_device_range) asks it to take the page back.
+class DevicePageHolder {
+ public:
+  /// Called with the page locked and referenced by the caller; brings the
+  /// page's data back into the object (or decides it is not needed) and
+  /// lets go of the page, or does nothing if it is busy (eviction retries).
+  /// The holder must not be touched after the page is unlocked.
+  virtual void evict(DevicePage& page) = 0;
+
+ protected:
+  ~DevicePageHolder() = default;
+};
+
 struct PagemapOps {
   /// The page's last reference went away; give it back to the driver's
   /// free list.  Called exactly once per page lifetime, never concurrently
@@ -73,6 +90,16 @@ struct PagemapOps {
   /// faulting page back (migrate_vma_* with fault_page set) or fail.  The
   /// device cannot refuse.
   std::function<FaultOutcome(const CpuFault&)> migrate_to_ram;
+  /// Optional: device pages in shared and file-backed objects (seed 003's
+  /// second stage).  Copies the data of `page`, which backs a page of such
+  /// an object, into `dst` (one page of host memory), when a CPU access,
+  /// read(), write(), writeback, eviction or truncation needs it back.  The
+  /// page's dirty mark (DevicePage::set_dirty) says whether the device wrote
+  /// it.  Without it (the first stage), only clean pages of such objects go
+  /// to the device, read-only, and coming back re-reads the backing store.
+  /// An error also re-reads the store: what the device wrote is lost, so a
+  /// driver fails only when its data is truly gone.
+  std::function<Status(DevicePage& page, std::span<std::byte> dst)> migrate_to_pagecache;
 };
 
 struct PagemapConfig {
@@ -139,6 +166,21 @@ class DevicePage {
   void set_mapping(AddressSpace* as, VirtAddr addr);
   void clear_mapping();
 
+  /// A page backing a page of a shared or file-backed object: its holder
+  /// and the page's offset in the object (the kernel's page->mapping and
+  /// page->index).  Such a page has no Mapping.  Set and cleared by the
+  /// holder with the page locked.
+  DevicePageHolder* holder() const { return holder_.load(std::memory_order_acquire); }
+  std::uint64_t holder_offset() const { return holder_offset_.load(std::memory_order_acquire); }
+  void set_holder(DevicePageHolder* holder, std::uint64_t offset);
+
+  /// The device wrote the page since it came (the kernel's set_page_dirty):
+  /// drivers mark it, the holder of a file page reads it when the page
+  /// comes back, so that the data reaches the file.
+  void set_dirty() { dirty_.store(true, std::memory_order_release); }
+  bool dirty() const { return dirty_.load(std::memory_order_acquire); }
+  bool test_and_clear_dirty() { return dirty_.exchange(false, std::memory_order_acq_rel); }
+
  private:
   friend class DevicePagemap;
   friend void zone_device_page_init(DevicePage&);
@@ -150,6 +192,9 @@ class DevicePage {
   DevicePfn pfn_;
   std::atomic<AddressSpace*> rmap_as_{nullptr};
   std::atomic<std::uintptr_t> rmap_addr_{0};
+  std::atomic<DevicePageHolder*> holder_{nullptr};
+  std::atomic<std::uint64_t> holder_offset_{0};
+  std::atomic<bool> dirty_{false};
 };
 
 /// The driver's allocator hands out a free page: refcount 0 -> 1, locked.

@@ -17,6 +17,13 @@
 //   - each page reaches the file with one pwrite of the whole page (or of
 //     the file's tail), so a killed process never leaves a torn page.
 //
+// Device pages: migrate_vma on a mapping of the cache (for instance
+// sim::SimDevice::migrate_to_device) moves its pages to a device; every
+// lookup (an access through any mapping, read(), write(), writeback of what
+// the device wrote, truncation) brings them back first, with the device's
+// writes when its page map has migrate_to_pagecache, else by reading the file
+// again (then only clean pages go, read-only).  docs/adr/0006-file-cache.md.
+//
 // Not shared across processes: a forked child gets none of the mappings
 // (they are MADV_DONTFORK, so a child's access faults with SIGSEGV) and its
 // calls return ECHILD; a second cache of the same file, in this process or

@@ -39,6 +39,18 @@ struct LinkModel {
   std::chrono::nanoseconds setup_latency{0};  // per transfer (one batch)
 };
 
+/// How the device holds pages of shared and file-backed objects (FileCache
+/// mappings; seed 003's two stages, docs/adr/0006-file-cache.md).
+enum class FilePages : std::uint8_t {
+  /// Stage 2: the device may write them; coming back copies the device's
+  /// data into the cache (migrate_to_pagecache), dirty if the device wrote.
+  kCopiedBack,
+  /// Stage 1: clean pages only (dirty ones are written back first), held
+  /// read-only; coming back re-reads the file.  A device write brings the
+  /// page back to the CPU first.
+  kReadOnly,
+};
+
 struct SimDeviceOptions {
   std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size
   /// kPrivate (CPU accesses fault the page back) or kCoherent (the CPU maps
@@ -67,6 +79,7 @@ struct SimDeviceOptions {
   /// costs little.  A fault out of sequence starts over.  0 disables.
   std::size_t prefetch_blocks = 2;
   std::size_t prefetch_max_blocks = 32;
+  FilePages file_pages = FilePages::kCopiedBack;
 };
 
 /// Fault injection, for tests: each knob fires once per arming.
@@ -196,6 +209,7 @@ class SimDevice {
   DevicePage* alloc_page();
   void free_page(DevicePage& page);
   FaultOutcome migrate_to_ram(const CpuFault& fault);
+  Status copy_to_pagecache(DevicePage& page, std::span<std::byte> dst);
   FaultOutcome migrate_one_to_ram(AddressSpace& as, const CpuFault& fault);
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
                                       bool to_device);

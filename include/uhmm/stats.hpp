@@ -38,7 +38,9 @@ namespace uhmm {
   X(device_alloc_fail, "device page allocations that failed")                           \
   X(dma_copy_fail, "device copies that failed")                                         \
   X(dma_bytes_to_device, "bytes copied by DMA into device memory")                      \
-  X(dma_bytes_from_device, "bytes copied by DMA out of device memory")
+  X(dma_bytes_from_device, "bytes copied by DMA out of device memory")                  \
+  X(file_pages_copied_back, "device pages of shared or file-backed objects a lookup copied back (migrate_to_pagecache)") \
+  X(file_pages_reread, "device pages of files a lookup brought back by re-reading the file")
 
 enum class Counter : unsigned {
 #define UHMM_COUNTER_ENUM(name, doc) name,

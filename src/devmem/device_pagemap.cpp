@@ -141,6 +141,11 @@ void DevicePage::clear_mapping() {
   rmap_addr_.store(0, std::memory_order_release);
 }
 
+void DevicePage::set_holder(DevicePageHolder* holder, std::uint64_t offset) {
+  holder_offset_.store(offset, std::memory_order_release);
+  holder_.store(holder, std::memory_order_release);
+}
+
 void zone_device_page_init(DevicePage& page) {
   std::uint32_t expected = 0;
   const bool was_free = page.refcount_.compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
@@ -310,6 +315,8 @@ void DevicePagemap::discard_home(const DevicePage& page) {
 
 void DevicePagemap::page_became_free(DevicePage& page) {
   page.clear_mapping();
+  page.set_holder(nullptr, 0);
+  page.dirty_.store(false, std::memory_order_release);
   if (ops_.page_free) ops_.page_free(page);
   in_use_.fetch_sub(1, std::memory_order_acq_rel);
 }

@@ -29,6 +29,7 @@
 #include <exception>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "core/sync.hpp"
@@ -39,9 +40,10 @@ namespace uhmm {
 namespace {
 
 enum PageBits : std::uint8_t {
-  kLoaded = 1,   // the memfd holds the page (read in, or written by uhmm)
-  kLoading = 2,  // someone is reading it in: wait on `changed`
-  kDirty = 4,    // written since it last reached the file (as far as uhmm knows)
+  kLoaded = 1,    // the memfd holds the page (read in, or written by uhmm)
+  kLoading = 2,   // someone holds it (reading it in, moving it): wait on `changed`
+  kDirty = 4,     // written since it last reached the file (as far as uhmm knows)
+  kOnDevice = 8,  // a device holds it (Impl::device); the memfd does not
 };
 
 std::uint64_t pages_for(std::uint64_t bytes) { return (bytes + kPageSize - 1) / kPageSize; }
@@ -79,6 +81,13 @@ Status pwrite_full(int fd, const std::byte* buf, std::size_t len, std::uint64_t 
   return Status::ok();
 }
 
+// The device page a migrate entry names (migrate's helper, without linking
+// the layer beside this one).
+DevicePage* device_page_of(std::uint64_t entry) {
+  if (!(entry & MIGRATE_PFN_VALID) || !is_device_pfn(migrate_pfn_to_pfn(entry))) return nullptr;
+  return DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(entry)});
+}
+
 struct PageBuffer {
   PageBuffer() : bytes(new std::byte[kPageSize]()) {}
   std::unique_ptr<std::byte[]> bytes;
@@ -87,7 +96,7 @@ struct PageBuffer {
 
 }  // namespace
 
-struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<FileCache::Impl> {
+struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_shared_from_this<FileCache::Impl> {
   AddressSpace* as = nullptr;
   int file_fd = -1;  // -1: shared anonymous memory
   int memfd = -1;
@@ -100,6 +109,8 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
   std::condition_variable_any changed;  // a page stopped loading; the flusher should stop
   std::uint64_t size UHMM_GUARDED_BY(mutex) = 0;
   std::vector<std::uint8_t> pages UHMM_GUARDED_BY(mutex);  // PageBits, one per page of the object
+  // The pages a device holds (kOnDevice), each with the cache's reference.
+  std::unordered_map<std::uint64_t, DevicePage*> device UHMM_GUARDED_BY(mutex);
   bool closed UHMM_GUARDED_BY(mutex) = false;
   bool stop_flusher UHMM_GUARDED_BY(mutex) = false;
   std::thread flusher;
@@ -115,9 +126,9 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
 
   // ---- loading ------------------------------------------------------------
 
-  enum class Claim { kMine, kLoaded, kBeyondEnd };
-  /// Waits until page `index` is not being loaded, then claims it for
-  /// loading (kMine) unless it is loaded already or past the end.
+  enum class Claim { kAbsent, kLoaded, kOnDevice, kBeyondEnd };
+  /// Waits until nobody holds page `index`, then holds it (kLoading) and
+  /// says where it is; nothing is held past the end.
   Claim claim(std::uint64_t index) {
     MutexLock lock(mutex);
     for (;;) {
@@ -125,10 +136,16 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
       if (!(pages[index] & kLoading)) break;
       changed.wait(mutex);
     }
-    if (pages[index] & kLoaded) return Claim::kLoaded;
-    pages[index] |= kLoading;
-    return Claim::kMine;
+    return claim_locked(index);
   }
+  Claim claim_locked(std::uint64_t index) UHMM_REQUIRES(mutex) {
+    const std::uint8_t was = pages[index];
+    pages[index] |= kLoading;
+    if (was & kOnDevice) return Claim::kOnDevice;
+    return (was & kLoaded) ? Claim::kLoaded : Claim::kAbsent;
+  }
+  /// Lets go of a page held with claim(), with nothing learnt about it.
+  void unclaim(std::uint64_t index) { finish_load(index, false, false); }
   void finish_load(std::uint64_t index, bool loaded, bool dirty) {
     {
       MutexLock lock(mutex);
@@ -152,23 +169,38 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     const std::uint64_t index = offset / kPageSize;
     const Claim c = claim(index);
     if (c == Claim::kBeyondEnd) return Fault::kBeyondEnd;
-    // Loaded already, yet missing here: the application punched the page out
-    // of the memfd (MADV_REMOVE) after it was read in, which for a file
-    // mapping punches the file.  It reads as zeros and reaches the file so.
-    const bool punched = c == Claim::kLoaded;
+    if (c == Claim::kOnDevice) return fault_on_device(space, page, index, pages_left);
+    if (c == Claim::kLoaded) {
+      // In the memfd, not mapped here (another mapping read it in, or the
+      // page came back from a device): map it.
+      const int err = space.uffd.continue_range(page, kPageSize, /*wake=*/false, /*write_protect=*/!anonymous());
+      if (err != EFAULT) {
+        unclaim(index);
+        if (err == 0 || err == EEXIST || err == ENOENT) return Fault::kInstalled;  // ENOENT: unmapped meanwhile
+        std::fprintf(stderr, "uhmm: mapping page %llu of a cached file failed: %s\n",
+                     static_cast<unsigned long long>(index), platform::errno_text(err).c_str());
+        return Fault::kFailed;
+      }
+      // Loaded, yet the memfd lacks it: the application punched it out
+      // (MADV_REMOVE) after it was read in, which for a file mapping punches
+      // the file.  It reads as zeros and reaches the file so.
+    }
+    return load(space, page, index, pages_left, /*punched=*/c == Claim::kLoaded);
+  }
+
+  /// Reads page `index` (held) and, fault-around, the pages after it in its
+  /// mapping that nobody has, into the memfd through the mapping at `page`.
+  Fault load(AddressSpace::Impl& space, VirtAddr page, std::uint64_t index, std::size_t pages_left, bool punched) {
+    const std::uint64_t offset = index * kPageSize;
     std::size_t run = 1;
-    {
+    if (!punched && !anonymous()) {
+      // Fault-around: the pages after it that nobody has, read with it.
       MutexLock lock(mutex);
-      if (punched) {
-        if (index >= pages.size() || (pages[index] & kLoading)) return Fault::kInstalled;  // look again
-        pages[index] |= kLoading;
-      } else if (!anonymous()) {
-        // Fault-around: the pages after it that nobody has, read with it.
-        const std::size_t limit = std::min(pages_left, std::max<std::size_t>(options.fault_around_pages, 1));
-        while (run < limit && index + run < pages.size() && !(pages[index + run] & (kLoaded | kLoading))) {
-          pages[index + run] |= kLoading;
-          ++run;
-        }
+      const std::size_t limit = std::min(pages_left, std::max<std::size_t>(options.fault_around_pages, 1));
+      while (run < limit && index + run < pages.size() &&
+             !(pages[index + run] & (kLoaded | kLoading | kOnDevice))) {
+        pages[index + run] |= kLoading;
+        ++run;
       }
     }
     std::vector<std::byte> buf(run * kPageSize);
@@ -176,7 +208,7 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
       if (Status s = pread_full(file_fd, buf.data(), buf.size(), offset, /*short_ok=*/true, "pread of the file"); !s) {
         std::fprintf(stderr, "uhmm: reading page %llu of a cached file failed: %s\n",
                      static_cast<unsigned long long>(index), s.to_string().c_str());
-        for (std::size_t i = 0; i < run; ++i) finish_load(index + i, false, false);
+        for (std::size_t i = 0; i < run; ++i) unclaim(index + i);
         return Fault::kFailed;
       }
     }
@@ -217,19 +249,14 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
   /// truncate wait for it) and fills the memfd from the file if it lacks
   /// it.  The caller copies, then calls release().
   Status hold_loaded(std::uint64_t index) {
-    bool loaded;
-    {
-      MutexLock lock(mutex);
-      for (;;) {
-        if (index * kPageSize >= size || index >= pages.size())
-          return Status::error(EINVAL, "beyond the end of the object (truncated meanwhile)");
-        if (!(pages[index] & kLoading)) break;
-        changed.wait(mutex);
-      }
-      loaded = pages[index] & kLoaded;
-      pages[index] |= kLoading;
+    const Claim c = claim(index);
+    if (c == Claim::kBeyondEnd) return Status::error(EINVAL, "beyond the end of the object (truncated meanwhile)");
+    if (c == Claim::kOnDevice) {
+      const Status s = back_claimed(index, /*only_if_dirty=*/false);
+      if (!s) unclaim(index);
+      return s;
     }
-    if (loaded) return Status::ok();
+    if (c == Claim::kLoaded) return Status::ok();
     PageBuffer buf;
     Status s = read_from_file(index, buf.data());
     if (s) {
@@ -259,6 +286,431 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     if (inside) return Status::ok();
     release(at / kPageSize, false);
     return Status::error(EINVAL, "beyond the end of the object (truncated meanwhile)");
+  }
+
+  // ---- device pages (docs/adr/0006-file-cache.md, "Device pages") ---------
+
+  std::uint64_t bytes_of_page(std::uint64_t index) const UHMM_REQUIRES(mutex) {
+    const std::uint64_t at = index * kPageSize;
+    return size > at ? std::min<std::uint64_t>(kPageSize, size - at) : 0;
+  }
+
+  /// The cache's mappings now: where each starts and which pages it maps.
+  struct Mapping {
+    VirtAddr start;
+    std::uint64_t first_page;
+    std::uint64_t pages;
+  };
+  std::vector<Mapping> mappings() const {
+    std::vector<Mapping> out;
+    as->impl().for_each_backed_region(this, [&](VirtAddr start, std::size_t len, std::uint64_t off) {
+      out.push_back(Mapping{start, off / kPageSize, len / kPageSize});
+    });
+    return out;
+  }
+
+  /// Where pages [first, first + n) of the object are mapped, as address
+  /// ranges (each mapping that covers some of them).
+  std::vector<std::pair<VirtAddr, VirtAddr>> views_of(std::uint64_t first, std::uint64_t n) const {
+    std::vector<std::pair<VirtAddr, VirtAddr>> out;
+    for (const Mapping& v : mappings()) {
+      const std::uint64_t a = std::max(first, v.first_page), b = std::min(first + n, v.first_page + v.pages);
+      if (a < b) out.emplace_back(v.start + (a - v.first_page) * kPageSize, v.start + (b - v.first_page) * kPageSize);
+    }
+    return out;
+  }
+
+  /// Tells every mirror of the pages that they change (and keeps telling
+  /// until the result is destroyed): a device must not keep a page in its
+  /// table that is moving.
+  using Invalidations = std::vector<std::unique_ptr<mm::ScopedInvalidation>>;
+  Invalidations invalidate(std::uint64_t first, std::uint64_t n, NotifyEvent event, const void* migrating_for) const {
+    Invalidations out;
+    for (const auto& [lo, hi] : views_of(first, n))
+      out.push_back(std::make_unique<mm::ScopedInvalidation>(as->impl().notifiers, NotifyRange{lo, hi, event, migrating_for}));
+    return out;
+  }
+
+  /// The data of `page` (locked; the device page of `index`, which the
+  /// caller holds) back in the memfd, dirty if the device wrote it or it was
+  /// dirty when it left.  The page leaves the cache; dropping the cache's
+  /// reference is the caller's, once it has unlocked the page.
+  Status take_back(std::uint64_t index, DevicePage& page) {
+    Invalidations views = invalidate(index, 1, NotifyEvent::kClear, nullptr);
+    PageBuffer buf;
+    bool copied = false, device_wrote = false;
+    if (const auto& copy_back = page.pagemap().ops().migrate_to_pagecache) {
+      if (Status s = copy_back(page, std::span<std::byte>(buf.data(), kPageSize)); s) {
+        copied = true;
+        device_wrote = page.test_and_clear_dirty();
+      } else {
+        std::fprintf(stderr, "uhmm: a device could not copy page %llu of a cached %s back (%s); %s\n",
+                     static_cast<unsigned long long>(index), anonymous() ? "shared region" : "file",
+                     s.to_string().c_str(), anonymous() ? "it reads as zeros" : "it is read from the file again");
+      }
+    }
+    if (!copied) UHMM_TRY(read_from_file(index, buf.data()));
+    std::uint64_t len;
+    {
+      MutexLock lock(mutex);
+      len = bytes_of_page(index);
+    }
+    UHMM_TRY(pwrite_full(memfd, buf.data(), len, index * kPageSize, "pwrite of the cache"));
+    {
+      MutexLock lock(mutex);
+      device.erase(index);
+      pages[index] = static_cast<std::uint8_t>((pages[index] & ~kOnDevice) | kLoaded |
+                                               (device_wrote && !anonymous() ? kDirty : 0));
+    }
+    page.set_holder(nullptr, 0);
+    as->impl().stats.add(copied ? Counter::file_pages_copied_back : Counter::file_pages_reread);
+    return Status::ok();
+  }
+
+  /// With `index` held: if a device holds it, its data back in the memfd
+  /// (only if it must reach the file, with `only_if_dirty`).
+  Status back_claimed(std::uint64_t index, bool only_if_dirty) {
+    DevicePage* page = nullptr;
+    bool dirty = false;
+    {
+      MutexLock lock(mutex);
+      if (auto it = device.find(index); it != device.end()) page = it->second;
+      dirty = index < pages.size() && (pages[index] & kDirty);
+    }
+    if (page == nullptr || (only_if_dirty && !dirty && !page->dirty())) return Status::ok();
+    page->lock();  // an eviction holding it gives up: it cannot hold the index
+    const Status s = take_back(index, *page);
+    page->unlock();
+    if (s) page->put();  // the cache's reference
+    return s;
+  }
+
+  /// A CPU access to a page a device holds (`index`, held): it comes back,
+  /// with the pages after it in the mapping that the device also holds
+  /// (fault-around), and is mapped where the access was.
+  Fault fault_on_device(AddressSpace::Impl& space, VirtAddr page, std::uint64_t index, std::size_t pages_left) {
+    space.stats.add(Counter::device_private_faults);
+    std::size_t run = 1;
+    {
+      MutexLock lock(mutex);
+      const std::size_t limit = std::min(pages_left, std::max<std::size_t>(options.fault_around_pages, 1));
+      while (run < limit && index + run < pages.size() && (pages[index + run] & kOnDevice) &&
+             !(pages[index + run] & kLoading)) {
+        pages[index + run] |= kLoading;
+        ++run;
+      }
+    }
+    std::size_t back = 0;
+    for (; back < run; ++back)
+      if (Status s = back_claimed(index + back, false); !s) {
+        std::fprintf(stderr, "uhmm: bringing page %llu of a cached file back from its device failed: %s\n",
+                     static_cast<unsigned long long>(index + back), s.to_string().c_str());
+        break;
+      }
+    // The pages are in the memfd and no mapping maps them: map them here.
+    if (back > 0) (void)space.uffd.continue_range(page, back * kPageSize, /*wake=*/false, !anonymous());
+    for (std::size_t i = 0; i < run; ++i) unclaim(index + i);
+    return back > 0 ? Fault::kInstalled : Fault::kFailed;
+  }
+
+  std::uint64_t migrate_collect(AddressSpace::Impl& space, MigrateVma& m, std::uint64_t offset, int prot) override {
+    const bool want_system = m.flags & MIGRATE_VMA_SELECT_SYSTEM;
+    const bool want_private = m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+    const std::uint64_t first = offset / kPageSize;
+    const std::uint64_t write_bit = (prot & PROT_WRITE) ? MIGRATE_PFN_WRITE : 0;
+    std::vector<std::uint64_t> system, on_device;  // entry indices held
+    {
+      MutexLock lock(mutex);
+      if (closed) return 0;
+      for (std::uint64_t i = 0; i < m.npages; ++i) {
+        const std::uint64_t index = first + i;
+        if (index >= pages.size() || index * kPageSize >= size) break;
+        const std::uint8_t bits = pages[index];
+        if (bits & kLoading) {
+          space.stats.add(Counter::migrate_skipped_locked);
+          continue;
+        }
+        if (want_system && (bits & kLoaded) && !(bits & kOnDevice)) {
+          pages[index] |= kLoading;
+          system.push_back(i);
+        } else if (want_private && (bits & kOnDevice)) {
+          const DevicePagemap& map = device.at(index)->pagemap();
+          if (map.type() != PagemapType::kPrivate || map.owner() != m.pgmap_owner) continue;
+          pages[index] |= kLoading;
+          on_device.push_back(i);
+        }
+      }
+    }
+    std::uint64_t collected = 0;
+    for (const std::uint64_t i : on_device) {
+      DevicePage* page;
+      {
+        MutexLock lock(mutex);
+        page = device.at(first + i);
+      }
+      if (!page->trylock()) {  // an eviction has it
+        unclaim(first + i);
+        space.stats.add(Counter::migrate_skipped_locked);
+        continue;
+      }
+      page->get();  // the migration's reference, dropped at finish
+      m.src[i] = migrate_pfn(page->pfn()) | MIGRATE_PFN_MIGRATE | (device_writable(*page) ? write_bit : 0);
+      ++collected;
+    }
+    if (!on_device.empty()) {
+      // Mirrors of the other mappings drop the device page too.
+      Invalidations views = invalidate(first + on_device.front(), on_device.back() - on_device.front() + 1,
+                                       NotifyEvent::kMigrate, m.pgmap_owner);
+    }
+    if (system.empty()) return collected;
+    std::vector<mm::SlotRun> slots;
+    if (!space.staging.take_ready(system.size(), slots)) {
+      for (const std::uint64_t i : system) unclaim(first + i);
+      return collected;
+    }
+    {
+      // The pages leave every mapping (they stay in the memfd): an access
+      // from now on is a minor fault, which waits for the pages held here.
+      Invalidations views = invalidate(first + system.front(), system.back() - system.front() + 1,
+                                       NotifyEvent::kMigrate, m.pgmap_owner);
+      zap_everywhere(system, first);
+    }
+    // What was written through a mapping since the last scan shows now as a
+    // slot without a write-protect marker (docs/adr/0006, fact 7).
+    collect_written(std::nullopt);
+    std::size_t k = 0;
+    for (const mm::SlotRun& run : slots) {
+      for (std::size_t j = 0; j < run.pages; ++j, ++k) {
+        const std::uint64_t i = system[k];
+        const VirtAddr slot = run.start + j * kPageSize;
+        std::uint64_t len;
+        {
+          MutexLock lock(mutex);
+          len = bytes_of_page(first + i);
+        }
+        std::memset(slot.ptr(), 0, kPageSize);
+        if (!pread_full(memfd, static_cast<std::byte*>(slot.ptr()), len, (first + i) * kPageSize, false,
+                        "pread of the cache")) {
+          space.staging.give_back_ready(slot, 1);
+          unclaim(first + i);
+          continue;
+        }
+        m.src[i] = migrate_pfn(slot.vpn().value) | MIGRATE_PFN_MIGRATE | write_bit;
+        ++collected;
+      }
+    }
+    return collected;
+  }
+
+  /// Zaps pages first + held[k] (ascending) from every mapping of the cache.
+  void zap_everywhere(const std::vector<std::uint64_t>& held, std::uint64_t first) {
+    for (const Mapping& v : mappings()) {
+      for (std::size_t k = 0; k < held.size();) {
+        std::size_t n = 1;
+        while (k + n < held.size() && held[k + n] == held[k] + n) ++n;
+        const std::uint64_t a = std::max(first + held[k], v.first_page);
+        const std::uint64_t b = std::min(first + held[k] + n, v.first_page + v.pages);
+        if (a < b) as->impl().zap_own(v.start + (a - v.first_page) * kPageSize, (b - a) * kPageSize);
+        k += n;
+      }
+    }
+  }
+
+  static bool device_writable(const DevicePage& page) {
+    return static_cast<bool>(page.pagemap().ops().migrate_to_pagecache);
+  }
+
+  void migrate_commit(AddressSpace::Impl& space, MigrateVma& m, std::uint64_t offset) override {
+    const std::uint64_t first = offset / kPageSize;
+    for (std::uint64_t i = 0; i < m.npages; ++i) {
+      const std::uint64_t s = m.src[i], d = m.dst[i];
+      if (!(s & MIGRATE_PFN_MIGRATE)) continue;
+      const DevicePage* to_device = device_page_of(d);
+      bool ok;
+      if (device_page_of(s) == nullptr) {
+        ok = to_device != nullptr && may_hold(first + i, *to_device, VirtAddr{migrate_pfn_to_pfn(s) << kPageShift});
+      } else {  // from a device: into a system page (a device to device move is not offered)
+        ok = to_device == nullptr && space.staging.contains(VirtAddr{migrate_pfn_to_pfn(d) << kPageShift});
+      }
+      if (!ok) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
+    }
+  }
+
+  void migrate_finish(AddressSpace::Impl& space, MigrateVma& m, std::uint64_t offset, Moved& moved) override {
+    const std::uint64_t first = offset / kPageSize;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> punch;  // runs of pages that left the memfd
+    std::vector<DevicePage*> released;  // device pages whose data came back
+    std::vector<std::uint64_t> held;    // indices to let go of, once the memfd is right
+    for (std::uint64_t i = 0; i < m.npages; ++i) {
+      const std::uint64_t s = m.src[i], d = m.dst[i];
+      if (!(s & MIGRATE_PFN_VALID)) {
+        release_dst(space, d);
+        continue;
+      }
+      const std::uint64_t index = first + i;
+      held.push_back(index);
+      DevicePage* from_device = device_page_of(s);
+      bool placed = false;
+      if (from_device == nullptr) {
+        const VirtAddr slot{migrate_pfn_to_pfn(s) << kPageShift};
+        if (s & MIGRATE_PFN_MIGRATE) {
+          DevicePage* to_device = device_page_of(d);
+          to_device->set_holder(this, index * kPageSize);
+          to_device->unlock();  // the allocation's reference is the cache's now
+          {
+            MutexLock lock(mutex);
+            device[index] = to_device;
+            pages[index] = static_cast<std::uint8_t>((pages[index] & ~kLoaded) | kOnDevice);
+          }
+          if (!punch.empty() && punch.back().first + punch.back().second == index) {
+            ++punch.back().second;
+          } else {
+            punch.emplace_back(index, 1);
+          }
+          placed = true;
+          ++moved.to_device;
+        } else {
+          release_dst(space, d);
+        }
+        space.staging.give_back_ready(slot, 1);
+      } else {
+        const VirtAddr slot{migrate_pfn_to_pfn(d) << kPageShift};
+        if (s & MIGRATE_PFN_MIGRATE) {
+          std::uint64_t len;
+          {
+            MutexLock lock(mutex);
+            len = bytes_of_page(index);
+          }
+          placed = pwrite_full(memfd, static_cast<const std::byte*>(slot.ptr()), len, index * kPageSize,
+                               "pwrite of the cache")
+                       .is_ok();
+        }
+        if (placed) {
+          const bool device_wrote = from_device->test_and_clear_dirty();
+          {
+            MutexLock lock(mutex);
+            device.erase(index);
+            pages[index] = static_cast<std::uint8_t>((pages[index] & ~kOnDevice) | kLoaded |
+                                                     (device_wrote && !anonymous() ? kDirty : 0));
+          }
+          from_device->set_holder(nullptr, 0);
+          released.push_back(from_device);
+          ++moved.to_ram;
+        }
+        release_dst(space, d);
+        from_device->unlock();
+        from_device->put();  // the migration's reference
+      }
+      ++(placed ? moved.success : moved.fail);
+    }
+    // The pages a device holds now leave the memfd before anyone may look
+    // at them again: a fault after that brings the device's data back, and
+    // a punch after it would drop what the CPU wrote since.
+    for (const auto& [index, n] : punch)
+      if (::fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(index * kPageSize),
+                      static_cast<off_t>(n * kPageSize)) != 0)
+        std::fprintf(stderr, "uhmm: dropping pages of a cached file that moved to a device failed: %s\n",
+                     platform::errno_text(errno).c_str());
+    for (const std::uint64_t index : held) unclaim(index);
+    for (DevicePage* page : released) page->put();  // the cache's reference
+  }
+
+  /// Whether a device page of `to`'s map may hold page `index`, whose data
+  /// is in `slot`: the first stage re-reads the file, so the page must be
+  /// clean there (written back now if not), and shared anonymous memory has
+  /// no file to re-read.
+  bool may_hold(std::uint64_t index, const DevicePage& to, VirtAddr slot) {
+    if (device_writable(to)) return true;
+    if (anonymous()) return false;
+    std::uint64_t len;
+    {
+      MutexLock lock(mutex);
+      if (!(pages[index] & kDirty)) return true;
+      pages[index] &= static_cast<std::uint8_t>(~kDirty);
+      len = bytes_of_page(index);
+    }
+    if (pwrite_full(file_fd, static_cast<const std::byte*>(slot.ptr()), len, index * kPageSize, "writeback"))
+      return true;
+    MutexLock lock(mutex);
+    pages[index] |= kDirty;
+    return false;
+  }
+
+  static void release_dst(AddressSpace::Impl& space, std::uint64_t d) {
+    if (!(d & MIGRATE_PFN_VALID)) return;
+    if (DevicePage* page = device_page_of(d)) {
+      page->unlock();
+      page->put();
+    } else if (const VirtAddr slot{migrate_pfn_to_pfn(d) << kPageShift}; space.staging.contains(slot)) {
+      space.staging.give_back_ready(slot, 1);
+    }
+  }
+
+  Look look_up(std::uint64_t offset) const override {
+    const std::uint64_t index = offset / kPageSize;
+    MutexLock lock(mutex);
+    // A page someone holds is moving (or being read in): not there yet,
+    // as for a locked entry; a fault waits for it.
+    if (index >= pages.size() || offset >= size || (pages[index] & kLoading)) return Look{};
+    if (pages[index] & kOnDevice) {
+      const DevicePage* page = device.at(index);
+      return Look{Look::kDevice, page, device_writable(*page)};
+    }
+    return Look{(pages[index] & kLoaded) ? Look::kPresent : Look::kAbsent, nullptr, false};
+  }
+
+  void evict(DevicePage& page) override {
+    const std::uint64_t index = page.holder_offset() / kPageSize;
+    bool held = false;
+    {
+      MutexLock lock(mutex);
+      if (index < pages.size() && index * kPageSize < size && !(pages[index] & kLoading)) {
+        auto it = device.find(index);
+        if (it != device.end() && it->second == &page) {
+          pages[index] |= kLoading;
+          held = true;
+        }
+      }
+    }
+    if (!held) {  // someone else is moving it: the eviction tries again
+      page.unlock();
+      return;
+    }
+    const Status s = take_back(index, page);
+    if (!s)
+      std::fprintf(stderr, "uhmm: evicting page %llu of a cached file failed: %s\n",
+                   static_cast<unsigned long long>(index), s.to_string().c_str());
+    unclaim(index);
+    page.unlock();  // nothing of the cache is touched after this
+    if (s) page.put();  // the cache's reference; the caller still holds one
+  }
+
+  /// Lets go of every device page of index >= `from` without bringing its
+  /// data back (truncation; a closed cache's clean pages).  Pages are held
+  /// by nobody else (the caller made sure).
+  void drop_device_pages(std::uint64_t from) {
+    std::vector<std::pair<std::uint64_t, DevicePage*>> dropped;
+    {
+      MutexLock lock(mutex);
+      for (auto it = device.begin(); it != device.end();) {
+        if (it->first < from) {
+          ++it;
+          continue;
+        }
+        dropped.emplace_back(*it);
+        if (it->first < pages.size()) pages[it->first] &= static_cast<std::uint8_t>(~kOnDevice);
+        it = device.erase(it);
+      }
+    }
+    for (const auto& [index, page] : dropped) {
+      page->lock();  // waits out an eviction looking at it
+      {
+        Invalidations views = invalidate(index, 1, NotifyEvent::kClear, nullptr);
+      }
+      page->set_holder(nullptr, 0);
+      page->unlock();
+      page->put();
+    }
   }
 
   void mapping_lost(std::uint64_t offset, std::size_t len) noexcept override {
@@ -308,9 +760,31 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
     });
   }
 
+  /// Brings back the device pages whose data must reach the file (the
+  /// device wrote them, or they were dirty when they left).
+  Status back_dirty_device_pages() {
+    std::vector<std::uint64_t> indices;
+    {
+      MutexLock lock(mutex);
+      for (const auto& [index, page] : device) indices.push_back(index);
+    }
+    Status failed;
+    for (const std::uint64_t index : indices) {
+      if (claim(index) != Claim::kOnDevice) {
+        unclaim(index);
+        continue;
+      }
+      const Status s = back_claimed(index, /*only_if_dirty=*/true);
+      unclaim(index);
+      if (!s && failed.is_ok()) failed = s;
+    }
+    return failed;
+  }
+
   Status writeback(SyncMode mode, std::optional<VirtAddr> only) {
     if (anonymous()) return Status::ok();
     MutexLock serial(writeback_mutex);
+    const Status from_devices = back_dirty_device_pages();
     collect_written(only);
     std::vector<std::uint64_t> dirty;
     {
@@ -327,7 +801,7 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
       {
         // Clean before the copy: a write after this point marks it again.
         MutexLock lock(mutex);
-        if (i >= pages.size() || !(pages[i] & kDirty)) continue;
+        if (i >= pages.size() || !(pages[i] & kDirty) || (pages[i] & kOnDevice)) continue;  // not in the memfd
         pages[i] &= static_cast<std::uint8_t>(~kDirty);
         len = std::min<std::uint64_t>(kPageSize, size - i * kPageSize);
       }
@@ -350,7 +824,7 @@ struct FileCache::Impl final : mm::RegionBackend, std::enable_shared_from_this<F
       for (std::uint64_t i : written)
         if (i < pages.size() && (pages[i] & kLoaded)) pages[i] |= kDirty;
     }
-    return failed;
+    return failed.is_ok() ? from_devices : failed;
   }
 
   void flusher_main() {
@@ -481,6 +955,7 @@ FileCache::~FileCache() {
   }
   if (Status s = close(); !s) {
     std::fprintf(stderr, "uhmm: closing a file cache failed, unwritten pages are lost: %s\n", s.to_string().c_str());
+    impl_->drop_device_pages(0);
     MutexLock lock(impl_->mutex);
     impl_->closed = true;
     if (impl_->file_fd >= 0) ::close(impl_->file_fd);
@@ -530,6 +1005,14 @@ Status FileCache::truncate(std::uint64_t new_size) {
   if (!impl_->writable) return Status::error(EBADF, "file opened read-only");
   Impl& c = *impl_;
   MutexLock serial(c.writeback_mutex);
+  if (new_size % kPageSize != 0) {
+    // The new last page keeps its head: a device's copy comes back first,
+    // so that cutting the memfd zeroes its tail.
+    const std::uint64_t last = new_size / kPageSize;
+    const Status back = c.claim(last) == Impl::Claim::kOnDevice ? c.back_claimed(last, false) : Status::ok();
+    c.unclaim(last);
+    UHMM_TRY(back);
+  }
   std::uint64_t old_size;
   {
     MutexLock lock(c.mutex);
@@ -575,6 +1058,7 @@ Status FileCache::truncate(std::uint64_t new_size) {
       c.pages[new_size / kPageSize] &= static_cast<std::uint8_t>(~kLoading);
   }
   c.changed.notify_all();
+  c.drop_device_pages(pages_for(new_size));  // past the end: their data goes with the file's
   return s;
 }
 
@@ -643,6 +1127,8 @@ Status FileCache::close() {
   // The dirty pages are only in the cache: keep it open so that the caller
   // can make room and close again.
   if (!wb.is_ok()) return wb;
+  // What devices still hold is clean (the file has it): let go of it.
+  c.drop_device_pages(0);
   {
     MutexLock lock(c.mutex);
     c.closed = true;

@@ -452,6 +452,41 @@ void free_system_pages(AddressSpace& as, std::span<const std::uint64_t> pfns) {
 
 // ---- migrate_vma -----------------------------------------------------------
 
+namespace {
+// A shared or file-backed range: its pages belong to the object, whose
+// backend collects and places them (docs/adr/0006-file-cache.md, "Device
+// pages").  Mirrors of this mapping hear of the migration here; the
+// backend tells those of the object's other mappings.
+Status setup_backed(MigrateVma& m, AddressSpace::Impl& as, mm::RegionPin pin) {
+  const std::uint64_t n = (m.end - m.start) / kPageSize;
+  m.npages = n;
+  m.cpages = 0;
+  std::fill_n(m.src, n, 0);
+  std::fill_n(m.dst, n, 0);
+  if (pin->closing.load()) {
+    m.internal_pin = new mm::RegionPin(std::move(pin));
+    as.migration_begin(/*for_fault=*/false);
+    return Status::ok();
+  }
+  mm::ScopedInvalidation invalidation(as.notifiers, NotifyRange{m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner});
+  if (!invalidation.ok()) return invalidation.status();
+  as.migration_begin(/*for_fault=*/false);
+  const std::uint64_t offset = pin->backend_offset + (m.start - pin->info.start);
+  m.cpages = pin->backend->migrate_collect(as, m, offset, pin->info.prot);
+  m.internal_pin = new mm::RegionPin(std::move(pin));
+  return Status::ok();
+}
+
+void finalize_backed(MigrateVma& m, AddressSpace::Impl& as, mm::Region& region) {
+  mm::RegionBackend::Moved moved;
+  region.backend->migrate_finish(as, m, region.backend_offset + (m.start - region.info.start), moved);
+  as.stats.add(Counter::pgmigrate_success, moved.success);
+  as.stats.add(Counter::pgmigrate_fail, moved.fail);
+  as.stats.add(Counter::pgmigrate_to_device, moved.to_device);
+  as.stats.add(Counter::pgmigrate_to_ram, moved.to_ram);
+}
+}  // namespace
+
 Status migrate_vma_setup(MigrateVma& m) {
   if (m.address_space == nullptr) return Status::error(EINVAL, "no address space");
   if (m.src == nullptr || m.dst == nullptr) return Status::error(EINVAL, "src and dst arrays are required");
@@ -468,8 +503,7 @@ Status migrate_vma_setup(MigrateVma& m) {
   AddressSpace::Impl& as = m.address_space->impl();
   mm::RegionPin pin = as.pin_region(m.start, m.end);
   if (!pin) return Status::error(EINVAL, "range not inside one managed range");
-  if (pin->backend)  // FIXME(issue 5, stage 1): device pages in the file cache
-    return Status::error(EINVAL, "shared and file-backed ranges do not migrate to devices yet");
+  if (pin->backend) return setup_backed(m, as, std::move(pin));
   const bool want_system = (m.flags & MIGRATE_VMA_SELECT_SYSTEM) && !pin->closing.load();
   const bool want_private = m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
   const bool want_coherent = m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT;
@@ -738,13 +772,15 @@ Status migrate_vma_setup(MigrateVma& m) {
 void migrate_vma_pages(MigrateVma& m) {
   if (m.internal_pin == nullptr) return;  // setup failed or was not called
   AddressSpace::Impl& as = m.address_space->impl();
+  mm::Region& region = **static_cast<mm::RegionPin*>(m.internal_pin);
+  const bool backed = region.backend != nullptr;
   for (std::uint64_t i = 0; i < m.npages; ++i) {
     if (!entry_migrating(m.src[i])) continue;
     const std::uint64_t d = m.dst[i];
     bool ok = entry_valid(d);
     if (ok && is_system_entry(d)) ok = as.staging.contains(system_page_address(d));
     if (ok && is_device_entry(d)) ok = migrate_pfn_to_device_page(d) != nullptr;
-    if (ok && !entry_valid(m.src[i])) {
+    if (ok && !entry_valid(m.src[i]) && !backed) {
       // A hole is filled only if it is still unpopulated.
       const VirtAddr addr = m.start + i * kPageSize;
       mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
@@ -758,6 +794,7 @@ void migrate_vma_pages(MigrateVma& m) {
     }
     if (!ok) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
   }
+  if (backed) region.backend->migrate_commit(as, m, region.backend_offset + (m.start - region.info.start));
   // (The MIGRATE invalidation went out in setup, before anything was
   // unmapped, as the kernel's collect step sends it.)
 }
@@ -780,6 +817,13 @@ PageEntry gone_in_transit(PageEntry installed) {
 void migrate_vma_finalize(MigrateVma& m) {
   if (m.internal_pin == nullptr) return;
   AddressSpace::Impl& as = m.address_space->impl();
+  if (mm::Region& region = **static_cast<mm::RegionPin*>(m.internal_pin); region.backend) {
+    finalize_backed(m, as, region);
+    delete static_cast<mm::RegionPin*>(m.internal_pin);
+    m.internal_pin = nullptr;
+    as.migration_end();
+    return;
+  }
   Installer installer(as);
   struct Unlock {
     mm::EntrySlot* slot;
@@ -899,6 +943,20 @@ Status collect_device_page(std::uint64_t* src_entry, DevicePfn pfn) {
   DevicePage* page = DevicePagemap::page_from_pfn(pfn);
   if (page == nullptr) return Status::error(EINVAL, "pfn outside every registered page map");
   if (!page->try_get()) return Status::ok();  // free
+  if (page->holder() != nullptr) {
+    // A page of a shared or file-backed object: its holder brings the data
+    // back into the object itself (there is no mapping to restore), and
+    // the driver has nothing to copy.
+    if (page->trylock()) {
+      if (DevicePageHolder* holder = page->holder(); holder != nullptr) {
+        holder->evict(*page);  // unlocks
+      } else {
+        page->unlock();
+      }
+    }
+    page->put();
+    return Status::ok();
+  }
   const DevicePage::Mapping where = page->mapping();
   if (where.address_space == nullptr) {
     page->put();

@@ -30,9 +30,12 @@ Status AddressSpace::Impl::init() {
   const std::uint64_t features =
       platform::kFeatureMove | platform::kFeaturePoison | kEvents | (in_thread ? UFFD_FEATURE_SIGBUS : 0);
   // Shared and file-backed regions track written pages with asynchronous
-  // write-protection (docs/adr/0006-file-cache.md); without it they are
-  // refused, everything else works.
-  constexpr std::uint64_t kSharedWp = platform::kFeatureWpAsync | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+  // write-protection, and take minor faults so that a page the cache holds
+  // can be kept from the CPU while it moves to a device
+  // (docs/adr/0006-file-cache.md); without them they are refused,
+  // everything else works.
+  constexpr std::uint64_t kSharedWp =
+      platform::kFeatureWpAsync | UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_MINOR_SHMEM;
   auto u = platform::Uffd::open(features | kSharedWp, /*nonblocking=*/true);
   shared_write_tracking = u.is_ok();
   if (!u) u = platform::Uffd::open(features, /*nonblocking=*/true);
@@ -291,7 +294,11 @@ Result<VirtAddr> AddressSpace::Impl::map_backed(int fd, std::uint64_t offset, st
   // uhmm later moves (or the cache drops) would silently differ between
   // the two.  The child gets no mapping at all instead.
   if (Status s = platform::advise(addr, length, MADV_DONTFORK); !s) return fail(s);
-  const std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (track_writes ? UFFDIO_REGISTER_MODE_WP : 0);
+  // Minor faults too: an access to a page the object holds but this
+  // mapping does not map (another mapping read it in, or the cache took it
+  // from every mapping to move it) reaches the backend.
+  const std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (track_writes ? UFFDIO_REGISTER_MODE_WP : 0) |
+                             (shared_write_tracking ? UFFDIO_REGISTER_MODE_MINOR : 0);
   if (Status s = uffd.register_range(addr, length, mode); !s) return fail(s);
   if (track_writes) {
     // Every page starts protected, present or not (markers in empty slots):

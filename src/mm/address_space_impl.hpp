@@ -22,6 +22,7 @@
 #include "platform/uffd.hpp"
 #include "uhmm/address_space.hpp"
 #include "uhmm/device_memory.hpp"
+#include "uhmm/migrate.hpp"
 
 namespace uhmm {
 
@@ -40,13 +41,47 @@ class RegionBackend {
     kBeyondEnd,  // past the end of the object: the access gets SIGBUS from the kernel
     kFailed,     // the page could not be read: the access ends in SIGBUS
   };
-  /// Serves a missing-page fault at `page` (page aligned), `offset` bytes
-  /// into the object; `pages_left` pages of the region start there (it may
-  /// fill them too).  Runs on a fault-service thread or in the faulting
-  /// thread's SIGBUS handler, with no mm lock held; may block on I/O.  It
-  /// wakes nobody at `page`: the caller does.
+  /// Serves a fault at `page` (page aligned), `offset` bytes into the
+  /// object, where this mapping maps nothing: the object lacks the page
+  /// (missing), holds it without this mapping having it mapped (minor), or
+  /// keeps it on a device (brought back first).  `pages_left` pages of the
+  /// region start there (it may fill them too).  Runs on a fault-service
+  /// thread, in the faulting thread's SIGBUS handler, or for
+  /// hmm_range_fault, with no mm lock held; may block on I/O.  It wakes
+  /// nobody at `page`: the caller does.
   virtual Fault fault_missing(AddressSpace::Impl& as, VirtAddr page, std::uint64_t offset, std::size_t pages_left,
                               bool write) = 0;
+
+  /// migrate_vma_setup on [m.start, m.end) of one of the object's mappings
+  /// (protection `prot`), whose first page is `offset` bytes into the
+  /// object: fills src[] with
+  /// the object's pages the selection takes, each kept from every mapping
+  /// (and from the object's own read/write) until migrate_finish.  Holes are
+  /// not collected: a page the object lacks is not in memory to move.
+  /// Returns how many were collected.
+  virtual std::uint64_t migrate_collect(AddressSpace::Impl& as, MigrateVma& m, std::uint64_t offset, int prot) = 0;
+  /// migrate_vma_pages' side: clears MIGRATE where dst[] cannot hold the
+  /// page (a device of the first stage and a dirty page it could not write
+  /// back, say), so that the driver learns it, as from the kernel's.
+  virtual void migrate_commit(AddressSpace::Impl& as, MigrateVma& m, std::uint64_t offset) = 0;
+  /// migrate_vma_finalize's side: pages whose src[] kept MIGRATE now live
+  /// at dst[]; the others stay where they were.  Counts into `moved`.
+  struct Moved {
+    std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
+  };
+  virtual void migrate_finish(AddressSpace::Impl& as, MigrateVma& m, std::uint64_t offset, Moved& moved) = 0;
+
+  /// hmm_range_fault's look at the page `offset` bytes into the object.
+  struct Look {
+    enum Kind : std::uint8_t {
+      kAbsent,   // not in memory: a fault reads it in
+      kPresent,  // in memory, where the CPU maps it (at the mapping's address)
+      kDevice,   // on a device: `page` (valid while the object holds it)
+    } kind = kAbsent;
+    const DevicePage* page = nullptr;
+    bool device_writable = false;  // kDevice: the device may write it in place
+  };
+  virtual Look look_up(std::uint64_t offset) const = 0;
   /// The application discarded or unmapped [offset, offset + len) of one of
   /// the object's mappings behind uhmm's back (madvise, munmap, mremap):
   /// whatever the page tables knew there (which pages were written) is gone.

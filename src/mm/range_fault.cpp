@@ -115,21 +115,30 @@ class Walk {
  public:
   Walk(AddressSpace::Impl& as, HmmRange& range) : as_(as), range_(range) {}
 
+  /// Whether the page of the last kFault stop is in memory now: a fault
+  /// that leaves it out made no progress.
+  bool fault_left_page_out(const PageEntry& after) const {
+    if (fault_backend_) return fault_backend_->look_up(fault_offset_).kind == mm::RegionBackend::Look::kAbsent;
+    return after.state() == PageState::kNone && !after.locked();
+  }
+
   /// Fills entries from `from` to the end of the range, or stops at the
   /// first page that needs more than a look.
   Stop run(VirtAddr from) {
+    fault_backend_.reset();
     VirtAddr at = from;
     while (at < range_.end) {
       Stretch s = stretch_at(as_, at, range_.end);
       // No managed mapping, or one the device may not read: ERROR, or
       // EFAULT if a fault was asked for anywhere in it.
-      // FIXME(issue 5, stage 1): mirrors of shared and file-backed ranges;
-      // until then they read as unmapped.
-      if (!s.pin || !(s.pin->info.prot & PROT_READ) || s.pin->backend) {
+      if (!s.pin || !(s.pin->info.prot & PROT_READ)) {
         const std::uint64_t first = index_of(at.vpn());
         const std::uint64_t count = (s.end - at) / kPageSize;
         if (any_fault_requested(range_, first, count)) return Stop{Stop::kError, at, false, EFAULT};
         std::fill_n(range_.hmm_pfns + first, count, std::uint64_t{HMM_PFN_ERROR});
+      } else if (s.pin->backend) {
+        const Stop stop = walk_backed(*s.pin, at, s.end);
+        if (stop.kind != Stop::kDone) return stop;
       } else {
         const Stop stop = walk_region(*s.pin, at, s.end);
         if (stop.kind != Stop::kDone) return stop;
@@ -163,6 +172,53 @@ class Walk {
       v = chunk_end;
     }
     return stop;
+  }
+
+  /// A shared or file-backed range: its pages are the object's, and the
+  /// object says where each is (docs/adr/0006-file-cache.md).
+  Stop walk_backed(const mm::Region& region, VirtAddr from, VirtAddr to) {
+    writable_ = (region.info.prot & PROT_WRITE) != 0;
+    for (VirtAddr addr = from; addr < to; addr = addr + kPageSize) {
+      std::uint64_t& out = range_.hmm_pfns[index_of(addr.vpn())];
+      const Request q = request_of(range_, out);
+      const std::uint64_t offset = region.backend_offset + (addr - region.info.start);
+      const mm::RegionBackend::Look look = region.backend->look_up(offset);
+      Need need = Need::kNothing;
+      switch (look.kind) {
+        case mm::RegionBackend::Look::kPresent:
+          need = need_fault(q, true, writable_);
+          if (need == Need::kNothing)
+            out = addr.vpn().value | HMM_PFN_VALID | (writable_ ? std::uint64_t{HMM_PFN_WRITE} : 0);
+          break;
+        case mm::RegionBackend::Look::kDevice: {
+          const DevicePagemap& map = look.page->pagemap();
+          if (range_.dev_private_owner != nullptr && map.type() == PagemapType::kPrivate &&
+              map.owner() == range_.dev_private_owner) {
+            // The driver's own page: never faulted, unless a write is asked
+            // of a page the device holds read-only (the first stage).
+            const bool device_writable = look.device_writable && writable_;
+            need = need_fault(q, true, device_writable);
+            if (need == Need::kNothing)
+              out = look.page->pfn().value | HMM_PFN_VALID | (device_writable ? std::uint64_t{HMM_PFN_WRITE} : 0);
+          } else {
+            need = need_fault(q, false, false);
+            if (need == Need::kNothing) out = 0;
+          }
+          break;
+        }
+        case mm::RegionBackend::Look::kAbsent:
+          need = need_fault(q, false, false);
+          if (need == Need::kNothing) out = 0;
+          break;
+      }
+      if (need == Need::kWriteFault && !writable_) return Stop{Stop::kError, addr, true, EPERM};
+      if (need != Need::kNothing) {
+        fault_backend_ = region.backend;
+        fault_offset_ = offset;
+        return Stop{Stop::kFault, addr, need == Need::kWriteFault, 0};
+      }
+    }
+    return Stop{};
   }
 
   /// One page: stores its result, or says what must happen first.
@@ -246,6 +302,10 @@ class Walk {
   AddressSpace::Impl& as_;
   HmmRange& range_;
   bool writable_ = false;  // of the region being walked
+  // A kFault stop in a shared or file-backed range: the object (kept alive
+  // past the walk's pin) and the page's offset in it.
+  std::shared_ptr<mm::RegionBackend> fault_backend_;
+  std::uint64_t fault_offset_ = 0;
 };
 
 /// Waits until the entry of `addr` is unlocked, politely (the migration
@@ -299,8 +359,7 @@ Status hmm_range_fault(HmmRange& range) {
         if (result == AddressSpace::Impl::FaultResult::kFailed)
           return Status::error(EFAULT, "hmm_range_fault: the device could not bring a page back");
         const PageEntry after = as.table.load(stop.addr.vpn());
-        if (result == AddressSpace::Impl::FaultResult::kResolved && after.state() == PageState::kNone &&
-            !after.locked()) {
+        if (result == AddressSpace::Impl::FaultResult::kResolved && walk.fault_left_page_out(after)) {
           if (++fruitless >= 3) return Status::error(ENOMEM, "hmm_range_fault: cannot populate a page");
         } else {
           fruitless = 0;

@@ -157,6 +157,19 @@ PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wa
   return r;
 }
 
+int Uffd::continue_range(VirtAddr dst, std::size_t len, bool wake, bool write_protect) {
+  for (;;) {
+    struct uffdio_continue c {};
+    c.range.start = dst.value;
+    c.range.len = len;
+    c.mode = (wake ? 0 : UFFDIO_CONTINUE_MODE_DONTWAKE) | (write_protect ? kContinueModeWp : 0);
+    if (::ioctl(fd_, UFFDIO_CONTINUE, &c) == 0) return 0;
+    const int e = errno;
+    if (e == EAGAIN && (!on_busy_ || on_busy_())) continue;
+    return e;
+  }
+}
+
 Status Uffd::zeropage(VirtAddr dst, std::size_t len, bool wake) {
   struct uffdio_zeropage z {};
   z.range.start = dst.value;

@@ -41,6 +41,7 @@ inline constexpr unsigned long kUffdioMove = _IOWR(UFFDIO, 0x05, UffdioMove);
 inline constexpr unsigned long kUffdioPoison = _IOWR(UFFDIO, 0x08, UffdioPoison);
 inline constexpr std::uint64_t kMoveModeDontWake = 1u << 0;
 inline constexpr std::uint64_t kMoveModeAllowSrcHoles = 1u << 1;
+inline constexpr std::uint64_t kContinueModeWp = 1u << 1;
 
 /// The outcome of a range operation that may stop part way (MOVE, COPY).
 struct PartialResult {
@@ -85,6 +86,10 @@ class Uffd {
   /// here, not spin.  Set before other threads use the uffd.
   void set_on_busy(std::function<bool()> fn) { on_busy_ = std::move(fn); }
   Status zeropage(VirtAddr dst, std::size_t len, bool wake);
+  /// UFFDIO_CONTINUE: maps the page cache's pages of a shared range
+  /// registered in minor mode (EAGAIN retried as for COPY).  0, or the errno:
+  /// EFAULT when the page cache lacks a page, EEXIST when one is mapped.
+  int continue_range(VirtAddr dst, std::size_t len, bool wake, bool write_protect);
   Status poison(VirtAddr dst, std::size_t len);
   Status wake(VirtAddr start, std::size_t len);
 

@@ -207,6 +207,9 @@ class SimDevice::Mirror final : public IntervalNotifierOps {
     // A device-coherent page (this device's or another's): CPU memory at its
     // virtual address, reached fault-safe like a system page.
     bool coherent = false;
+    // device: the page, so that a write marks it dirty (a page of a file
+    // must reach the file when it comes back).
+    DevicePage* page = nullptr;
   };
 
   Mirror(Mirrors& stats, const void* owner) : stats_(stats), owner_(owner) {}
@@ -318,6 +321,10 @@ Status SimDevice::init() {
   // The CPU never faults on coherent pages: no migrate_to_ram.
   if (!coherent) {
     config.ops.migrate_to_ram = [this](const CpuFault& fault) { return migrate_to_ram(fault); };
+    if (options_.file_pages == FilePages::kCopiedBack)
+      config.ops.migrate_to_pagecache = [this](DevicePage& page, std::span<std::byte> dst) {
+        return copy_to_pagecache(page, dst);
+      };
   } else {
     config.coherent_memory = arena_;
   }
@@ -384,6 +391,17 @@ DevicePage* SimDevice::alloc_page() {
 void SimDevice::free_page(DevicePage& page) {
   stats_.add(Counter::device_page_free);
   free_list_->give(page.index());
+}
+
+Status SimDevice::copy_to_pagecache(DevicePage& page, std::span<std::byte> dst) {
+  std::vector<CopyOp> op{CopyOp{page_memory(page), dst.data()}};
+  dma_->copy(op);
+  if (!op[0].ok) {
+    stats_.add(Counter::dma_copy_fail);
+    return Status::error(EIO, "device copy failed");
+  }
+  stats_.add(Counter::dma_bytes_from_device, kPageSize);
+  return Status::ok();
 }
 
 // One batch's device copy, in three steps: prepare (allocate destinations
@@ -746,6 +764,7 @@ Status SimDevice::service_device_fault(Mirror& m, AddressSpace& as, std::uint64_
       if (DevicePage* page = hmm_pfn_to_device_page(w)) {
         e.device = page->pagemap().owner() == owner();
         e.coherent = page->pagemap().type() == PagemapType::kCoherent;
+        if (e.device) e.page = page;
         e.memory = e.coherent ? static_cast<std::byte*>(VirtAddr::from_vpn(Vpn{first_vpn + i}).ptr())
                               : page_memory(*page);
       } else {
@@ -852,6 +871,7 @@ Status SimDevice::device_write(AddressSpace& as, VirtAddr addr, std::span<const 
     const VirtAddr lo = std::max(page, addr), hi = std::min(page + kPageSize, addr + in.size());
     if ((e.device && !e.coherent) || e.atomic) {
       std::memcpy(e.memory + (lo - page), in.data() + (lo - addr), hi - lo);
+      if (e.page != nullptr) e.page->set_dirty();
     } else {
       system_pieces.emplace_back(lo, hi);
     }
@@ -876,6 +896,7 @@ Status SimDevice::run_kernel(AddressSpace& as, VirtAddr addr, std::size_t length
       coherent_pages.push_back(page);
     } else {
       fn(std::span<std::byte>(e.memory, kPageSize), page);
+      if (e.page != nullptr) e.page->set_dirty();  // a kernel may write what it is given
     }
   }));
   std::vector<std::byte> copy(kPageSize);
