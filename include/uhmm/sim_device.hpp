@@ -134,8 +134,13 @@ class SimDevice {
 
   /// Migrates [addr, addr+length) of `as` to the device in batches.  Pages
   /// that cannot move (pinned, busy, device full, copy error) stay on the
-  /// CPU with their data intact; the report says how many.
-  Result<MigrateReport> migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length);
+  /// CPU with their data intact; the report says how many.  `client_faults`,
+  /// if given, is consulted by this call's device page allocations before
+  /// the device's own: fault injection armed by one client of the device
+  /// that must not fire for another (the dmirror emulation's per-fd
+  /// FAIL_ALLOC).
+  Result<MigrateReport> migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length,
+                                          FaultInjection* client_faults = nullptr);
   /// Migrates this device's pages of [addr, addr+length) back to system
   /// memory (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, or _DEVICE_COHERENT).
   Result<MigrateReport> migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length);
@@ -193,12 +198,12 @@ class SimDevice {
  private:
   SimDevice(SimDeviceOptions options);
   Status init();
-  DevicePage* alloc_page();
+  DevicePage* alloc_page(FaultInjection* client_faults);
   void free_page(DevicePage& page);
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   FaultOutcome migrate_one_to_ram(AddressSpace& as, const CpuFault& fault);
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
-                                      bool to_device);
+                                      bool to_device, FaultInjection* client_faults);
   class Mirror;
   struct Mirrors;
   enum class Need : std::uint8_t { kRead, kWrite, kResident };

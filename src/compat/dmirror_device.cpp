@@ -289,7 +289,10 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
   // updates and device-memory copies; never across a uhmm call.
   Mutex mutex_{LockRank::kDeviceDriver};
   std::map<std::uint64_t, Entry> entries_ UHMM_GUARDED_BY(mutex_);
-  std::atomic<std::uint64_t> flags_{0};
+  // The fd's FLAGS: FAIL_ALLOC arms a one-shot failure of the next device
+  // page allocation of a migration through this fd, the kernel's per-open
+  // flag (other fds of the device are not affected).
+  sim::FaultInjection fail_alloc_;
 };
 
 // ---- mirror ----------------------------------------------------------------
@@ -543,9 +546,12 @@ int DmirrorFile::run(DmirrorOp op, DmirrorCmd& cmd) {
       return r ? 0 : r.code();
     }
     case DmirrorOp::kFlags:
-      flags_.store(cmd.npages);
-      // FIXME(issue 4): device-wide, where the kernel's flag is per fd (ADR 0005).
-      if (cmd.npages & kDmirrorFlagFailAlloc) dev_.faults().fail_alloc_after(0);
+      // The value replaces the fd's flags: without FAIL_ALLOC it disarms it.
+      if (cmd.npages & kDmirrorFlagFailAlloc) {
+        fail_alloc_.fail_alloc_after(0);
+      } else {
+        fail_alloc_.disarm();
+      }
       return 0;
   }
   return EINVAL;
@@ -633,7 +639,8 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
       // Clean file pages stay (the kernel does not move page-cache pages):
       // they are missing from the mirror afterwards, so ENOENT below.
       for (const auto& [f, e] : rt_.file_pages->outside(c >> kPageShift, ce >> kPageShift)) {
-        const auto moved = dev_.migrate_to_device(as_, VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize);
+        const auto moved =
+            dev_.migrate_to_device(as_, VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize, &fail_alloc_);
         if (!moved) return moved.code();
       }
       const Status mapped = walk_and_map(c, ce, 0, /*only_own=*/true, Clock::now() + kPatience);

@@ -220,6 +220,26 @@ static void test_fail_alloc(int fd) {
   errno = 0;
   CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == -1 && errno == ENOENT); /* the one page was not migrated */
   CHECK(cmd(fd, DM_TO_DEV, buf, out, 2, &c) == 0 && c.cpages == 2); /* once only */
+  CHECK(same(buf, 2, 500)); /* the CPU takes both pages back */
+  /* The flag belongs to the fd that set it, as the kernel's per-open flag:
+   * another fd of the same device migrates as usual, and the next migration
+   * through the fd that set it still fails once. */
+  int other = open("/dev/hmm_dmirror0", O_RDWR);
+  CHECK(other >= 0);
+  CHECK(cmd(other, DM_FLAGS, buf, NULL, 1, &c) == 0);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == 0 && c.cpages == 1);
+  errno = 0;
+  CHECK(cmd(other, DM_TO_DEV, buf + PAGE, out, 1, &c) == -1 && errno == ENOENT);
+  CHECK(cmd(other, DM_TO_DEV, buf + PAGE, out, 1, &c) == 0 && c.cpages == 1);
+  /* FLAGS replaces the fd's flags: a value without bit 0 disarms it before
+   * it fires (0 itself is refused, as any npages 0). */
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, 2, &c) == 0 && c.cpages == 2);
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 1, &c) == 0);
+  errno = 0;
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 0, &c) == -1 && errno == EINVAL);
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 2, &c) == 0);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == 0 && c.cpages == 1);
+  close(other); /* evicts the device: every page back */
   CHECK(same(buf, 2, 500));
   munmap(buf, 2 * PAGE);
   munmap(out, 2 * PAGE);

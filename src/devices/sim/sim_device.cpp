@@ -172,7 +172,7 @@ class SimDevice::Prefetcher {
       // errors as Status, and a failed prefetch only means a later fault.
       if (!tasks.front().pin->closing.load(std::memory_order_acquire))
         (void)dev_.migrate_range(*tasks.front().as, tasks.front().block, tasks.size() * kHugePageSize,
-                                 /*to_device=*/false);
+                                 /*to_device=*/false, nullptr);
     }
   }
 
@@ -366,8 +366,8 @@ std::uint64_t SimDevice::free_pages() const {
 
 std::byte* SimDevice::page_memory(const DevicePage& page) { return arena_ + page.index() * kPageSize; }
 
-DevicePage* SimDevice::alloc_page() {
-  if (faults_.should_fail_alloc()) {
+DevicePage* SimDevice::alloc_page(FaultInjection* client_faults) {
+  if ((client_faults != nullptr && client_faults->should_fail_alloc()) || faults_.should_fail_alloc()) {
     stats_.add(Counter::device_alloc_fail);
     return nullptr;
   }
@@ -395,13 +395,14 @@ struct SimDevice::Transfer {
   std::vector<std::size_t> index;          // ops[k] is for entry index[k]
   std::vector<DevicePage*> device_pages;   // destinations, to the device
   std::vector<std::uint64_t> system_pfns;  // destinations, to system memory
+  FaultInjection* client_faults = nullptr;  // to the device: see migrate_to_device
 };
 
 bool SimDevice::prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r) {
   if (t.to_device) {
     for (std::size_t i = 0; i < src.size(); ++i) {
       if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
-      DevicePage* page = alloc_page();
+      DevicePage* page = alloc_page(t.client_faults);
       if (page == nullptr) continue;  // out of device memory: stays on the CPU
       const bool hole = !(src[i] & MIGRATE_PFN_VALID);
       if (hole && r != nullptr) ++r->holes;
@@ -465,7 +466,7 @@ bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint
 }
 
 Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
-                                               bool to_device) {
+                                               bool to_device, FaultInjection* client_faults) {
   if (length == 0) return Status::error(EINVAL, "zero length");
   if (!addr.page_aligned() || length % kPageSize != 0) return Status::error(EINVAL, "range not page aligned");
   const auto region = as.find_region(addr);
@@ -505,6 +506,7 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     }
     report.pages_requested += (next - cur) / kPageSize;
     flight->transfer.to_device = to_device;
+    flight->transfer.client_faults = client_faults;
     (void)prepare(flight->transfer, flight->mig->src(), as, &report);  // no memory: the batch stays put
     if (!previous && next >= addr + length) {
       // A single batch has nothing to overlap with: copy on this thread
@@ -529,12 +531,13 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
   return report;
 }
 
-Result<MigrateReport> SimDevice::migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length) {
-  return migrate_range(as, addr, length, true);
+Result<MigrateReport> SimDevice::migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length,
+                                                   FaultInjection* client_faults) {
+  return migrate_range(as, addr, length, true, client_faults);
 }
 
 Result<MigrateReport> SimDevice::migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length) {
-  return migrate_range(as, addr, length, false);
+  return migrate_range(as, addr, length, false, nullptr);
 }
 
 FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
