@@ -2,6 +2,7 @@
 #include "compat/pagemap.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -65,23 +66,53 @@ bool is_own_pagemap_path(const char* path) {
   return end != rest && pid == static_cast<long>(::getpid()) && std::strcmp(end, "/pagemap") == 0;
 }
 
+PagemapFds::Block* PagemapFds::block(int fd, bool make) {
+  if (fd < kBlockFds) return &first_;
+  std::atomic<Block*>& slot = blocks_[static_cast<unsigned>(fd) / kBlockFds];
+  Block* b = slot.load(std::memory_order_acquire);
+  if (b != nullptr || !make) return b;
+  // mmap, not new: this runs inside the interposed open and dup, which
+  // must not depend on malloc's state.  Zero pages are a valid empty Block.
+  void* m = ::mmap(nullptr, sizeof(Block), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  auto* fresh = static_cast<Block*>(m);
+  if (slot.compare_exchange_strong(b, fresh, std::memory_order_acq_rel)) return fresh;
+  ::munmap(m, sizeof(Block));  // another thread mapped it first: b is its block
+  return b;
+}
+
 void PagemapFds::opened(int fd) {
-  if (fd < 0 || fd >= kMaxFd) return;  // FIXME(issue 4): such an fd reads the kernel's entries unpatched
+  if (fd < 0) return;
   struct stat st {};
   if (::fstat(fd, &st) != 0) return;
-  inodes_[fd].store(st.st_ino, std::memory_order_relaxed);
-  marks_[static_cast<unsigned>(fd) / 64].fetch_or(std::uint64_t{1} << (fd % 64), std::memory_order_acq_rel);
+  Block* b = block(fd, true);
+  if (b == nullptr) return;
+  const int i = fd % kBlockFds;
+  b->inodes[i].store(st.st_ino, std::memory_order_relaxed);
+  b->marks[static_cast<unsigned>(i) / 64].fetch_or(std::uint64_t{1} << (i % 64), std::memory_order_acq_rel);
+}
+
+void PagemapFds::duplicated(int fd, int copy) {
+  if (copy < 0 || copy == fd) return;
+  if (is(fd)) {
+    opened(copy);
+  } else if (maybe(copy)) {
+    closed(copy);
+  }
 }
 
 void PagemapFds::closed(int fd) {
-  if (fd < 0 || fd >= kMaxFd) return;
-  marks_[static_cast<unsigned>(fd) / 64].fetch_and(~(std::uint64_t{1} << (fd % 64)), std::memory_order_acq_rel);
+  if (fd < 0) return;
+  Block* b = block(fd, false);
+  if (b == nullptr) return;
+  const int i = fd % kBlockFds;
+  b->marks[static_cast<unsigned>(i) / 64].fetch_and(~(std::uint64_t{1} << (i % 64)), std::memory_order_acq_rel);
 }
 
 bool PagemapFds::is(int fd) {
   if (!maybe(fd)) return false;
   struct stat st {};
-  return ::fstat(fd, &st) == 0 && st.st_ino == inodes_[fd].load(std::memory_order_relaxed);
+  return ::fstat(fd, &st) == 0 && st.st_ino == block(fd, false)->inodes[fd % kBlockFds].load(std::memory_order_relaxed);
 }
 
 }  // namespace uhmm::compat

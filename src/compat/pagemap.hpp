@@ -60,25 +60,49 @@ Result<std::vector<std::uint64_t>> read_own_pagemap(std::uintptr_t start, std::u
 /// /proc/thread-self/pagemap or /proc/<our pid>/pagemap.
 bool is_own_pagemap_path(const char* path);
 
-/// The fds the program opened on its pagemap (one bit per fd below
-/// kMaxFd, and the inode, so that a number reused behind our back
-/// through dup2 is not mistaken for one).
+/// The fds the program opened on its pagemap, or made from one (dup,
+/// dup2, dup3, fcntl F_DUPFD): one bit per fd, and the inode, so that a
+/// number reused behind our back is not mistaken for one.  Any fd number
+/// the kernel can hand out: fds below kBlockFds live in a static block,
+/// each further block of kBlockFds numbers is mapped the first time an fd
+/// in it is recorded and never unmapped, so a read of a lower fd costs one
+/// atomic load, and a read of a higher one a second load (its block) and
+/// no lock.  Blocks are small (36 KiB) so that a program with a few high
+/// fds pays little, and so that the mapped blocks are reached under the
+/// usual fd limits (tests/compat).
 class PagemapFds {
  public:
-  static constexpr int kMaxFd = 1 << 16;
+  static constexpr int kBlockFds = 1 << 12;
   static bool maybe(int fd) {
-    return fd >= 0 && fd < kMaxFd &&
-           ((marks_[static_cast<unsigned>(fd) / 64].load(std::memory_order_acquire) >> (fd % 64)) & 1);
+    if (fd < 0) return false;
+    const Block* b = fd < kBlockFds ? &first_ : blocks_[fd / kBlockFds].load(std::memory_order_acquire);
+    return b != nullptr && b->marked(fd % kBlockFds);
   }
   /// Records an fd just opened on the pagemap (its inode from fstat).
   static void opened(int fd);
+  /// Records `copy`, just made from `fd` by dup*, if `fd` is a pagemap fd;
+  /// forgets `copy`'s old number otherwise (dup2 closed what it was).
+  static void duplicated(int fd, int copy);
   static void closed(int fd);
   /// maybe(fd), confirmed by the fd's inode (one fstat).
   static bool is(int fd);
 
  private:
-  static inline std::atomic<std::uint64_t> marks_[kMaxFd / 64] = {};
-  static inline std::atomic<std::uint64_t> inodes_[kMaxFd] = {};  // bss: only touched pages cost memory
+  struct Block {
+    std::atomic<std::uint64_t> marks[kBlockFds / 64];
+    std::atomic<std::uint64_t> inodes[kBlockFds];
+    bool marked(int i) const {
+      return (marks[static_cast<unsigned>(i) / 64].load(std::memory_order_acquire) >> (i % 64)) & 1;
+    }
+  };
+  // fds are ints: this many blocks cover every non-negative one (4 MiB of
+  // bss, of which only the pages of blocks in use are ever touched).
+  static constexpr std::size_t kBlocks = (std::size_t{1} << 31) / kBlockFds;
+  /// The block of `fd`, mapped if `make` and not there yet; nullptr if it
+  /// is not there (or cannot be mapped: that fd then reads unpatched).
+  static Block* block(int fd, bool make);
+  static inline Block first_ = {};  // bss: only touched pages cost memory
+  static inline std::atomic<Block*> blocks_[kBlocks] = {};  // [0] unused: first_
 };
 
 }  // namespace uhmm::compat

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -356,6 +357,24 @@ static uint64_t pagemap_entry(int pm, const void *p, int how) {
   return w;
 }
 
+/* An fd number past 65535 if the fd limit can be raised that far, else the
+ * highest one it allows. */
+static int high_fd(void) {
+  const rlim_t want = 70001;
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return -1;
+  if (rl.rlim_cur < want) {
+    struct rlimit up = {want, rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? rl.rlim_max : want};
+    if (setrlimit(RLIMIT_NOFILE, &up) != 0) {
+      rl.rlim_cur = rl.rlim_max;
+      (void)setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    (void)getrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (rl.rlim_cur < want) fprintf(stderr, "note: fd limit %lu: fd %lu stands for one past 65535\n", (unsigned long)rl.rlim_cur, (unsigned long)rl.rlim_cur - 1);
+  return (int)(rl.rlim_cur < want ? rl.rlim_cur - 1 : want - 1);
+}
+
 /* A device-private page reads as swapped in the program's own pagemap, as
  * the kernel reports it; back in system memory it is present again. */
 static void test_pagemap(int fd) {
@@ -395,6 +414,17 @@ static void test_pagemap(int fd) {
   CHECK(cmd(fd, DM_TO_DEV, buf, out, 4, &c) == 0);
   CHECK((pagemap_entry(pm2, buf + 3 * PAGE, 0) & (PM_PRESENT | PM_SWAP)) == PM_SWAP);
   close(pm2);
+  /* Copies of the pagemap fd read patched entries too, whatever their
+   * number: dup, fcntl, and dup2 to a number past 65535 (or the highest
+   * the fd limit allows, when it cannot be raised that far). */
+  int copies[3] = {dup(pm), fcntl(pm, F_DUPFD_CLOEXEC, 100), dup2(pm, high_fd())};
+  for (int k = 0; k < 3; ++k) {
+    CHECK(copies[k] >= 0);
+    if (copies[k] < 0) continue;
+    for (unsigned long i = 0; i < 4; ++i)
+      CHECK((pagemap_entry(copies[k], buf + i * PAGE, k) & (PM_PRESENT | PM_SWAP)) == PM_SWAP);
+    close(copies[k]);
+  }
   close(pm);
   CHECK(cmd(fd, DM_TO_SYS, buf, out, 4, &c) == 0);
   CHECK(same(buf, 4, 1000) == 0 && ((unsigned *)buf)[1] == 1001); /* page 0 byte 0 flipped above */
