@@ -1,6 +1,9 @@
 // uhmm/sim_device.hpp: the simulated device, uhmm's default device.
 //
-// Device memory is a host arena.  By default it is device-private: uhmm
+// Device memory is host arenas: one of memory_bytes at creation and, when
+// the device may grow, one more of grow_bytes each time every page is in
+// use (each arena is a page map of its own, as the kernel's drivers add
+// memory in chunks).  By default it is device-private: uhmm
 // never maps it into managed ranges, and the CPU cannot reach it through a
 // managed address.  With memory_type = kCoherent it is device-coherent
 // memory: the arena is the page map's coherent_memory, a page on the device
@@ -40,7 +43,13 @@ struct LinkModel {
 };
 
 struct SimDeviceOptions {
-  std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size
+  std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size (the first chunk when it grows)
+  /// 0: memory_bytes is all the memory the device has.  Otherwise an
+  /// allocation that finds every page in use adds a chunk of this size, a
+  /// new arena and page map with the same owner, without limit: it fails
+  /// only when the host cannot map another chunk.  Chunks stay until the
+  /// device is destroyed.
+  std::size_t grow_bytes = 0;
   /// kPrivate (CPU accesses fault the page back) or kCoherent (the CPU maps
   /// device pages in place; they come back only when migrated explicitly).
   PagemapType memory_type = PagemapType::kPrivate;
@@ -124,13 +133,17 @@ class SimDevice {
   SimDevice& operator=(const SimDevice&) = delete;
 
   const void* owner() const { return this; }
-  DevicePagemap& pagemap() { return *pagemap_; }
+  /// The page map of the first chunk: all of the device's memory unless it
+  /// grows (SimDeviceOptions::grow_bytes).
+  DevicePagemap& pagemap();
   FaultInjection& faults() { return faults_; }
   Stats& stats() { return stats_; }
   const SimDeviceOptions& options() const { return options_; }
 
-  /// Device pages not in use.
+  /// Device pages not in use, in the chunks the device has now.
   std::uint64_t free_pages() const;
+  /// The device's memory now: memory_bytes, plus grow_bytes per chunk added.
+  std::size_t memory_bytes() const;
 
   /// Migrates [addr, addr+length) of `as` to the device in batches.  Pages
   /// that cannot move (pinned, busy, device full, copy error) stay on the
@@ -222,9 +235,11 @@ class SimDevice {
   SimDeviceOptions options_;
   FaultInjection faults_;
   Stats stats_;
-  std::byte* arena_ = nullptr;
-  std::size_t arena_bytes_ = 0;
-  std::unique_ptr<DevicePagemap> pagemap_;
+  struct Chunk;
+  /// Maps a chunk of `bytes` and registers its page map; its pages are
+  /// numbered from `first_index` in the free list.
+  Result<std::unique_ptr<Chunk>> make_chunk(std::size_t bytes, std::uint64_t first_index);
+  static Chunk& chunk_of(const DevicePage& page);
   std::unique_ptr<DmaEngine> dma_;
   class Prefetcher;
   std::unique_ptr<Prefetcher> prefetcher_;

@@ -14,6 +14,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -790,6 +791,26 @@ MprotectFn libc_mprotect() {
 }
 }  // namespace
 
+sim::SimDeviceOptions dmirror_device_options(int minor) {
+  sim::SimDeviceOptions o;
+  // Minors 2 and 3: device-coherent memory, which the CPU keeps mapping
+  // after a migration (ADR 0005, "Minors").
+  o.memory_type = minor >= kPrivateMinors ? PagemapType::kCoherent : PagemapType::kPrivate;
+  std::size_t chunk = kDeviceChunkBytes;
+  if (const char* knob = std::getenv("UHMM_DMIRROR_CHUNK_BYTES"); knob != nullptr && *knob >= '0' && *knob <= '9') {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(knob, &end, 10);
+    if (end != knob && *end == '\0' && v >= kPageSize && v % kPageSize == 0) chunk = static_cast<std::size_t>(v);
+  }
+  o.memory_bytes = chunk;
+  o.grow_bytes = chunk;
+  o.warm_memory = false;
+  o.fault_around_pages = 1;  // the kernel's driver brings back the faulting page only
+  o.prefetch_blocks = 0;
+  o.batch_pages = kMigrateStepPages;
+  return o;
+}
+
 namespace {
 void atfork_prepare() { DmirrorProcess::instance().prepare_fork(); }
 void atfork_parent() { DmirrorProcess::instance().parent_after_fork(); }
@@ -856,17 +877,7 @@ Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::make_file_locked(int minor)
   if (!rt) return rt.status();
   std::unique_ptr<sim::SimDevice>& dev = (*rt)->devices[static_cast<std::size_t>(minor)];
   if (!dev) {
-    sim::SimDeviceOptions o;
-    // Minors 2 and 3: device-coherent memory, which the CPU keeps mapping
-    // after a migration (ADR 0005, "Minors").
-    o.memory_type = minor >= kPrivateMinors ? PagemapType::kCoherent : PagemapType::kPrivate;
-    // FIXME(issue 4): a fixed 2 GiB, populated on use; the kernel's grows in 256 MiB chunks without limit.
-    o.memory_bytes = std::size_t{2} << 30;
-    o.warm_memory = false;
-    o.fault_around_pages = 1;  // the kernel's driver brings back the faulting page only
-    o.prefetch_blocks = 0;
-    o.batch_pages = kMigrateStepPages;
-    auto made = sim::SimDevice::create(o);
+    auto made = sim::SimDevice::create(dmirror_device_options(minor));
     if (!made) return made.status();
     dev = std::move(*made);
   }

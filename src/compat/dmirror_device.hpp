@@ -24,6 +24,7 @@
 
 #include "compat/dmirror_abi.hpp"
 #include "core/run_set.hpp"
+#include "uhmm/sim_device.hpp"
 #include "uhmm/status.hpp"
 
 namespace uhmm {
@@ -34,6 +35,16 @@ namespace uhmm::compat {
 
 class DmirrorFile;
 struct Runtime;
+
+/// The kernel's device memory grows in chunks of this size, without limit.
+inline constexpr std::size_t kDeviceChunkBytes = std::size_t{256} << 20;
+
+/// How the simulated device behind `minor` is made (ADR 0005, "Process
+/// state"): its memory starts with one chunk and grows by one whenever it
+/// is full.  Test knob: UHMM_DMIRROR_CHUNK_BYTES, read here, sets another
+/// chunk size (page multiple, at least one page), so that tests reach later
+/// chunks with little memory; anything else in it is ignored.
+sim::SimDeviceOptions dmirror_device_options(int minor);
 
 class DmirrorProcess {
  public:

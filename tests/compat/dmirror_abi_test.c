@@ -246,6 +246,33 @@ static void test_fail_alloc(int fd) {
   munmap(out, 2 * PAGE);
 }
 
+/* Device memory grows in chunks on demand: a range larger than the first
+ * chunk moves whole, and every page, in every chunk, keeps its data.  The
+ * chunk is 256 MiB unless the library's test knob makes it smaller (ctest
+ * runs this program a second time so); with 256 MiB chunks this only moves
+ * 4 MiB. */
+static void test_device_memory_growth(int fd) {
+  const char *knob = getenv("UHMM_DMIRROR_CHUNK_BYTES");
+  unsigned long chunk = knob ? strtoul(knob, NULL, 10) : 256UL << 20;
+  unsigned long pages = chunk > (8UL << 20) ? 1024 : 3 * chunk / PAGE + 5;
+  char *buf = map_rw(pages), *out = map_rw(pages);
+  unsigned char *snap = malloc(pages);
+  struct dm_cmd c;
+  fill(buf, pages, 550);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, pages, &c) == 0 && c.cpages == pages && same(out, pages, 550));
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, pages, &c) == 0);
+  unsigned long on_device = 0;
+  for (unsigned long i = 0; i < pages; ++i) on_device += snap[i] == 0x22;
+  CHECK(on_device == pages);
+  memset(out, 0, pages * PAGE);
+  CHECK(cmd(fd, DM_READ, buf, out, pages, &c) == 0 && same(out, pages, 550));
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, pages, &c) == 0 && c.cpages == pages);
+  CHECK(same(buf, pages, 550));
+  free(snap);
+  munmap(buf, pages * PAGE);
+  munmap(out, pages * PAGE);
+}
+
 static void test_exclusive(int fd) {
   char *buf = map_rw(4), *out = map_rw(4);
   struct dm_cmd c;
@@ -892,6 +919,7 @@ int main(void) {
   test_snapshot_kinds(fd);
   test_shared_refuses(fd);
   test_fail_alloc(fd);
+  test_device_memory_growth(fd);
   test_exclusive(fd);
   test_release_and_close(fd);
   test_fork(fd);
