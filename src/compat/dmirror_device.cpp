@@ -68,7 +68,7 @@ bool convertible(const Mapping& m) {
 // sees the range unmapped or moved, or the address space go.
 //
 // Concurrency: any thread.  mutex_ is a leaf: nothing is called under it.
-class FilePages final : public IntervalNotifierOps {
+class FilePages final : public IntervalNotifierOps, public FilePageMarks {
  public:
   explicit FilePages(AddressSpace& as) : as_(as) {}
   ~FilePages() override { interval_notifier_remove(sub_); }
@@ -81,18 +81,31 @@ class FilePages final : public IntervalNotifierOps {
     if (!range.blockable) return false;
     MutexLock lock(mutex_);
     sub.set_seq(cur_seq);
-    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease)
+    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease) {
       pages_.erase(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
+      any_.store(!pages_.empty(), std::memory_order_release);
+    }
     return true;
+  }
+
+  // Lock-free when there is no clean page (a program without converted
+  // mappings pays one load per page in its pagemap reads).  The mutex is
+  // never held across a read of pagemap.
+  bool contains(Vpn vpn) const override {
+    if (!any_.load(std::memory_order_acquire)) return false;
+    MutexLock lock(mutex_);
+    return pages_.contains(vpn.value);
   }
 
   void add(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
     pages_.add(first_vpn, end_vpn);
+    any_.store(!pages_.empty(), std::memory_order_release);
   }
   void erase(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
     pages_.erase(first_vpn, end_vpn);
+    any_.store(!pages_.empty(), std::memory_order_release);
   }
   std::vector<RunSet::Run> inside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
@@ -117,8 +130,9 @@ class FilePages final : public IntervalNotifierOps {
  private:
   AddressSpace& as_;
   IntervalNotifier sub_;
-  Mutex mutex_{LockRank::kLeaf};
+  mutable Mutex mutex_{LockRank::kLeaf};
   RunSet pages_ UHMM_GUARDED_BY(mutex_);
+  std::atomic<bool> any_{false};  // !pages_.empty(), written under mutex_
 };
 
 // What exists per fork generation.  Leaked, not destroyed, in a forked
@@ -868,6 +882,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
   }
   std::lock_guard table(table_mutex_);
   runtime_ = rt;
+  published_files_.store(rt->file_pages.get(), std::memory_order_release);
   published_as_.store(rt->as.get(), std::memory_order_release);
   return rt;
 }
@@ -1067,6 +1082,7 @@ void DmirrorProcess::child_after_fork() {
     for (auto& dev : runtime_->devices) (void)dev.release();
     (void)runtime_->as.release();
     published_as_.store(nullptr, std::memory_order_release);
+    published_files_.store(nullptr, std::memory_order_release);
     runtime_ = nullptr;  // leaked: its adopt mutex may have been held by a thread that is gone
   }
   table_mutex_.unlock();

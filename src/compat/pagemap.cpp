@@ -11,7 +11,7 @@
 
 namespace uhmm::compat {
 
-std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info) {
+std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info, bool file_page) {
   using State = PageInfo::State;
   const std::uint64_t kept = kernel & ~(kPmPresent | kPmSwap | kPmMmapExclusive | kPmFrameMask);
   switch (info.state) {
@@ -22,6 +22,9 @@ std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info) {
     case State::kSystem:
     case State::kDeviceCoherent:
       if (info.locked && !(kernel & (kPmPresent | kPmSwap))) return kept | kPmSwap;
+      // Never on a device (clean pages refuse migration): only a page the
+      // CPU maps can be the file's.
+      if (file_page && info.state == State::kSystem && (kernel & kPmPresent)) return kernel | kPmFile;
       return kernel;
     case State::kNone:
       return kernel;
@@ -29,7 +32,8 @@ std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info) {
   return kernel;
 }
 
-void patch_pagemap(const AddressSpace& as, std::uint64_t offset, void* buf, std::size_t bytes) {
+void patch_pagemap(const AddressSpace& as, const FilePageMarks* files, std::uint64_t offset, void* buf,
+                   std::size_t bytes) {
   const std::uint64_t first_vpn = offset / sizeof(std::uint64_t);
   auto* p = static_cast<unsigned char*>(buf);
   for (std::size_t i = 0; i + sizeof(std::uint64_t) <= bytes; i += sizeof(std::uint64_t)) {
@@ -40,7 +44,9 @@ void patch_pagemap(const AddressSpace& as, std::uint64_t offset, void* buf, std:
     if (info.state == PageInfo::State::kNone) continue;
     std::uint64_t w;
     std::memcpy(&w, p + i, sizeof w);  // the program's buffer need not be aligned
-    const std::uint64_t patched = pagemap_word(w, info);
+    const bool file_page = files != nullptr && info.state == PageInfo::State::kSystem && (w & kPmPresent) &&
+                           files->contains(vpn);
+    const std::uint64_t patched = pagemap_word(w, info, file_page);
     if (patched != w) std::memcpy(p + i, &patched, sizeof patched);
   }
 }

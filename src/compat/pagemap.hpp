@@ -6,7 +6,8 @@
 // fds the program opens on its own pagemap and patches the 64-bit entries
 // it reads through them (docs/adr/0005-dmirror-emulation.md, "pagemap").
 //
-// Concurrency: everything here is lock-free and allocation-free: read() is
+// Concurrency: everything here is allocation-free, and lock-free up to the
+// leaf lock a FilePageMarks may take for a managed page: read() is
 // interposed for the whole process, uhmm's own userfaultfd reads included.
 #pragma once
 
@@ -41,15 +42,33 @@ inline constexpr std::uint64_t kPmFrameMask = (std::uint64_t{1} << 55) - 1;
 ///    table (uhmm holds it in a staging slot): the kernel would show a
 ///    migration entry: swapped, not present, and not "exclusive" (the kernel
 ///    does not report that bit for migration entries);
+///  - a present system page that is a clean page of a converted private
+///    file mapping (`file_page`): the kernel's entry with the file bit, as
+///    the kernel reports the page-cache page it would still map there;
 ///  - anything else (a system page, a hole, a coherent page, which stays
 ///    mapped for the CPU): the kernel's own entry.
 /// Bits the kernel reports for any entry (soft-dirty, uffd-wp, file/shared)
 /// are kept.
-std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info);
+std::uint64_t pagemap_word(std::uint64_t kernel, const PageInfo& info, bool file_page = false);
+
+/// Pages uhmm holds as anonymous memory that the kernel would still show as
+/// file pages: the clean pages of the private file mappings the library
+/// converted (ADR 0005, "Private file mappings").
+class FilePageMarks {
+ public:
+  /// Whether page `vpn` is one.  Called during interposed pagemap reads:
+  /// must not allocate, nor take a lock that is held across a read.
+  virtual bool contains(Vpn vpn) const = 0;
+
+ protected:
+  ~FilePageMarks() = default;
+};
 
 /// Patches the entries of a pagemap read: `bytes` bytes at file offset
 /// `offset` (both multiples of 8, as the kernel requires), in `buf`.
-void patch_pagemap(const AddressSpace& as, std::uint64_t offset, void* buf, std::size_t bytes);
+/// `files` (may be null): the pages to show as file pages.
+void patch_pagemap(const AddressSpace& as, const FilePageMarks* files, std::uint64_t offset, void* buf,
+                   std::size_t bytes);
 
 /// The kernel's pagemap entries of [start, end) (page aligned), one per
 /// page, read through a fresh fd (patched where uhmm manages the pages, as

@@ -324,7 +324,8 @@ void patch_read(int fd, off_t off, void* buf, ssize_t n) {
   const int saved = errno;
   const uhmm::AddressSpace* as = DmirrorProcess::address_space();
   if (as != nullptr && PagemapFds::is(fd))
-    uhmm::compat::patch_pagemap(*as, static_cast<std::uint64_t>(off), buf, static_cast<std::size_t>(n));
+    uhmm::compat::patch_pagemap(*as, DmirrorProcess::file_pages(), static_cast<std::uint64_t>(off), buf,
+                                static_cast<std::size_t>(n));
   errno = saved;
 }
 
@@ -349,7 +350,8 @@ void patch_readv(int fd, off_t off, const struct iovec* iov, int iovcnt, ssize_t
       from[have] = base + k;
       reinterpret_cast<unsigned char*>(&word)[have] = base[k];
       if (++have < sizeof word) continue;
-      uhmm::compat::patch_pagemap(*as, static_cast<std::uint64_t>(word_off), &word, sizeof word);
+      uhmm::compat::patch_pagemap(*as, DmirrorProcess::file_pages(), static_cast<std::uint64_t>(word_off), &word,
+                                  sizeof word);
       for (std::size_t b = 0; b < sizeof word; ++b) *from[b] = reinterpret_cast<unsigned char*>(&word)[b];
       word_off += static_cast<off_t>(sizeof word);
       have = 0;

@@ -365,6 +365,7 @@ static void test_device_mmap(int fd) {
 /* The 64-bit pagemap entry of `p`, read through `how`: 0 pread, 1 lseek+read, 2 preadv. */
 #define PM_PRESENT (1ULL << 63)
 #define PM_SWAP (1ULL << 62)
+#define PM_FILE (1ULL << 61)
 static uint64_t pagemap_entry(int pm, const void *p, int how) {
   uint64_t w = 0;
   off_t off = (off_t)((uintptr_t)p / PAGE * 8);
@@ -695,6 +696,13 @@ static void test_private_file(int fd) {
   CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == -1 && errno == ENOENT && c.cpages == 0xdead);
   CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
   for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == (i < half ? 0x22 : 0x01));
+  /* The program's pagemap agrees: clean pages are the file's (present, bit
+   * 61), the written ones are on the device (swapped, no bit 61). */
+  int pm = open("/proc/self/pagemap", O_RDONLY);
+  CHECK(pm >= 0);
+  for (unsigned long i = 0; pm >= 0 && i < N; ++i)
+    CHECK((pagemap_entry(pm, buf + i * PAGE, (int)(i % 3)) & (PM_PRESENT | PM_SWAP | PM_FILE)) ==
+          (i < half ? PM_SWAP : PM_PRESENT | PM_FILE));
   /* The copied pages alone: every page is on the device, with its data. */
   memset(out, 0, N * PAGE);
   CHECK(cmd(fd, DM_TO_DEV, buf, out, half, &c) == 0 && c.cpages == half);
@@ -727,6 +735,12 @@ static void test_private_file(int fd) {
   CHECK(cmd(other, DM_TO_DEV, buf + (written + 1) * PAGE, out, 1, &c) == -1 && errno == ENOENT);
   close(other);
   CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[written] == 0x22 && snap[written + 1] == 0x01);
+  /* The page the device wrote is anonymous now in pagemap too. */
+  if (pm >= 0) {
+    CHECK((pagemap_entry(pm, buf + written * PAGE, 0) & (PM_SWAP | PM_FILE)) == PM_SWAP);
+    CHECK((pagemap_entry(pm, buf + (written + 1) * PAGE, 0) & (PM_PRESENT | PM_FILE)) == (PM_PRESENT | PM_FILE));
+    close(pm);
+  }
   /* Back to system memory: the pages still on the device move (not page
    * 1, which the CPU took back), data intact. */
   CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == half);

@@ -56,6 +56,14 @@ TEST(PagemapWord, OtherStatesKeepTheKernelsEntry) {
   EXPECT_EQ(pagemap_word(0, info(State::kNone, true)), 0u);  // a hole being filled
 }
 
+TEST(PagemapWord, CleanPageOfAConvertedFileMappingIsAFilePage) {
+  EXPECT_EQ(pagemap_word(kPresentPage, info(State::kSystem), true), kPresentPage | kPmFile);
+  // Not present: the kernel would have no page-cache page mapped there either.
+  EXPECT_EQ(pagemap_word(0, info(State::kSystem), true), 0u);
+  EXPECT_EQ(pagemap_word(0, info(State::kSystem, true), true), kPmSwap);  // mid-migration wins
+  EXPECT_EQ(pagemap_word(kPresentPage, info(State::kSystem), false), kPresentPage);
+}
+
 TEST(PagemapPath, OnlyThisProcesssPagemap) {
   EXPECT_TRUE(is_own_pagemap_path("/proc/self/pagemap"));
   EXPECT_TRUE(is_own_pagemap_path("/proc/thread-self/pagemap"));
