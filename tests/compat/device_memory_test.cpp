@@ -6,6 +6,9 @@
 // chunk, both ways, for private and coherent memory.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -100,6 +103,66 @@ TEST_P(DmirrorDeviceMemory, GrowsPastItsFirstChunkAndEveryChunkKeepsItsPages) {
   EXPECT_EQ(std::memcmp(last.ptr(), page.data(), kPageSize), 0);
   EXPECT_EQ((*dev)->memory_bytes(), 6 * kChunkPages * kPageSize);
   dev->reset();
+}
+
+// The process's address space now (VmSize in /proc/self/status).
+[[maybe_unused]] std::size_t address_space_bytes() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  std::size_t kib = 0;
+  while (std::fgets(line, sizeof line, f) != nullptr)
+    if (std::sscanf(line, "VmSize: %zu kB", &kib) == 1) break;
+  std::fclose(f);
+  return kib * 1024;
+}
+
+// The child of the test below: 0, or the number of the step that failed.
+[[maybe_unused]] int refused_chunk_child() {
+  const std::string chunk_bytes = std::to_string(kChunkPages * kPageSize);
+  Knob knob(chunk_bytes.c_str());
+  auto as = AddressSpace::create();
+  auto dev = sim::SimDevice::create(dmirror_device_options(0));
+  if (!as.is_ok() || !dev.is_ok()) return 2;
+  constexpr std::size_t n = 2 * kChunkPages;
+  auto base = (*as)->map(n * kPageSize);
+  if (!base.is_ok()) return 3;
+  test::fill_range(*base, n, 11);
+  if (!test::settles(**as)) return 4;
+  // A first migration warms every path (heap, staging), then back.
+  auto warm = (*dev)->migrate_to_device(**as, *base, kChunkPages * kPageSize);
+  if (!warm.is_ok() || warm->pages_migrated != kChunkPages) return 5;
+  if (!(*dev)->migrate_to_system(**as, *base, kChunkPages * kPageSize).is_ok()) return 6;
+  if (!test::settles(**as)) return 7;
+  rlimit old{};
+  if (::getrlimit(RLIMIT_AS, &old) != 0) return 8;
+  // Room for less than one more arena.
+  const rlimit tight{address_space_bytes() + kChunkPages * kPageSize / 2, old.rlim_max};
+  if (::setrlimit(RLIMIT_AS, &tight) != 0) return 9;
+  auto moved = (*dev)->migrate_to_device(**as, *base, n * kPageSize);
+  ::setrlimit(RLIMIT_AS, &old);
+  if (!moved.is_ok()) return 10;
+  if (moved->pages_migrated != kChunkPages || (*dev)->memory_bytes() != kChunkPages * kPageSize) return 11;
+  if (test::count_states(**as, *base, n).device != kChunkPages) return 12;
+  // The limit is gone: the device grows for the rest.
+  auto rest = (*dev)->migrate_to_device(**as, *base, n * kPageSize);
+  if (!rest.is_ok() || rest->pages_migrated != kChunkPages || (*dev)->memory_bytes() != n * kPageSize) return 13;
+  if (!(*dev)->evict_all().is_ok() || !test::settles(**as) || !test::range_has_pattern(*base, n, 11)) return 14;
+  return 0;
+}
+
+// When the host cannot give the device another chunk (here: the address
+// space limit), the pages that needed one stay on the CPU with their data,
+// as on a full device; once it can again, the device grows.
+TEST(DmirrorDeviceMemoryDeathTest, AChunkTheHostRefusesLeavesPagesOnTheCpu) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "sanitizers reserve address space without limit";
+#else
+  // In a child, so that the limit never reaches the test runner; "fast"
+  // forks before anything of uhmm exists in this process.
+  GTEST_FLAG_SET(death_test_style, "fast");
+  EXPECT_EXIT(std::_Exit(refused_chunk_child()), ::testing::ExitedWithCode(0), "");
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(PrivateAndCoherent, DmirrorDeviceMemory, ::testing::Values(0, 2),
