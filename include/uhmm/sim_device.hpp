@@ -1,6 +1,9 @@
 // uhmm/sim_device.hpp: the simulated device, uhmm's default device.
 //
-// Device memory is a host arena.  By default it is device-private: uhmm
+// Device memory is host arenas: one of memory_bytes at creation and, when
+// the device may grow, one more of grow_bytes each time every page is in
+// use (each arena is a page map of its own, as the kernel's drivers add
+// memory in chunks).  By default it is device-private: uhmm
 // never maps it into managed ranges, and the CPU cannot reach it through a
 // managed address.  With memory_type = kCoherent it is device-coherent
 // memory: the arena is the page map's coherent_memory, a page on the device
@@ -52,7 +55,13 @@ enum class FilePages : std::uint8_t {
 };
 
 struct SimDeviceOptions {
-  std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size
+  std::size_t memory_bytes = std::size_t{1} << 30;  // device memory size (the first chunk when it grows)
+  /// 0: memory_bytes is all the memory the device has.  Otherwise an
+  /// allocation that finds every page in use adds a chunk of this size, a
+  /// new arena and page map with the same owner, without limit: it fails
+  /// only when the host cannot map another chunk.  Chunks stay until the
+  /// device is destroyed.
+  std::size_t grow_bytes = 0;
   /// kPrivate (CPU accesses fault the page back) or kCoherent (the CPU maps
   /// device pages in place; they come back only when migrated explicitly).
   PagemapType memory_type = PagemapType::kPrivate;
@@ -137,18 +146,27 @@ class SimDevice {
   SimDevice& operator=(const SimDevice&) = delete;
 
   const void* owner() const { return this; }
-  DevicePagemap& pagemap() { return *pagemap_; }
+  /// The page map of the first chunk: all of the device's memory unless it
+  /// grows (SimDeviceOptions::grow_bytes).
+  DevicePagemap& pagemap();
   FaultInjection& faults() { return faults_; }
   Stats& stats() { return stats_; }
   const SimDeviceOptions& options() const { return options_; }
 
-  /// Device pages not in use.
+  /// Device pages not in use, in the chunks the device has now.
   std::uint64_t free_pages() const;
+  /// The device's memory now: memory_bytes, plus grow_bytes per chunk added.
+  std::size_t memory_bytes() const;
 
   /// Migrates [addr, addr+length) of `as` to the device in batches.  Pages
   /// that cannot move (pinned, busy, device full, copy error) stay on the
-  /// CPU with their data intact; the report says how many.
-  Result<MigrateReport> migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length);
+  /// CPU with their data intact; the report says how many.  `client_faults`,
+  /// if given, is consulted by this call's device page allocations before
+  /// the device's own: fault injection armed by one client of the device
+  /// that must not fire for another (the dmirror emulation's per-fd
+  /// FAIL_ALLOC).
+  Result<MigrateReport> migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length,
+                                          FaultInjection* client_faults = nullptr);
   /// Migrates this device's pages of [addr, addr+length) back to system
   /// memory (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, or _DEVICE_COHERENT).
   Result<MigrateReport> migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length);
@@ -206,13 +224,13 @@ class SimDevice {
  private:
   SimDevice(SimDeviceOptions options);
   Status init();
-  DevicePage* alloc_page();
+  DevicePage* alloc_page(FaultInjection* client_faults);
   void free_page(DevicePage& page);
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   Status copy_to_pagecache(DevicePage& page, std::span<std::byte> dst);
   FaultOutcome migrate_one_to_ram(AddressSpace& as, const CpuFault& fault);
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
-                                      bool to_device);
+                                      bool to_device, FaultInjection* client_faults);
   class Mirror;
   struct Mirrors;
   enum class Need : std::uint8_t { kRead, kWrite, kResident };
@@ -231,9 +249,11 @@ class SimDevice {
   SimDeviceOptions options_;
   FaultInjection faults_;
   Stats stats_;
-  std::byte* arena_ = nullptr;
-  std::size_t arena_bytes_ = 0;
-  std::unique_ptr<DevicePagemap> pagemap_;
+  struct Chunk;
+  /// Maps a chunk of `bytes` and registers its page map; its pages are
+  /// numbered from `first_index` in the free list.
+  Result<std::unique_ptr<Chunk>> make_chunk(std::size_t bytes, std::uint64_t first_index);
+  static Chunk& chunk_of(const DevicePage& page);
   std::unique_ptr<DmaEngine> dma_;
   class Prefetcher;
   std::unique_ptr<Prefetcher> prefetcher_;

@@ -14,6 +14,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -67,7 +68,7 @@ bool convertible(const Mapping& m) {
 // sees the range unmapped or moved, or the address space go.
 //
 // Concurrency: any thread.  mutex_ is a leaf: nothing is called under it.
-class FilePages final : public IntervalNotifierOps {
+class FilePages final : public IntervalNotifierOps, public FilePageMarks {
  public:
   explicit FilePages(AddressSpace& as) : as_(as) {}
   ~FilePages() override { interval_notifier_remove(sub_); }
@@ -80,18 +81,31 @@ class FilePages final : public IntervalNotifierOps {
     if (!range.blockable) return false;
     MutexLock lock(mutex_);
     sub.set_seq(cur_seq);
-    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease)
+    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease) {
       pages_.erase(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
+      any_.store(!pages_.empty(), std::memory_order_release);
+    }
     return true;
+  }
+
+  // Lock-free when there is no clean page (a program without converted
+  // mappings pays one load per page in its pagemap reads).  The mutex is
+  // never held across a read of pagemap.
+  bool contains(Vpn vpn) const override {
+    if (!any_.load(std::memory_order_acquire)) return false;
+    MutexLock lock(mutex_);
+    return pages_.contains(vpn.value);
   }
 
   void add(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
     pages_.add(first_vpn, end_vpn);
+    any_.store(!pages_.empty(), std::memory_order_release);
   }
   void erase(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
     pages_.erase(first_vpn, end_vpn);
+    any_.store(!pages_.empty(), std::memory_order_release);
   }
   std::vector<RunSet::Run> inside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
@@ -116,8 +130,9 @@ class FilePages final : public IntervalNotifierOps {
  private:
   AddressSpace& as_;
   IntervalNotifier sub_;
-  Mutex mutex_{LockRank::kLeaf};
+  mutable Mutex mutex_{LockRank::kLeaf};
   RunSet pages_ UHMM_GUARDED_BY(mutex_);
+  std::atomic<bool> any_{false};  // !pages_.empty(), written under mutex_
 };
 
 // What exists per fork generation.  Leaked, not destroyed, in a forked
@@ -289,7 +304,10 @@ class DmirrorFile final : public CommandHandler, public IntervalNotifierOps {
   // updates and device-memory copies; never across a uhmm call.
   Mutex mutex_{LockRank::kDeviceDriver};
   std::map<std::uint64_t, Entry> entries_ UHMM_GUARDED_BY(mutex_);
-  std::atomic<std::uint64_t> flags_{0};
+  // The fd's FLAGS: FAIL_ALLOC arms a one-shot failure of the next device
+  // page allocation of a migration through this fd, the kernel's per-open
+  // flag (other fds of the device are not affected).
+  sim::FaultInjection fail_alloc_;
 };
 
 // ---- mirror ----------------------------------------------------------------
@@ -543,9 +561,12 @@ int DmirrorFile::run(DmirrorOp op, DmirrorCmd& cmd) {
       return r ? 0 : r.code();
     }
     case DmirrorOp::kFlags:
-      flags_.store(cmd.npages);
-      // FIXME(issue 4): device-wide, where the kernel's flag is per fd (ADR 0005).
-      if (cmd.npages & kDmirrorFlagFailAlloc) dev_.faults().fail_alloc_after(0);
+      // The value replaces the fd's flags: without FAIL_ALLOC it disarms it.
+      if (cmd.npages & kDmirrorFlagFailAlloc) {
+        fail_alloc_.fail_alloc_after(0);
+      } else {
+        fail_alloc_.disarm();
+      }
       return 0;
   }
   return EINVAL;
@@ -633,7 +654,8 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
       // Clean file pages stay (the kernel does not move page-cache pages):
       // they are missing from the mirror afterwards, so ENOENT below.
       for (const auto& [f, e] : rt_.file_pages->outside(c >> kPageShift, ce >> kPageShift)) {
-        const auto moved = dev_.migrate_to_device(as_, VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize);
+        const auto moved =
+            dev_.migrate_to_device(as_, VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize, &fail_alloc_);
         if (!moved) return moved.code();
       }
       const Status mapped = walk_and_map(c, ce, 0, /*only_own=*/true, Clock::now() + kPatience);
@@ -783,6 +805,26 @@ MprotectFn libc_mprotect() {
 }
 }  // namespace
 
+sim::SimDeviceOptions dmirror_device_options(int minor) {
+  sim::SimDeviceOptions o;
+  // Minors 2 and 3: device-coherent memory, which the CPU keeps mapping
+  // after a migration (ADR 0005, "Minors").
+  o.memory_type = minor >= kPrivateMinors ? PagemapType::kCoherent : PagemapType::kPrivate;
+  std::size_t chunk = kDeviceChunkBytes;
+  if (const char* knob = std::getenv("UHMM_DMIRROR_CHUNK_BYTES"); knob != nullptr && *knob >= '0' && *knob <= '9') {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(knob, &end, 10);
+    if (end != knob && *end == '\0' && v >= kPageSize && v % kPageSize == 0) chunk = static_cast<std::size_t>(v);
+  }
+  o.memory_bytes = chunk;
+  o.grow_bytes = chunk;
+  o.warm_memory = false;
+  o.fault_around_pages = 1;  // the kernel's driver brings back the faulting page only
+  o.prefetch_blocks = 0;
+  o.batch_pages = kMigrateStepPages;
+  return o;
+}
+
 namespace {
 void atfork_prepare() { DmirrorProcess::instance().prepare_fork(); }
 void atfork_parent() { DmirrorProcess::instance().parent_after_fork(); }
@@ -840,6 +882,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
   }
   std::lock_guard table(table_mutex_);
   runtime_ = rt;
+  published_files_.store(rt->file_pages.get(), std::memory_order_release);
   published_as_.store(rt->as.get(), std::memory_order_release);
   return rt;
 }
@@ -849,17 +892,7 @@ Result<std::shared_ptr<DmirrorFile>> DmirrorProcess::make_file_locked(int minor)
   if (!rt) return rt.status();
   std::unique_ptr<sim::SimDevice>& dev = (*rt)->devices[static_cast<std::size_t>(minor)];
   if (!dev) {
-    sim::SimDeviceOptions o;
-    // Minors 2 and 3: device-coherent memory, which the CPU keeps mapping
-    // after a migration (ADR 0005, "Minors").
-    o.memory_type = minor >= kPrivateMinors ? PagemapType::kCoherent : PagemapType::kPrivate;
-    // FIXME(issue 4): a fixed 2 GiB, populated on use; the kernel's grows in 256 MiB chunks without limit.
-    o.memory_bytes = std::size_t{2} << 30;
-    o.warm_memory = false;
-    o.fault_around_pages = 1;  // the kernel's driver brings back the faulting page only
-    o.prefetch_blocks = 0;
-    o.batch_pages = kMigrateStepPages;
-    auto made = sim::SimDevice::create(o);
+    auto made = sim::SimDevice::create(dmirror_device_options(minor));
     if (!made) return made.status();
     dev = std::move(*made);
   }
@@ -1049,6 +1082,7 @@ void DmirrorProcess::child_after_fork() {
     for (auto& dev : runtime_->devices) (void)dev.release();
     (void)runtime_->as.release();
     published_as_.store(nullptr, std::memory_order_release);
+    published_files_.store(nullptr, std::memory_order_release);
     runtime_ = nullptr;  // leaked: its adopt mutex may have been held by a thread that is gone
   }
   table_mutex_.unlock();

@@ -23,7 +23,9 @@
 #include <optional>
 
 #include "compat/dmirror_abi.hpp"
+#include "compat/pagemap.hpp"
 #include "core/run_set.hpp"
+#include "uhmm/sim_device.hpp"
 #include "uhmm/status.hpp"
 
 namespace uhmm {
@@ -34,6 +36,16 @@ namespace uhmm::compat {
 
 class DmirrorFile;
 struct Runtime;
+
+/// The kernel's device memory grows in chunks of this size, without limit.
+inline constexpr std::size_t kDeviceChunkBytes = std::size_t{256} << 20;
+
+/// How the simulated device behind `minor` is made (ADR 0005, "Process
+/// state"): its memory starts with one chunk and grows by one whenever it
+/// is full.  Test knob: UHMM_DMIRROR_CHUNK_BYTES, read here, sets another
+/// chunk size (page multiple, at least one page), so that tests reach later
+/// chunks with little memory; anything else in it is ignored.
+sim::SimDeviceOptions dmirror_device_options(int minor);
 
 class DmirrorProcess {
  public:
@@ -78,6 +90,9 @@ class DmirrorProcess {
   /// Lock-free, for the interposed pagemap reads; what it points to is
   /// never destroyed (a child leaks its parent's).
   static const AddressSpace* address_space() { return published_as_.load(std::memory_order_acquire); }
+  /// The pages of that address space to show as file pages in pagemap
+  /// reads, or nullptr when address_space() is.  Lock-free; never destroyed.
+  static const FilePageMarks* file_pages() { return published_files_.load(std::memory_order_acquire); }
 
   /// pthread_atfork handlers (installed after the address space exists).
   void prepare_fork();
@@ -116,6 +131,7 @@ class DmirrorProcess {
   static inline std::atomic<std::uint64_t> marks_[kMarkedFds / 64] = {};
   static inline std::atomic<int> open_count_{0};  // entries in fds_
   static inline std::atomic<const AddressSpace*> published_as_{nullptr};  // runtime_->as, for address_space()
+  static inline std::atomic<const FilePageMarks*> published_files_{nullptr};  // runtime_->file_pages
 };
 
 }  // namespace uhmm::compat

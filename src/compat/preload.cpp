@@ -41,6 +41,11 @@ UHMM_EXPORT int uhmm_dm_ioctl(int fd, unsigned long request, ...) __asm__("ioctl
 UHMM_EXPORT void* uhmm_dm_mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) __asm__("mmap");
 UHMM_EXPORT void* uhmm_dm_mmap64(void* addr, size_t len, int prot, int flags, int fd, off_t off) __asm__("mmap64");
 UHMM_EXPORT int uhmm_dm_mprotect(void* addr, size_t len, int prot) __asm__("mprotect");
+UHMM_EXPORT int uhmm_dm_dup(int fd) __asm__("dup");
+UHMM_EXPORT int uhmm_dm_dup2(int fd, int copy) __asm__("dup2");
+UHMM_EXPORT int uhmm_dm_dup3(int fd, int copy, int flags) __asm__("dup3");
+UHMM_EXPORT int uhmm_dm_fcntl(int fd, int cmd, ...) __asm__("fcntl");
+UHMM_EXPORT int uhmm_dm_fcntl64(int fd, int cmd, ...) __asm__("fcntl64");
 UHMM_EXPORT ssize_t uhmm_dm_read(int fd, void* buf, size_t n) __asm__("read");
 UHMM_EXPORT ssize_t uhmm_dm_read_chk(int fd, void* buf, size_t n, size_t buflen) __asm__("__read_chk");
 UHMM_EXPORT ssize_t uhmm_dm_pread(int fd, void* buf, size_t n, off_t off) __asm__("pread");
@@ -78,6 +83,10 @@ using Openat2Fn = int (*)(int, const char*, int);
 using CloseFn = int (*)(int);
 using IoctlFn = int (*)(int, unsigned long, ...);
 using MmapFn = void* (*)(void*, size_t, int, int, int, off_t);
+using DupFn = int (*)(int);
+using Dup2Fn = int (*)(int, int);
+using Dup3Fn = int (*)(int, int, int);
+using FcntlFn = int (*)(int, int, ...);
 using ReadFn = ssize_t (*)(int, void*, size_t);
 using ReadChkFn = ssize_t (*)(int, void*, size_t, size_t);
 using PreadFn = ssize_t (*)(int, void*, size_t, off_t);
@@ -263,6 +272,51 @@ int uhmm_dm_mprotect(void* addr, size_t len, int prot) {
 namespace {
 using uhmm::compat::PagemapFds;
 
+// `copy` was just made from `fd` (dup*, F_DUPFD): a copy of a pagemap fd
+// reads patched entries too.  errno is kept.
+int noted_dup(int fd, int copy) {
+  if (copy >= 0 && (PagemapFds::maybe(fd) || PagemapFds::maybe(copy))) {
+    const int saved = errno;
+    PagemapFds::duplicated(fd, copy);
+    errno = saved;
+  }
+  return copy;
+}
+
+// fcntl's optional argument is an int, a long or a pointer: passed on as
+// one register-sized value, as libc itself reads it.
+int fcntl_via(FcntlFn next, int fd, int cmd, void* arg) {
+  const int r = next(fd, cmd, arg);
+  return cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC ? noted_dup(fd, r) : r;
+}
+}  // namespace
+
+int uhmm_dm_dup(int fd) { return noted_dup(fd, UHMM_NEXT(DupFn, "dup")(fd)); }
+
+int uhmm_dm_dup2(int fd, int copy) { return noted_dup(fd, UHMM_NEXT(Dup2Fn, "dup2")(fd, copy)); }
+
+int uhmm_dm_dup3(int fd, int copy, int flags) { return noted_dup(fd, UHMM_NEXT(Dup3Fn, "dup3")(fd, copy, flags)); }
+
+int uhmm_dm_fcntl(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  return fcntl_via(UHMM_NEXT(FcntlFn, "fcntl"), fd, cmd, arg);
+}
+
+int uhmm_dm_fcntl64(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  FcntlFn next = UHMM_NEXT(FcntlFn, "fcntl64");
+  if (next == nullptr) next = UHMM_NEXT(FcntlFn, "fcntl");  // a libc older than fcntl64
+  return fcntl_via(next, fd, cmd, arg);
+}
+
+namespace {
+
 // After a read of `n` bytes at pagemap offset `off` into `buf`: the
 // device pages' entries as the kernel would show them.  errno is kept.
 void patch_read(int fd, off_t off, void* buf, ssize_t n) {
@@ -270,7 +324,8 @@ void patch_read(int fd, off_t off, void* buf, ssize_t n) {
   const int saved = errno;
   const uhmm::AddressSpace* as = DmirrorProcess::address_space();
   if (as != nullptr && PagemapFds::is(fd))
-    uhmm::compat::patch_pagemap(*as, static_cast<std::uint64_t>(off), buf, static_cast<std::size_t>(n));
+    uhmm::compat::patch_pagemap(*as, DmirrorProcess::file_pages(), static_cast<std::uint64_t>(off), buf,
+                                static_cast<std::size_t>(n));
   errno = saved;
 }
 
@@ -295,7 +350,8 @@ void patch_readv(int fd, off_t off, const struct iovec* iov, int iovcnt, ssize_t
       from[have] = base + k;
       reinterpret_cast<unsigned char*>(&word)[have] = base[k];
       if (++have < sizeof word) continue;
-      uhmm::compat::patch_pagemap(*as, static_cast<std::uint64_t>(word_off), &word, sizeof word);
+      uhmm::compat::patch_pagemap(*as, DmirrorProcess::file_pages(), static_cast<std::uint64_t>(word_off), &word,
+                                  sizeof word);
       for (std::size_t b = 0; b < sizeof word; ++b) *from[b] = reinterpret_cast<unsigned char*>(&word)[b];
       word_off += static_cast<off_t>(sizeof word);
       have = 0;

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -220,9 +221,56 @@ static void test_fail_alloc(int fd) {
   errno = 0;
   CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == -1 && errno == ENOENT); /* the one page was not migrated */
   CHECK(cmd(fd, DM_TO_DEV, buf, out, 2, &c) == 0 && c.cpages == 2); /* once only */
+  CHECK(same(buf, 2, 500)); /* the CPU takes both pages back */
+  /* The flag belongs to the fd that set it, as the kernel's per-open flag:
+   * another fd of the same device migrates as usual, and the next migration
+   * through the fd that set it still fails once. */
+  int other = open("/dev/hmm_dmirror0", O_RDWR);
+  CHECK(other >= 0);
+  CHECK(cmd(other, DM_FLAGS, buf, NULL, 1, &c) == 0);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == 0 && c.cpages == 1);
+  errno = 0;
+  CHECK(cmd(other, DM_TO_DEV, buf + PAGE, out, 1, &c) == -1 && errno == ENOENT);
+  CHECK(cmd(other, DM_TO_DEV, buf + PAGE, out, 1, &c) == 0 && c.cpages == 1);
+  /* FLAGS replaces the fd's flags: a value without bit 0 disarms it before
+   * it fires (0 itself is refused, as any npages 0). */
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, 2, &c) == 0 && c.cpages == 2);
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 1, &c) == 0);
+  errno = 0;
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 0, &c) == -1 && errno == EINVAL);
+  CHECK(cmd(fd, DM_FLAGS, buf, NULL, 2, &c) == 0);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, 1, &c) == 0 && c.cpages == 1);
+  close(other); /* evicts the device: every page back */
   CHECK(same(buf, 2, 500));
   munmap(buf, 2 * PAGE);
   munmap(out, 2 * PAGE);
+}
+
+/* Device memory grows in chunks on demand: a range larger than the first
+ * chunk moves whole, and every page, in every chunk, keeps its data.  The
+ * chunk is 256 MiB unless the library's test knob makes it smaller (ctest
+ * runs this program a second time so); with 256 MiB chunks this only moves
+ * 4 MiB. */
+static void test_device_memory_growth(int fd) {
+  const char *knob = getenv("UHMM_DMIRROR_CHUNK_BYTES");
+  unsigned long chunk = knob ? strtoul(knob, NULL, 10) : 256UL << 20;
+  unsigned long pages = chunk > (8UL << 20) ? 1024 : 3 * chunk / PAGE + 5;
+  char *buf = map_rw(pages), *out = map_rw(pages);
+  unsigned char *snap = malloc(pages);
+  struct dm_cmd c;
+  fill(buf, pages, 550);
+  CHECK(cmd(fd, DM_TO_DEV, buf, out, pages, &c) == 0 && c.cpages == pages && same(out, pages, 550));
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, pages, &c) == 0);
+  unsigned long on_device = 0;
+  for (unsigned long i = 0; i < pages; ++i) on_device += snap[i] == 0x22;
+  CHECK(on_device == pages);
+  memset(out, 0, pages * PAGE);
+  CHECK(cmd(fd, DM_READ, buf, out, pages, &c) == 0 && same(out, pages, 550));
+  CHECK(cmd(fd, DM_TO_SYS, buf, out, pages, &c) == 0 && c.cpages == pages);
+  CHECK(same(buf, pages, 550));
+  free(snap);
+  munmap(buf, pages * PAGE);
+  munmap(out, pages * PAGE);
 }
 
 static void test_exclusive(int fd) {
@@ -317,6 +365,7 @@ static void test_device_mmap(int fd) {
 /* The 64-bit pagemap entry of `p`, read through `how`: 0 pread, 1 lseek+read, 2 preadv. */
 #define PM_PRESENT (1ULL << 63)
 #define PM_SWAP (1ULL << 62)
+#define PM_FILE (1ULL << 61)
 static uint64_t pagemap_entry(int pm, const void *p, int how) {
   uint64_t w = 0;
   off_t off = (off_t)((uintptr_t)p / PAGE * 8);
@@ -334,6 +383,24 @@ static uint64_t pagemap_entry(int pm, const void *p, int how) {
   }
   CHECK(got == 8);
   return w;
+}
+
+/* An fd number past 65535 if the fd limit can be raised that far, else the
+ * highest one it allows. */
+static int high_fd(void) {
+  const rlim_t want = 70001;
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return -1;
+  if (rl.rlim_cur < want) {
+    struct rlimit up = {want, rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? rl.rlim_max : want};
+    if (setrlimit(RLIMIT_NOFILE, &up) != 0) {
+      rl.rlim_cur = rl.rlim_max;
+      (void)setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    (void)getrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (rl.rlim_cur < want) fprintf(stderr, "note: fd limit %lu: fd %lu stands for one past 65535\n", (unsigned long)rl.rlim_cur, (unsigned long)rl.rlim_cur - 1);
+  return (int)(rl.rlim_cur < want ? rl.rlim_cur - 1 : want - 1);
 }
 
 /* A device-private page reads as swapped in the program's own pagemap, as
@@ -375,6 +442,17 @@ static void test_pagemap(int fd) {
   CHECK(cmd(fd, DM_TO_DEV, buf, out, 4, &c) == 0);
   CHECK((pagemap_entry(pm2, buf + 3 * PAGE, 0) & (PM_PRESENT | PM_SWAP)) == PM_SWAP);
   close(pm2);
+  /* Copies of the pagemap fd read patched entries too, whatever their
+   * number: dup, fcntl, and dup2 to a number past 65535 (or the highest
+   * the fd limit allows, when it cannot be raised that far). */
+  int copies[3] = {dup(pm), fcntl(pm, F_DUPFD_CLOEXEC, 100), dup2(pm, high_fd())};
+  for (int k = 0; k < 3; ++k) {
+    CHECK(copies[k] >= 0);
+    if (copies[k] < 0) continue;
+    for (unsigned long i = 0; i < 4; ++i)
+      CHECK((pagemap_entry(copies[k], buf + i * PAGE, k) & (PM_PRESENT | PM_SWAP)) == PM_SWAP);
+    close(copies[k]);
+  }
   close(pm);
   CHECK(cmd(fd, DM_TO_SYS, buf, out, 4, &c) == 0);
   CHECK(same(buf, 4, 1000) == 0 && ((unsigned *)buf)[1] == 1001); /* page 0 byte 0 flipped above */
@@ -618,6 +696,13 @@ static void test_private_file(int fd) {
   CHECK(cmd(fd, DM_TO_DEV, buf, out, N, &c) == -1 && errno == ENOENT && c.cpages == 0xdead);
   CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
   for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == (i < half ? 0x22 : 0x01));
+  /* The program's pagemap agrees: clean pages are the file's (present, bit
+   * 61), the written ones are on the device (swapped, no bit 61). */
+  int pm = open("/proc/self/pagemap", O_RDONLY);
+  CHECK(pm >= 0);
+  for (unsigned long i = 0; pm >= 0 && i < N; ++i)
+    CHECK((pagemap_entry(pm, buf + i * PAGE, (int)(i % 3)) & (PM_PRESENT | PM_SWAP | PM_FILE)) ==
+          (i < half ? PM_SWAP : PM_PRESENT | PM_FILE));
   /* The copied pages alone: every page is on the device, with its data. */
   memset(out, 0, N * PAGE);
   CHECK(cmd(fd, DM_TO_DEV, buf, out, half, &c) == 0 && c.cpages == half);
@@ -650,6 +735,12 @@ static void test_private_file(int fd) {
   CHECK(cmd(other, DM_TO_DEV, buf + (written + 1) * PAGE, out, 1, &c) == -1 && errno == ENOENT);
   close(other);
   CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[written] == 0x22 && snap[written + 1] == 0x01);
+  /* The page the device wrote is anonymous now in pagemap too. */
+  if (pm >= 0) {
+    CHECK((pagemap_entry(pm, buf + written * PAGE, 0) & (PM_SWAP | PM_FILE)) == PM_SWAP);
+    CHECK((pagemap_entry(pm, buf + (written + 1) * PAGE, 0) & (PM_PRESENT | PM_FILE)) == (PM_PRESENT | PM_FILE));
+    close(pm);
+  }
   /* Back to system memory: the pages still on the device move (not page
    * 1, which the CPU took back), data intact. */
   CHECK(cmd(fd, DM_TO_SYS, buf, out, N, &c) == 0 && c.cpages == half);
@@ -842,6 +933,7 @@ int main(void) {
   test_snapshot_kinds(fd);
   test_shared_refuses(fd);
   test_fail_alloc(fd);
+  test_device_memory_growth(fd);
   test_exclusive(fd);
   test_release_and_close(fd);
   test_fork(fd);

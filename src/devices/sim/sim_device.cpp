@@ -54,17 +54,53 @@ bool FaultInjection::should_fail_alloc() {
 }
 bool FaultInjection::should_fail_copy() { return fire(copy_countdown_); }
 
-// ---- free list -------------------------------------------------------------
+// ---- memory ----------------------------------------------------------------
 
-// Free device pages as runs, so that a batch gets
-// contiguous device memory and copies coalesce.
+// One arena of device memory and its page map.  Immutable once made; every
+// page's zone_device_data points back to it, so a page finds its memory
+// without a lock.
+struct SimDevice::Chunk {
+  std::byte* arena = nullptr;
+  std::size_t bytes = 0;
+  std::uint64_t first_index = 0;  // its first page's number in the free list
+  std::unique_ptr<DevicePagemap> map;
+  Chunk() = default;
+  Chunk(const Chunk&) = delete;
+  Chunk& operator=(const Chunk&) = delete;
+  ~Chunk() {
+    map.reset();  // waits for anything still holding a page
+    if (arena != nullptr) (void)platform::unmap(VirtAddr::of(arena), bytes);
+  }
+};
+
+// Free device pages as runs, so that a batch gets contiguous device memory
+// and copies coalesce.  Pages are numbered across chunks: chunk c's pages
+// from chunks[c]->first_index on.  Growing (SimDevice::alloc_page) maps a
+// chunk under the mutex: a page map is registered under it (the pfn
+// registry's lock ranks after it), and concurrent allocations wait for the
+// one chunk rather than each add their own.
 struct SimDevice::FreeList {
   Mutex mutex{LockRank::kDeviceDriver};
   RunSet runs UHMM_GUARDED_BY(mutex);
   std::uint64_t free_pages UHMM_GUARDED_BY(mutex) = 0;
+  std::vector<std::unique_ptr<Chunk>> chunks UHMM_GUARDED_BY(mutex);
+  std::uint64_t total_pages UHMM_GUARDED_BY(mutex) = 0;
 
-  std::optional<std::uint64_t> take() {
-    MutexLock lock(mutex);
+  void add(std::unique_ptr<Chunk> c) UHMM_REQUIRES(mutex) {
+    const std::uint64_t n = c->bytes / kPageSize;
+    runs.add(c->first_index, c->first_index + n);
+    free_pages += n;
+    total_pages += n;
+    chunks.push_back(std::move(c));
+  }
+  // The page numbered `index`, taken off the free runs.
+  DevicePage& page(std::uint64_t index) UHMM_REQUIRES(mutex) {
+    const auto it = std::upper_bound(chunks.begin(), chunks.end(), index,
+                                     [](std::uint64_t i, const auto& c) { return i < c->first_index; });
+    const Chunk& c = **(it - 1);
+    return c.map->page_at(index - c.first_index);
+  }
+  std::optional<std::uint64_t> take() UHMM_REQUIRES(mutex) {
     const std::optional<std::uint64_t> index = runs.take_first_fit(1);
     if (index) --free_pages;
     return index;
@@ -73,6 +109,12 @@ struct SimDevice::FreeList {
     MutexLock lock(mutex);
     runs.add(index, index + 1);
     ++free_pages;
+  }
+  std::vector<Chunk*> all() {
+    MutexLock lock(mutex);
+    std::vector<Chunk*> out;
+    for (const auto& c : chunks) out.push_back(c.get());
+    return out;
   }
 };
 
@@ -172,7 +214,7 @@ class SimDevice::Prefetcher {
       // errors as Status, and a failed prefetch only means a later fault.
       if (!tasks.front().pin->closing.load(std::memory_order_acquire))
         (void)dev_.migrate_range(*tasks.front().as, tasks.front().block, tasks.size() * kHugePageSize,
-                                 /*to_device=*/false);
+                                 /*to_device=*/false, nullptr);
     }
   }
 
@@ -302,20 +344,22 @@ Result<std::unique_ptr<SimDevice>> SimDevice::create(SimDeviceOptions options) {
   return dev;
 }
 
-Status SimDevice::init() {
-  arena_bytes_ = (options_.memory_bytes + kPageSize - 1) & ~(kPageSize - 1);
-  auto arena = platform::map_anonymous_aligned(arena_bytes_, kHugePageSize, PROT_READ | PROT_WRITE, false);
+Result<std::unique_ptr<SimDevice::Chunk>> SimDevice::make_chunk(std::size_t bytes, std::uint64_t first_index) {
+  auto chunk = std::make_unique<Chunk>();
+  chunk->bytes = (bytes + kPageSize - 1) & ~(kPageSize - 1);
+  chunk->first_index = first_index;
+  auto arena = platform::map_anonymous_aligned(chunk->bytes, kHugePageSize, PROT_READ | PROT_WRITE, false);
   if (!arena) return arena.status();
-  arena_ = arena->as<std::byte>();
+  chunk->arena = arena->as<std::byte>();
   const bool coherent = options_.memory_type == PagemapType::kCoherent;
   // Coherent frames travel one by one (the page map advises the arena
   // MADV_NOHUGEPAGE), so huge pages would only be split.
-  if (!coherent) (void)platform::advise(*arena, arena_bytes_, MADV_HUGEPAGE);
-  if (options_.warm_memory) (void)platform::advise(*arena, arena_bytes_, MADV_POPULATE_WRITE);
+  if (!coherent) (void)platform::advise(*arena, chunk->bytes, MADV_HUGEPAGE);
+  if (options_.warm_memory) (void)platform::advise(*arena, chunk->bytes, MADV_POPULATE_WRITE);
 
   PagemapConfig config;
   config.type = options_.memory_type;
-  config.npages = PageCount{arena_bytes_ / kPageSize};
+  config.npages = PageCount{chunk->bytes / kPageSize};
   config.owner = this;
   config.ops.page_free = [this](DevicePage& page) { free_page(page); };
   // The CPU never faults on coherent pages: no migrate_to_ram.
@@ -326,15 +370,28 @@ Status SimDevice::init() {
         return copy_to_pagecache(page, dst);
       };
   } else {
-    config.coherent_memory = arena_;
+    config.coherent_memory = chunk->arena;
   }
-  auto map = DevicePagemap::create(std::move(config));
-  if (!map) return map.status();
-  pagemap_ = std::move(*map);
+  try {
+    auto map = DevicePagemap::create(std::move(config));
+    if (!map) return map.status();
+    chunk->map = std::move(*map);
+  } catch (const std::bad_alloc&) {  // the page descriptors
+    return Status::error(ENOMEM, "no memory for the device page descriptors");
+  }
+  const DevicePfnRange range = chunk->map->range();
+  for (std::uint64_t i = 0; i < range.count.value; ++i) chunk->map->page_at(i).zone_device_data = chunk.get();
+  return chunk;
+}
+
+SimDevice::Chunk& SimDevice::chunk_of(const DevicePage& page) { return *static_cast<Chunk*>(page.zone_device_data); }
+
+Status SimDevice::init() {
+  auto first = make_chunk(options_.memory_bytes, 0);
+  if (!first) return first.status();
   {
     MutexLock lock(free_list_->mutex);
-    free_list_->runs.add(0, arena_bytes_ / kPageSize);
-    free_list_->free_pages = arena_bytes_ / kPageSize;
+    free_list_->add(std::move(*first));
   }
   dma_ = std::make_unique<DmaEngine>(options_.dma_threads, options_.link, options_.inline_copy_bytes, faults_);
   prefetcher_ = std::make_unique<Prefetcher>(*this);
@@ -354,16 +411,30 @@ SimDevice::~SimDevice() {
     for (auto& [as, m] : all) interval_notifier_remove(m->sub);
   }
   if (prefetcher_) prefetcher_->stop();  // no background migration may race the eviction
-  if (pagemap_) {
+  const std::vector<Chunk*> chunks = free_list_->all();
+  if (!chunks.empty()) {
     faults_.disarm();
-    for (int round = 0; round < 100 && pagemap_->pages_in_use() != 0; ++round) {
+    auto in_use = [&] {
+      std::uint64_t n = 0;
+      for (const Chunk* c : chunks) n += c->map->pages_in_use();
+      return n;
+    };
+    for (int round = 0; round < 100 && in_use() != 0; ++round) {
       (void)evict_all();
-      if (pagemap_->pages_in_use() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (in_use() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    pagemap_.reset();  // waits for anything still holding a page
   }
+  // Outside the lock: a page map waits for pages still held, and their
+  // release gives them back to the free list.
+  for (Chunk* c : chunks) c->map.reset();
   dma_.reset();
-  if (arena_ != nullptr) (void)platform::unmap(VirtAddr::of(arena_), arena_bytes_);
+  MutexLock lock(free_list_->mutex);
+  free_list_->chunks.clear();  // unmaps the arenas
+}
+
+DevicePagemap& SimDevice::pagemap() {
+  MutexLock lock(free_list_->mutex);
+  return *free_list_->chunks.front()->map;
 }
 
 std::uint64_t SimDevice::free_pages() const {
@@ -371,26 +442,46 @@ std::uint64_t SimDevice::free_pages() const {
   return free_list_->free_pages;
 }
 
-std::byte* SimDevice::page_memory(const DevicePage& page) { return arena_ + page.index() * kPageSize; }
+std::size_t SimDevice::memory_bytes() const {
+  MutexLock lock(free_list_->mutex);
+  return free_list_->total_pages * kPageSize;
+}
 
-DevicePage* SimDevice::alloc_page() {
-  if (faults_.should_fail_alloc()) {
+std::byte* SimDevice::page_memory(const DevicePage& page) {
+  return chunk_of(page).arena + page.index() * kPageSize;
+}
+
+DevicePage* SimDevice::alloc_page(FaultInjection* client_faults) {
+  if ((client_faults != nullptr && client_faults->should_fail_alloc()) || faults_.should_fail_alloc()) {
     stats_.add(Counter::device_alloc_fail);
     return nullptr;
   }
-  const auto index = free_list_->take();
-  if (!index) {
+  DevicePage* page = nullptr;
+  {
+    FreeList& fl = *free_list_;
+    MutexLock lock(fl.mutex);
+    std::optional<std::uint64_t> index = fl.take();
+    if (!index && options_.grow_bytes != 0) {
+      // Every page in use: one more chunk.  If the host cannot map it, this
+      // allocation fails as on a full device; a later one tries again.
+      if (auto chunk = make_chunk(options_.grow_bytes, fl.total_pages)) {
+        fl.add(std::move(*chunk));
+        index = fl.take();
+      }
+    }
+    if (index) page = &fl.page(*index);
+  }
+  if (page == nullptr) {
     stats_.add(Counter::device_alloc_fail);
     return nullptr;
   }
-  DevicePage& page = pagemap_->page_at(*index);
-  zone_device_page_init(page);
-  return &page;
+  zone_device_page_init(*page);
+  return page;
 }
 
 void SimDevice::free_page(DevicePage& page) {
   stats_.add(Counter::device_page_free);
-  free_list_->give(page.index());
+  free_list_->give(chunk_of(page).first_index + page.index());
 }
 
 Status SimDevice::copy_to_pagecache(DevicePage& page, std::span<std::byte> dst) {
@@ -413,13 +504,14 @@ struct SimDevice::Transfer {
   std::vector<std::size_t> index;          // ops[k] is for entry index[k]
   std::vector<DevicePage*> device_pages;   // destinations, to the device
   std::vector<std::uint64_t> system_pfns;  // destinations, to system memory
+  FaultInjection* client_faults = nullptr;  // to the device: see migrate_to_device
 };
 
 bool SimDevice::prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r) {
   if (t.to_device) {
     for (std::size_t i = 0; i < src.size(); ++i) {
       if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
-      DevicePage* page = alloc_page();
+      DevicePage* page = alloc_page(t.client_faults);
       if (page == nullptr) continue;  // out of device memory: stays on the CPU
       const bool hole = !(src[i] & MIGRATE_PFN_VALID);
       if (hole && r != nullptr) ++r->holes;
@@ -483,7 +575,7 @@ bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint
 }
 
 Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
-                                               bool to_device) {
+                                               bool to_device, FaultInjection* client_faults) {
   if (length == 0) return Status::error(EINVAL, "zero length");
   if (!addr.page_aligned() || length % kPageSize != 0) return Status::error(EINVAL, "range not page aligned");
   const auto region = as.find_region(addr);
@@ -523,6 +615,7 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     }
     report.pages_requested += (next - cur) / kPageSize;
     flight->transfer.to_device = to_device;
+    flight->transfer.client_faults = client_faults;
     (void)prepare(flight->transfer, flight->mig->src(), as, &report);  // no memory: the batch stays put
     if (!previous && next >= addr + length) {
       // A single batch has nothing to overlap with: copy on this thread
@@ -547,12 +640,13 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
   return report;
 }
 
-Result<MigrateReport> SimDevice::migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length) {
-  return migrate_range(as, addr, length, true);
+Result<MigrateReport> SimDevice::migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length,
+                                                   FaultInjection* client_faults) {
+  return migrate_range(as, addr, length, true, client_faults);
 }
 
 Result<MigrateReport> SimDevice::migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length) {
-  return migrate_range(as, addr, length, false);
+  return migrate_range(as, addr, length, false, nullptr);
 }
 
 FaultOutcome SimDevice::migrate_to_ram(const CpuFault& fault) {
@@ -629,34 +723,36 @@ FaultOutcome SimDevice::migrate_one_to_ram(AddressSpace& as, const CpuFault& fau
 
 Result<MigrateReport> SimDevice::evict_all() {
   MigrateReport report;
-  const DevicePfnRange range = pagemap_->range();
-  constexpr std::uint64_t kChunk = kPagesPerHugePage;
-  std::vector<std::uint64_t> src(kChunk), dst(kChunk);
-  for (std::uint64_t off = 0; off < range.count.value; off += kChunk) {
-    const std::uint64_t n = std::min(kChunk, range.count.value - off);
-    UHMM_TRY(migrate_device_range(src.data(), range.first + off, PageCount{n}));
-    std::fill(dst.begin(), dst.end(), 0);
-    std::uint64_t collected = 0;
-    for (std::uint64_t i = 0; i < n; ++i) {
-      if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
-      ++collected;
-      DevicePage* page = migrate_pfn_to_device_page(src[i]);
-      AddressSpace* as = page->mapping().address_space;
-      std::uint64_t pfn = 0;
-      if (!alloc_system_pages(*as, std::span<std::uint64_t>(&pfn, 1)).is_ok()) continue;
-      CopyOp op{page_memory(*page), reinterpret_cast<std::byte*>(pfn << kPageShift)};
-      dma_->copy(std::span<CopyOp>(&op, 1));
-      if (!op.ok) {
-        free_system_pages(*as, std::span<const std::uint64_t>(&pfn, 1));
-        continue;
+  constexpr std::uint64_t kStep = kPagesPerHugePage;
+  std::vector<std::uint64_t> src(kStep), dst(kStep);
+  for (const Chunk* chunk : free_list_->all()) {
+    const DevicePfnRange range = chunk->map->range();
+    for (std::uint64_t off = 0; off < range.count.value; off += kStep) {
+      const std::uint64_t n = std::min(kStep, range.count.value - off);
+      UHMM_TRY(migrate_device_range(src.data(), range.first + off, PageCount{n}));
+      std::fill(dst.begin(), dst.end(), 0);
+      std::uint64_t collected = 0;
+      for (std::uint64_t i = 0; i < n; ++i) {
+        if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
+        ++collected;
+        DevicePage* page = migrate_pfn_to_device_page(src[i]);
+        AddressSpace* as = page->mapping().address_space;
+        std::uint64_t pfn = 0;
+        if (!alloc_system_pages(*as, std::span<std::uint64_t>(&pfn, 1)).is_ok()) continue;
+        CopyOp op{page_memory(*page), reinterpret_cast<std::byte*>(pfn << kPageShift)};
+        dma_->copy(std::span<CopyOp>(&op, 1));
+        if (!op.ok) {
+          free_system_pages(*as, std::span<const std::uint64_t>(&pfn, 1));
+          continue;
+        }
+        dst[i] = migrate_pfn(pfn);
       }
-      dst[i] = migrate_pfn(pfn);
+      report.pages_requested += collected;
+      migrate_device_pages(src.data(), dst.data(), PageCount{n});
+      for (std::uint64_t i = 0; i < n; ++i)
+        if (src[i] & MIGRATE_PFN_MIGRATE) ++report.pages_migrated;
+      migrate_device_finalize(src.data(), dst.data(), PageCount{n});
     }
-    report.pages_requested += collected;
-    migrate_device_pages(src.data(), dst.data(), PageCount{n});
-    for (std::uint64_t i = 0; i < n; ++i)
-      if (src[i] & MIGRATE_PFN_MIGRATE) ++report.pages_migrated;
-    migrate_device_finalize(src.data(), dst.data(), PageCount{n});
   }
   report.pages_skipped = report.pages_requested - report.pages_migrated;
   return report;
