@@ -14,8 +14,8 @@
 //   - sync(kDurable) also fdatasyncs the file: it survives a power loss;
 //   - the periodic flush and unmap() do what sync(kWriteback) does, for all
 //     pages or that mapping's pages; close() does sync(kDurable).
-//   - each page reaches the file with one pwrite of the whole page (or of
-//     the file's tail), so a killed process never leaves a torn page.
+//   - pages reach the file whole (runs of whole pages per pwrite, at page
+//     boundaries), so a killed process never leaves a torn page.
 //
 // Device pages: migrate_vma on a mapping of the cache (for instance
 // sim::SimDevice::migrate_to_device) moves its pages to a device; every

@@ -88,6 +88,10 @@ DevicePage* device_page_of(std::uint64_t entry) {
   return DevicePagemap::page_from_pfn(DevicePfn{migrate_pfn_to_pfn(entry)});
 }
 
+// Writeback moves at most this many consecutive pages with one pread and
+// one pwrite (2 MiB: long enough that the system calls do not dominate).
+constexpr std::size_t kWritebackRunPages = 512;
+
 struct PageBuffer {
   PageBuffer() : bytes(new std::byte[kPageSize]()) {}
   std::unique_ptr<std::byte[]> bytes;
@@ -792,22 +796,36 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
       for (std::uint64_t i = 0; i < pages.size(); ++i)
         if (pages[i] & kDirty) dirty.push_back(i);
     }
-    PageBuffer buf;
+    std::vector<std::byte> buf;
     std::vector<std::uint64_t> written;
     Status failed;
-    for (std::size_t k = 0; k < dirty.size(); ++k) {
-      const std::uint64_t i = dirty[k];
-      std::uint64_t len;
+    for (std::size_t k = 0; k < dirty.size();) {
+      // A run of consecutive dirty pages goes with one pread of the cache and
+      // one pwrite of whole pages (the file's tail in the last) at a page
+      // boundary: the kernel copies a write into the file's page cache a
+      // folio at a time and looks for a fatal signal only between folios, so
+      // a killed process leaves every page old or new, never torn.
+      const std::uint64_t first = dirty[k];
+      std::size_t n = 0;
+      std::uint64_t len = 0;
       {
         // Clean before the copy: a write after this point marks it again.
         MutexLock lock(mutex);
-        if (i >= pages.size() || !(pages[i] & kDirty) || (pages[i] & kOnDevice)) continue;  // not in the memfd
-        pages[i] &= static_cast<std::uint8_t>(~kDirty);
-        len = std::min<std::uint64_t>(kPageSize, size - i * kPageSize);
+        while (k + n < dirty.size() && n < kWritebackRunPages && dirty[k + n] == first + n) {
+          const std::uint64_t i = first + n;
+          if (i >= pages.size() || !(pages[i] & kDirty) || (pages[i] & kOnDevice)) break;  // kOnDevice: not in the memfd
+          pages[i] &= static_cast<std::uint8_t>(~kDirty);
+          ++n;
+        }
+        if (n > 0) len = std::min<std::uint64_t>(n * kPageSize, size - first * kPageSize);
       }
-      Status s = pread_full(memfd, buf.data(), len, i * kPageSize, false, "pread of the cache");
-      // One pwrite of the whole page: a killed process leaves it old or new.
-      if (s) s = pwrite_full(file_fd, buf.data(), len, i * kPageSize, "writeback");
+      if (n == 0) {
+        ++k;
+        continue;
+      }
+      buf.resize(len);
+      Status s = pread_full(memfd, buf.data(), len, first * kPageSize, false, "pread of the cache");
+      if (s) s = pwrite_full(file_fd, buf.data(), len, first * kPageSize, "writeback");
       if (!s) {
         failed = s;
         MutexLock lock(mutex);
@@ -815,7 +833,8 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
           if (dirty[j] < pages.size() && (pages[dirty[j]] & kLoaded)) pages[dirty[j]] |= kDirty;
         break;
       }
-      written.push_back(i);
+      for (std::size_t j = 0; j < n; ++j) written.push_back(first + j);
+      k += n;
     }
     if (failed.is_ok() && mode == SyncMode::kDurable && ::fdatasync(file_fd) != 0) failed = errno_status("fdatasync");
     if (!failed.is_ok() && mode == SyncMode::kDurable) {
