@@ -109,23 +109,8 @@ const BenchFile& bench_file() {
   return f;
 }
 
-std::uint64_t sum_words(const std::uint64_t* w, std::size_t nwords) {
-  std::uint64_t a = 0, b = 0;
-  for (std::size_t i = 0; i < nwords; i += 2) {
-    a += w[i];
-    b ^= w[i + 1];
-  }
-  return a + b;
-}
-
-std::uint64_t touch_pages(const std::uint64_t* w, std::size_t nwords) {
-  std::uint64_t a = 0;
-  for (std::size_t i = 0; i < nwords; i += kPageSize / 8) a += static_cast<const volatile std::uint64_t*>(w)[i];
-  return a;
-}
-
 std::uint64_t expected_sum(std::size_t bytes, bool every_word) {
-  // sum_words and touch_pages over round_trip_word(i), without the buffer.
+  // checksum_words and touch_pages over round_trip_word(i), without the buffer.
   std::uint64_t a = 0, b = 0;
   const std::size_t nwords = bytes / 8;
   if (!every_word) {
@@ -189,7 +174,7 @@ void BM_FileRead(benchmark::State& state) {
   const BenchFile& file = bench_file();
   const std::size_t nwords = file.bytes / 8;
   const std::uint64_t expect = expected_sum(file.bytes, every_word);
-  auto pass = [&](const std::uint64_t* w) { return every_word ? sum_words(w, nwords) : touch_pages(w, nwords); };
+  auto pass = [&](const std::uint64_t* w) { return every_word ? checksum_words(w, nwords) : touch_pages(w, nwords); };
 
   AddressSpaceOptions aopt;
   aopt.fault_mode = in_thread ? FaultMode::kInThread : FaultMode::kServiceThreads;
