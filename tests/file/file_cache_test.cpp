@@ -504,20 +504,19 @@ void grow_mapping_with_mremap(AddressSpace& as, const std::string& path, bool mo
   ASSERT_TRUE(full.is_ok() && a.is_ok());
   auto* pf = static_cast<volatile std::uint8_t*>(full->ptr());
   for (std::uint64_t pg = 0; pg < 6; ++pg) ASSERT_EQ(pf[pg * kPageSize], pattern(pg * kPageSize, 17));  // 6, 7 not
-  // Room to grow into, made behind uhmm's back; its writeback settles it.
-  ASSERT_EQ(::munmap(static_cast<std::uint8_t*>(a->ptr()) + 4 * kPageSize, 8 * kPageSize), 0);
-  ASSERT_TRUE(cache->sync());
-  void* grown = MAP_FAILED;
+  void* target = MAP_FAILED;
   if (move) {
-    void* target = ::mmap(nullptr, 12 * kPageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    target = ::mmap(nullptr, 12 * kPageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     ASSERT_NE(target, MAP_FAILED);
-    grown = ::mremap(a->ptr(), 4 * kPageSize, 12 * kPageSize, MREMAP_MAYMOVE | MREMAP_FIXED, target);
-    ASSERT_EQ(grown, target);
-  } else {
-    grown = ::mremap(a->ptr(), 4 * kPageSize, 12 * kPageSize, 0);
-    if (grown == MAP_FAILED) GTEST_SKIP() << "something was mapped right after the range meanwhile";
-    ASSERT_EQ(grown, a->ptr());
   }
+  // Room to grow into, made behind uhmm's back, and nothing in between that
+  // could map something there.
+  ASSERT_EQ(::munmap(static_cast<std::uint8_t*>(a->ptr()) + 4 * kPageSize, 8 * kPageSize), 0);
+  void* grown = move ? ::mremap(a->ptr(), 4 * kPageSize, 12 * kPageSize, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+                     : ::mremap(a->ptr(), 4 * kPageSize, 12 * kPageSize, 0);
+  if (!move && grown == MAP_FAILED) GTEST_SKIP() << "something was mapped right after the range meanwhile";
+  ASSERT_EQ(grown, move ? target : a->ptr());
+  ASSERT_TRUE(cache->sync());  // the munmap counted the pages there written
   auto* p = static_cast<volatile std::uint8_t*>(grown);
   p[5 * kPageSize + 1] = 0x51;  // a page the cache holds: no fault reaches uhmm
   ASSERT_TRUE(cache->sync());
