@@ -594,8 +594,8 @@ Result<VirtAddr> FileCache::map(std::uint64_t offset, std::size_t length, int pr
   AddressSpace::Impl* sp = impl_->space();
   if (sp == nullptr) return Status::error(ENODEV, "the cache's address space was destroyed");
   return sp->map_backed(impl_->memfd, offset, len, prot,
-                                      impl_->anonymous() ? RegionKind::kSharedAnonymous : RegionKind::kFile,
-                                      /*track_writes=*/!impl_->anonymous(), impl_);
+                        impl_->anonymous() ? RegionKind::kSharedAnonymous : RegionKind::kFile,
+                        /*track_writes=*/!impl_->anonymous(), impl_);
 }
 
 Status FileCache::unmap(VirtAddr addr) {
