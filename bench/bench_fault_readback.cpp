@@ -46,24 +46,6 @@ std::size_t bench_bytes() {
 
 std::uint64_t pattern(std::size_t i) { return i * 0x9E3779B97F4A7C15ull; }
 
-// Reads every word (a real read, not one load per page).
-std::uint64_t checksum(const std::uint64_t* w, std::size_t nwords) {
-  std::uint64_t a = 0, b = 0;
-  for (std::size_t i = 0; i < nwords; i += 2) {
-    a += w[i];
-    b ^= w[i + 1];
-  }
-  return a + b;
-}
-
-// One load per page, in order: each first touch of a device page faults.
-std::uint64_t touch_pages(const std::uint64_t* w, std::size_t nwords) {
-  constexpr std::size_t kStride = kPageSize / sizeof(std::uint64_t);
-  std::uint64_t a = 0;
-  for (std::size_t i = 0; i < nwords; i += kStride) a += w[i];
-  return a;
-}
-
 // Waits until the device holds no page of ours: finalize of the last
 // fault-around block may still run after the reader has been woken.
 bool settle(sim::SimDevice& dev, std::uint64_t total_pages) {
@@ -93,7 +75,7 @@ void BM_FaultReadback(benchmark::State& state) {
   const VirtAddr base = check(as->map(bytes), "map");
   auto* words = base.as<std::uint64_t>();
   for (std::size_t i = 0; i < nwords; ++i) words[i] = pattern(i);
-  const std::uint64_t want = checksum(words, nwords);
+  const std::uint64_t want = checksum_words(words, nwords);
   const bool read_all = state.range(1) != 0;
   const std::uint64_t want_subject = read_all ? want : touch_pages(words, nwords);
 
@@ -104,7 +86,7 @@ void BM_FaultReadback(benchmark::State& state) {
 
   // Warm-up: one round each way, not timed.
   check(dev->migrate_to_device(*as, base, bytes), "warm-up migrate_to_device");
-  if (checksum(words, nwords) != want || !settle(*dev, dev_pages)) {
+  if (checksum_words(words, nwords) != want || !settle(*dev, dev_pages)) {
     state.SkipWithError("warm-up read-back failed");
     return;
   }
@@ -122,7 +104,7 @@ void BM_FaultReadback(benchmark::State& state) {
         const auto t0 = Clock::now();
         auto r = dev->migrate_to_system(*as, base, bytes);
         const double t_mig = seconds_since(t0);
-        const std::uint64_t sum = read_all ? checksum(words, nwords) : touch_pages(words, nwords);
+        const std::uint64_t sum = read_all ? checksum_words(words, nwords) : touch_pages(words, nwords);
         t_explicit_read += seconds_since(t0);
         t_explicit += t_mig;
         if (!r.is_ok() || r->pages_migrated != npages || sum != want_subject) {
@@ -131,11 +113,11 @@ void BM_FaultReadback(benchmark::State& state) {
         }
       } else {
         const auto t0 = Clock::now();
-        const std::uint64_t sum = read_all ? checksum(words, nwords) : touch_pages(words, nwords);
+        const std::uint64_t sum = read_all ? checksum_words(words, nwords) : touch_pages(words, nwords);
         const double t = seconds_since(t0);
         t_fault += t;
         state.SetIterationTime(t);
-        if (sum != want_subject || (!read_all && checksum(words, nwords) != want)) {
+        if (sum != want_subject || (!read_all && checksum_words(words, nwords) != want)) {
           state.SkipWithError("fault-driven read-back returned wrong data");
           return;
         }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "uhmm/status.hpp"
+#include "uhmm/types.hpp"
 
 namespace uhmm::bench {
 
@@ -104,6 +105,24 @@ inline void chunked_memcpy(void* dst, const void* src, std::size_t len, std::siz
     std::memcpy(d + off, s + off, n);
   }
   benchmark::ClobberMemory();
+}
+
+/// Reads every word (a real read, not one load per page).
+inline std::uint64_t checksum_words(const std::uint64_t* w, std::size_t nwords) {
+  std::uint64_t a = 0, b = 0;
+  for (std::size_t i = 0; i < nwords; i += 2) {
+    a += w[i];
+    b ^= w[i + 1];
+  }
+  return a + b;
+}
+
+/// One load per page, in order: each first touch of a missing page faults.
+inline std::uint64_t touch_pages(const std::uint64_t* w, std::size_t nwords) {
+  std::uint64_t a = 0;
+  for (std::size_t i = 0; i < nwords; i += kPageSize / sizeof(std::uint64_t))
+    a += static_cast<const volatile std::uint64_t*>(w)[i];
+  return a;
 }
 
 /// The round-trip benchmarks' data: a word pattern written before the

@@ -32,8 +32,13 @@
 // any process's private buffers.
 //
 // Concurrency contract: every member may be called from any thread, except
-// that the destructor (and close()) must not race with other calls.  The
-// cache must be closed or destroyed before its AddressSpace.
+// that the destructor (and close()) must not race with other calls, nor
+// with the destruction of the cache's AddressSpace.
+//
+// Lifetime: the cache may outlive its AddressSpace.  The AddressSpace's
+// destructor writes every mapping of the cache back and unmaps it; the cache
+// stays open without mappings (read, write, truncate, sync and close work;
+// map() returns ENODEV), and its pages stay in it until close().
 #pragma once
 
 #include <chrono>
@@ -83,7 +88,10 @@ class FileCache {
   /// `offset` page aligned (EINVAL), `length` non-zero (EINVAL, rounded up to
   /// pages), `prot` PROT_READ or PROT_READ|PROT_WRITE (EINVAL), writable only
   /// if the file was opened O_RDWR (EACCES).  Pages past the end of the
-  /// object raise SIGBUS when touched.
+  /// object raise SIGBUS when touched, until truncate() or write() grows the
+  /// object over them.  If the application grows the mapping with mremap
+  /// (in place or moving it), the new part maps the object further on, as a
+  /// file mapping does, and unmap() removes all of it.
   Result<VirtAddr> map(std::uint64_t offset, std::size_t length, int prot = PROT_READ | PROT_WRITE);
   /// Writes back the pages written through the mapping at `addr`, then
   /// unmaps it.  A writeback error is returned and the mapping is gone, but
@@ -97,7 +105,10 @@ class FileCache {
   Status truncate(std::uint64_t new_size);
   std::uint64_t size() const;
   /// pread/pwrite through the cache: they see, and are seen by, every
-  /// mapping.  The range must lie inside the object (EINVAL otherwise).
+  /// mapping.  read()'s range must lie inside the object (EINVAL
+  /// otherwise).  write() past the end grows the object and the file first,
+  /// as pwrite does (the gap reads zeros; EFBIG if the end overflows), so
+  /// the pages that come inside stop raising SIGBUS in every mapping.
   Status read(std::uint64_t offset, std::span<std::byte> out);
   Status write(std::uint64_t offset, std::span<const std::byte> in);
   /// Unmaps every mapping, writes everything back and fdatasyncs; further

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -101,7 +102,10 @@ struct PageBuffer {
 }  // namespace
 
 struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_shared_from_this<FileCache::Impl> {
-  AddressSpace* as = nullptr;
+  /// Null once the address space was destroyed (address_space_closing);
+  /// cleared under writeback_mutex, so the flusher's writeback never sees
+  /// it go in the middle.
+  std::atomic<AddressSpace*> as{nullptr};
   int file_fd = -1;  // -1: shared anonymous memory
   int memfd = -1;
   bool writable = true;
@@ -120,6 +124,11 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
   std::thread flusher;
 
   bool anonymous() const { return file_fd < 0; }
+  /// Where the mappings live; null once the address space is gone.
+  AddressSpace::Impl* space() const {
+    AddressSpace* a = as.load(std::memory_order_acquire);
+    return a != nullptr ? &a->impl() : nullptr;
+  }
 
   Status usable() const {
     if (::getpid() != owner) return Status::error(ECHILD, "this file cache belongs to the parent process");
@@ -307,9 +316,10 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
   };
   std::vector<Mapping> mappings() const {
     std::vector<Mapping> out;
-    as->impl().for_each_backed_region(this, [&](VirtAddr start, std::size_t len, std::uint64_t off) {
-      out.push_back(Mapping{start, off / kPageSize, len / kPageSize});
-    });
+    if (AddressSpace::Impl* sp = space())
+      sp->for_each_backed_region(this, [&](VirtAddr start, std::size_t len, std::uint64_t off) {
+        out.push_back(Mapping{start, off / kPageSize, len / kPageSize});
+      });
     return out;
   }
 
@@ -330,8 +340,10 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
   using Invalidations = std::vector<std::unique_ptr<mm::ScopedInvalidation>>;
   Invalidations invalidate(std::uint64_t first, std::uint64_t n, NotifyEvent event, const void* migrating_for) const {
     Invalidations out;
+    AddressSpace::Impl* sp = space();
+    if (sp == nullptr) return out;  // no mapping left, so no mirror either
     for (const auto& [lo, hi] : views_of(first, n))
-      out.push_back(std::make_unique<mm::ScopedInvalidation>(as->impl().notifiers, NotifyRange{lo, hi, event, migrating_for}));
+      out.push_back(std::make_unique<mm::ScopedInvalidation>(sp->notifiers, NotifyRange{lo, hi, event, migrating_for}));
     return out;
   }
 
@@ -367,7 +379,7 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
                                                (device_wrote && !anonymous() ? kDirty : 0));
     }
     page.set_holder(nullptr, 0);
-    as->impl().stats.add(copied ? Counter::file_pages_copied_back : Counter::file_pages_reread);
+    if (AddressSpace::Impl* sp = space()) sp->stats.add(copied ? Counter::file_pages_copied_back : Counter::file_pages_reread);
     return Status::ok();
   }
 
@@ -514,7 +526,7 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
         while (k + n < held.size() && held[k + n] == held[k] + n) ++n;
         const std::uint64_t a = std::max(first + held[k], v.first_page);
         const std::uint64_t b = std::min(first + held[k] + n, v.first_page + v.pages);
-        if (a < b) as->impl().zap_own(v.start + (a - v.first_page) * kPageSize, (b - a) * kPageSize);
+        if (a < b) space()->zap_own(v.start + (a - v.first_page) * kPageSize, (b - a) * kPageSize);
         k += n;
       }
     }
@@ -732,36 +744,57 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
   /// Moves the written bits of the mappings (all, or the one at `only`) into
   /// the page states, write-protecting the pages again.
   void collect_written(std::optional<VirtAddr> only) {
+    AddressSpace::Impl* sp = space();
+    if (sp == nullptr) return;  // no mappings any more
     // A munmap or madvise the application made before this call has had its
     // event read (the kernel held the call until then) but maybe not
     // processed: its mapping_lost must come first, or this writeback would
     // miss the pages it marks.
     std::vector<std::pair<VirtAddr, VirtAddr>> ranges;
-    as->impl().for_each_backed_region(this, [&](VirtAddr start, std::size_t length, std::uint64_t) {
+    sp->for_each_backed_region(this, [&](VirtAddr start, std::size_t length, std::uint64_t) {
       ranges.emplace_back(start, start + length);
     });
-    for (const auto& [lo, hi] : ranges) as->impl().settle_events_in(lo, hi);
+    for (const auto& [lo, hi] : ranges) sp->settle_events_in(lo, hi);
+    // After the events: an mremap that moved a mapping and grew it has made
+    // its region at the new place only now.
+    sp->follow_backed_growth(this);
     std::vector<std::pair<VirtAddr, VirtAddr>> written;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> written_pages;  // [first, end) page indexes
     // Under regions_mutex (shared): a region still listed is still this
     // cache's mapping.  If the application unmapped it already, its UNMAP
     // event is not processed yet and will call mapping_lost; the scan then
     // fails (nothing registered there) or reads a fresh mapping that uhmm
     // has not handed out yet (map_backed waits for that event first), whose
     // pages nobody can have written.
-    as->impl().for_each_backed_region(this, [&](VirtAddr start, std::size_t length, std::uint64_t offset) {
+    sp->for_each_backed_region(this, [&](VirtAddr start, std::size_t length, std::uint64_t offset) {
       if (only && *only != start) return;
       written.clear();
       if (Status s = platform::scan_written(start, length, /*reprotect=*/true, &written); !s) {
         mapping_lost(offset, length);
         return;
       }
-      MutexLock lock(mutex);
-      for (const auto& [lo, hi] : written) {
-        const std::uint64_t first = offset + (lo - start);
-        const std::uint64_t end = std::min<std::uint64_t>(pages_for(offset + (hi - start)), pages.size());
-        for (std::uint64_t i = first / kPageSize; i < end; ++i) pages[i] |= kDirty;
-      }
+      for (const auto& [lo, hi] : written)
+        written_pages.emplace_back((offset + (lo - start)) / kPageSize, pages_for(offset + (hi - start)));
     });
+    mark_written(written_pages);
+  }
+
+  /// Marks dirty the pages a scan reported written.  A page the memfd lacks
+  /// (neither loaded nor being loaded) holds nothing to write back: the scan
+  /// reports it only because its slot had no write-protect marker, which is
+  /// the case in the part of a mapping that mremap grew.  A page being
+  /// loaded may be installed and written already, or not installed yet: its
+  /// load decides, so writeback never copies a hole over the file's data.
+  /// (Only a load is waited for: a page held while loaded, or while a device
+  /// has it, may be held by the caller, a migration collecting it.)
+  void mark_written(const std::vector<std::pair<std::uint64_t, std::uint64_t>>& written_pages) {
+    MutexLock lock(mutex);
+    for (const auto& [first, last] : written_pages) {
+      for (std::uint64_t i = first; i < last; ++i) {
+        while (i < pages.size() && (pages[i] & (kLoading | kLoaded | kOnDevice)) == kLoading) changed.wait(mutex);
+        if (i < pages.size() && (pages[i] & kLoaded)) pages[i] |= kDirty;
+      }
+    }
   }
 
   /// Brings back the device pages whose data must reach the file (the
@@ -876,7 +909,9 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
 
   bool is_mapping(VirtAddr addr, std::size_t* length) const {
     bool found = false;
-    as->impl().for_each_backed_region(this, [&](VirtAddr start, std::size_t len, std::uint64_t) {
+    AddressSpace::Impl* sp = space();
+    if (sp == nullptr) return false;
+    sp->for_each_backed_region(this, [&](VirtAddr start, std::size_t len, std::uint64_t) {
       if (start == addr) {
         found = true;
         *length = len;
@@ -886,14 +921,75 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
   }
 
   Status unmap_one(VirtAddr addr) {
+    if (AddressSpace::Impl* sp = space()) sp->follow_backed_growth(this);  // unmap all of it
     std::size_t length = 0;
     if (!is_mapping(addr, &length)) return Status::error(EINVAL, "no mapping of this cache starts here");
     // Read-only first: a write racing with the unmap faults (as it may with
     // munmap), and none lands after the scan below.
     if (!anonymous() && ::mprotect(addr.ptr(), length, PROT_READ) != 0) return errno_status("mprotect");
     const Status wb = writeback(SyncMode::kWriteback, addr);
-    UHMM_TRY(as->impl().unmap_region(addr, /*backed_ok=*/true));
+    UHMM_TRY(space()->unmap_region(addr, /*backed_ok=*/true));
     return wb;
+  }
+
+  /// Every mapping, written back and unmapped; the first error.
+  Status unmap_all() {
+    AddressSpace::Impl* sp = space();
+    if (sp == nullptr) return Status::ok();
+    std::vector<VirtAddr> starts;
+    sp->for_each_backed_region(this, [&](VirtAddr start, std::size_t, std::uint64_t) { starts.push_back(start); });
+    Status first;
+    for (VirtAddr s : starts) {
+      const Status r = unmap_one(s);
+      if (first.is_ok() && !r.is_ok()) first = r;
+    }
+    return first;
+  }
+
+  /// Growing for write(): like pwrite, a write past the end makes the
+  /// object (and the file) that long first; the gap reads zeros.
+  Status grow_for_write(std::uint64_t end) {
+    {
+      MutexLock lock(mutex);
+      if (end <= size) return Status::ok();
+    }
+    MutexLock serial(writeback_mutex);
+    return grow(end);
+  }
+  /// The file first, then the memfd: a page that comes inside the object
+  /// reads what the file holds there, zeros.  Pages past the old end are
+  /// new, so every mapping's access there faults and loads them.
+  Status grow(std::uint64_t new_size) UHMM_REQUIRES(writeback_mutex) {
+    {
+      MutexLock lock(mutex);
+      if (new_size <= size) return Status::ok();
+    }
+    if (!anonymous() && ::ftruncate(file_fd, static_cast<off_t>(new_size)) != 0) return errno_status("ftruncate");
+    if (::ftruncate(memfd, static_cast<off_t>(new_size)) != 0) return errno_status("ftruncate of the cache");
+    MutexLock lock(mutex);
+    size = new_size;
+    pages.resize(pages_for(new_size), 0);
+    return Status::ok();
+  }
+
+  void address_space_closing() noexcept override {
+    // The mappings go with the address space; their written pages reach the
+    // file now (or stay dirty in the cache, which outlives them: a later
+    // sync() or close() retries).  The cache stays open without mappings.
+    try {
+      if (Status s = unmap_all(); !s)
+        std::fprintf(stderr, "uhmm: writing back a file cache's mappings failed: %s\n", s.to_string().c_str());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "uhmm: writing back a file cache's mappings failed: %s\n", e.what());
+    }
+    MutexLock serial(writeback_mutex);
+    as.store(nullptr, std::memory_order_release);
+  }
+
+  /// The address space stops calling address_space_closing (a closed cache
+  /// has nothing to give up).
+  void detach() {
+    if (AddressSpace::Impl* sp = space()) sp->detach_backend(this);
   }
 };
 
@@ -913,7 +1009,7 @@ Result<std::unique_ptr<FileCache>> FileCache::open(AddressSpace& as, const std::
   const int access = open_flags & O_ACCMODE;
   if (access != O_RDONLY && access != O_RDWR) return Status::error(EINVAL, "open a cached file O_RDONLY or O_RDWR");
   auto impl = std::make_shared<Impl>();
-  impl->as = &as;
+  impl->as.store(&as);
   impl->owner = ::getpid();
   impl->options = options;
   impl->writable = access == O_RDWR;
@@ -941,6 +1037,7 @@ Result<std::unique_ptr<FileCache>> FileCache::open(AddressSpace& as, const std::
     impl->pages.assign(pages_for(impl->size), 0);
   }
   UHMM_TRY(start(*impl));
+  as.impl().attach_backend(impl);
   return std::unique_ptr<FileCache>(new FileCache(std::move(impl)));
 }
 
@@ -948,7 +1045,7 @@ Result<std::unique_ptr<FileCache>> FileCache::create_anonymous(AddressSpace& as,
                                                                FileCacheOptions options) {
   if (size == 0 || size % kPageSize != 0) return Status::error(EINVAL, "size must be a non-zero multiple of the page size");
   auto impl = std::make_shared<Impl>();
-  impl->as = &as;
+  impl->as.store(&as);
   impl->owner = ::getpid();
   impl->options = options;
   impl->memfd = ::memfd_create("uhmm-shared-anonymous", MFD_CLOEXEC);
@@ -963,6 +1060,7 @@ Result<std::unique_ptr<FileCache>> FileCache::create_anonymous(AddressSpace& as,
     impl->size = size;
     impl->pages.assign(pages_for(size), 0);
   }
+  as.impl().attach_backend(impl);
   return std::unique_ptr<FileCache>(new FileCache(std::move(impl)));
 }
 
@@ -975,6 +1073,7 @@ FileCache::~FileCache() {
   if (Status s = close(); !s) {
     std::fprintf(stderr, "uhmm: closing a file cache failed, unwritten pages are lost: %s\n", s.to_string().c_str());
     impl_->drop_device_pages(0);
+    impl_->detach();
     MutexLock lock(impl_->mutex);
     impl_->closed = true;
     if (impl_->file_fd >= 0) ::close(impl_->file_fd);
@@ -991,9 +1090,11 @@ Result<VirtAddr> FileCache::map(std::uint64_t offset, std::size_t length, int pr
   if ((prot & PROT_WRITE) && !impl_->writable) return Status::error(EACCES, "file opened read-only");
   const std::size_t len = pages_for(length) * kPageSize;
   if (offset + len < offset) return Status::error(EINVAL, "range wraps around");
-  return impl_->as->impl().map_backed(impl_->memfd, offset, len, prot,
-                                      impl_->anonymous() ? RegionKind::kSharedAnonymous : RegionKind::kFile,
-                                      /*track_writes=*/!impl_->anonymous(), impl_);
+  AddressSpace::Impl* sp = impl_->space();
+  if (sp == nullptr) return Status::error(ENODEV, "the cache's address space was destroyed");
+  return sp->map_backed(impl_->memfd, offset, len, prot,
+                        impl_->anonymous() ? RegionKind::kSharedAnonymous : RegionKind::kFile,
+                        /*track_writes=*/!impl_->anonymous(), impl_);
 }
 
 Status FileCache::unmap(VirtAddr addr) {
@@ -1056,17 +1157,8 @@ Status FileCache::truncate(std::uint64_t new_size) {
       c.pages.resize(pages_for(new_size));
     }
   }
+  if (new_size >= old_size) return c.grow(new_size);
   Status s;
-  if (new_size >= old_size) {
-    if (!c.anonymous() && ::ftruncate(c.file_fd, static_cast<off_t>(new_size)) != 0) s = errno_status("ftruncate");
-    if (s && ::ftruncate(c.memfd, static_cast<off_t>(new_size)) != 0) s = errno_status("ftruncate of the cache");
-    if (s) {
-      MutexLock lock(c.mutex);
-      c.size = new_size;
-      c.pages.resize(pages_for(new_size), 0);  // read from the file again: zeros
-    }
-    return s;
-  }
   // Shrinking: the memfd drops the pages (every mapping loses them and
   // raises SIGBUS past the end) and zeroes the tail of the last one.
   if (::ftruncate(c.memfd, static_cast<off_t>(new_size)) != 0) s = errno_status("ftruncate of the cache");
@@ -1110,10 +1202,9 @@ Status FileCache::write(std::uint64_t offset, std::span<const std::byte> in) {
   UHMM_TRY(impl_->usable());
   if (!impl_->writable) return Status::error(EBADF, "file opened read-only");
   Impl& c = *impl_;
-  {
-    MutexLock lock(c.mutex);
-    if (offset > c.size || in.size() > c.size - offset) return Status::error(EINVAL, "range beyond the end");
-  }
+  if (in.empty()) return Status::ok();
+  if (offset + in.size() < offset) return Status::error(EFBIG, "range beyond the largest file offset");
+  UHMM_TRY(c.grow_for_write(offset + in.size()));
   PageBuffer buf;
   std::size_t done = 0;
   while (done < in.size()) {
@@ -1135,19 +1226,14 @@ Status FileCache::close() {
   UHMM_TRY(impl_->usable());
   Impl& c = *impl_;
   c.stop_flush_thread();
-  std::vector<VirtAddr> starts;
-  c.as->impl().for_each_backed_region(&c, [&](VirtAddr start, std::size_t, std::uint64_t) { starts.push_back(start); });
-  Status first;
-  for (VirtAddr s : starts) {
-    const Status r = c.unmap_one(s);
-    if (first.is_ok() && !r.is_ok()) first = r;
-  }
+  const Status first = c.unmap_all();
   const Status wb = c.writeback(SyncMode::kDurable, std::nullopt);
   // The dirty pages are only in the cache: keep it open so that the caller
   // can make room and close again.
   if (!wb.is_ok()) return wb;
   // What devices still hold is clean (the file has it): let go of it.
   c.drop_device_pages(0);
+  c.detach();
   {
     MutexLock lock(c.mutex);
     c.closed = true;

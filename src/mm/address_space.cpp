@@ -234,6 +234,9 @@ AddressSpace::~AddressSpace() {
     impl_->abandon_in_child();
     return;
   }
+  // Caches still open write their mappings back and let go of this object
+  // while the fault service and the event worker can still serve them.
+  impl_->close_backends();
   impl_->stop_fault_service();
   if (impl_->options.fault_mode == FaultMode::kInThread) impl_->unregister_in_thread();
   {
@@ -274,6 +277,30 @@ Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
   WriterLock lock(impl_->regions_mutex);
   impl_->regions.emplace(addr->value, std::move(region));
   return *addr;
+}
+
+void AddressSpace::Impl::attach_backend(std::weak_ptr<mm::RegionBackend> owner) {
+  MutexLock lock(backends_mutex);
+  attached_backends.push_back(std::move(owner));
+}
+
+void AddressSpace::Impl::detach_backend(const mm::RegionBackend* owner) {
+  MutexLock lock(backends_mutex);
+  std::erase_if(attached_backends, [&](const std::weak_ptr<mm::RegionBackend>& w) {
+    const auto live = w.lock();
+    return live == nullptr || live.get() == owner;
+  });
+}
+
+void AddressSpace::Impl::close_backends() {
+  std::vector<std::shared_ptr<mm::RegionBackend>> live;
+  {
+    MutexLock lock(backends_mutex);
+    for (const auto& w : attached_backends)
+      if (auto b = w.lock()) live.push_back(std::move(b));
+    attached_backends.clear();
+  }
+  for (const auto& b : live) b->address_space_closing();
 }
 
 Result<VirtAddr> AddressSpace::Impl::map_backed(int fd, std::uint64_t offset, std::size_t length, int prot,

@@ -87,6 +87,11 @@ class RegionBackend {
   /// whatever the page tables knew there (which pages were written) is gone.
   /// Called by the event worker, with no lock held.
   virtual void mapping_lost(std::uint64_t offset, std::size_t len) noexcept = 0;
+  /// The address space is being destroyed (an owner registered with
+  /// AddressSpace::Impl::attach_backend): the owner removes its mappings and
+  /// stops using the address space before this returns.  Called first thing
+  /// in the destructor, with every uhmm thread still running.
+  virtual void address_space_closing() noexcept {}
 };
 
 /// A managed range (the kernel's vm_area_struct).
@@ -202,6 +207,18 @@ struct AddressSpace::Impl {
   /// AddressSpace::unmap; a backed region only if `backed_ok` (its owner,
   /// which has written its pages back, or the address space's destructor).
   Status unmap_region(VirtAddr start, bool backed_ok);
+  /// Owners of backends (file caches) that live as long as they like: the
+  /// destructor calls address_space_closing() on those still attached, so
+  /// that destroying the address space first is safe.
+  void attach_backend(std::weak_ptr<mm::RegionBackend> owner);
+  void detach_backend(const mm::RegionBackend* owner);
+  void close_backends();
+  Mutex backends_mutex{LockRank::kLeaf};
+  std::vector<std::weak_ptr<mm::RegionBackend>> attached_backends UHMM_GUARDED_BY(backends_mutex);
+  /// mremap may have grown a mapping of `backend` in place (or while moving
+  /// it), which sends no event: takes the growth into its regions, so that
+  /// a writeback scans and an unmap removes all of each mapping.
+  void follow_backed_growth(const mm::RegionBackend* backend);
   /// Calls `fn(start, length, offset)` for each managed region `backend`
   /// serves, holding regions_mutex shared, so no region is removed (and no
   /// new one is added) while `fn` looks at its page tables.

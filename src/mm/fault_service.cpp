@@ -373,17 +373,27 @@ bool AddressSpace::Impl::take_in_place_growth(VirtAddr addr) {
     below = std::prev(it)->second;
   }
   const std::optional<platform::Mapping> m = platform::mapping_at(addr);
-  if (!m || m->start > below->info.start.value || !m->private_anonymous()) return false;
+  // A backed range grows like a file mapping: the new part maps the object
+  // further on, which its backend serves (docs/adr/0006-file-cache.md).
+  if (!m || m->start > below->info.start.value || !(below->backend ? m->shared : m->private_anonymous()))
+    return false;
   WriterLock lock(regions_mutex);
   auto it = regions.find(below->info.start.value);
   if (it == regions.end() || it->second != below) return true;  // replaced meanwhile: look again
-  auto grown = std::make_shared<mm::Region>();
-  grown->info = below->info;
-  grown->info.length = std::min(m->end, limit) - below->info.start.value;
+  auto grown = below->slice(below->info.start, std::min(m->end, limit) - below->info.start.value);
   // Operations in flight keep the old object and its (shorter) view.
   it->second = std::move(grown);
   stats.add(Counter::uffd_events);
   return true;
+}
+
+void AddressSpace::Impl::follow_backed_growth(const mm::RegionBackend* backend) {
+  std::vector<VirtAddr> ends;
+  for_each_backed_region(backend, [&](VirtAddr start, std::size_t length, std::uint64_t) { ends.push_back(start + length); });
+  for (VirtAddr end : ends) {
+    if (pin_region(end, end + kPageSize)) continue;  // another range starts there: no room to grow
+    (void)take_in_place_growth(end);
+  }
 }
 
 }  // namespace uhmm

@@ -170,6 +170,23 @@ void on_test_sigbus(int sig, siginfo_t* info, void* uc) {
   siglongjmp(g_sigbus_jump, 1);
 }
 
+// True if reading `p` raises a SIGBUS that uhmm does not serve (the
+// kernel's, past the end of the object).
+bool read_raises_sigbus(const volatile std::uint8_t* p) {
+  struct sigaction sa {}, prev {};
+  sa.sa_sigaction = on_test_sigbus;
+  sa.sa_flags = SA_SIGINFO;
+  EXPECT_EQ(::sigaction(SIGBUS, &sa, &prev), 0);
+  volatile bool faulted = false;  // set across a siglongjmp
+  if (sigsetjmp(g_sigbus_jump, 1) == 0) {
+    (void)*p;
+  } else {
+    faulted = true;
+  }
+  EXPECT_EQ(::sigaction(SIGBUS, &prev, nullptr), 0);
+  return faulted;
+}
+
 TEST_P(FileCacheTest, AccessPastTheEndRaisesSigbus) {
   const std::string path = dir.file("data");
   write_file(path, kPageSize + 10, 12);
@@ -178,21 +195,48 @@ TEST_P(FileCacheTest, AccessPastTheEndRaisesSigbus) {
   auto a = cache->map(0, 4 * kPageSize);
   ASSERT_TRUE(a.is_ok());
   auto* p = static_cast<volatile std::uint8_t*>(a->ptr());
-  struct sigaction sa {}, prev {};
-  sa.sa_sigaction = on_test_sigbus;
-  sa.sa_flags = SA_SIGINFO;
-  ASSERT_EQ(::sigaction(SIGBUS, &sa, &prev), 0);
-  volatile bool inside_ok = false;  // set across a siglongjmp
-  volatile bool past_end_faulted = false;
-  if (sigsetjmp(g_sigbus_jump, 1) == 0) {
-    inside_ok = p[kPageSize + 9] == pattern(kPageSize + 9, 12) && p[kPageSize + 10] == 0;
-    (void)p[2 * kPageSize];
-  } else {
-    past_end_faulted = true;
+  EXPECT_EQ(p[kPageSize + 9], pattern(kPageSize + 9, 12));
+  EXPECT_EQ(p[kPageSize + 10], 0);
+  EXPECT_TRUE(read_raises_sigbus(p + 2 * kPageSize));
+}
+
+// write() past the end behaves as pwrite(2) does on the file: the object
+// and the file grow, the gap reads zeros, and in every mapping the pages
+// that came inside the object stop raising SIGBUS.
+TEST_P(FileCacheTest, WritePastTheEndGrowsTheObjectLikePwrite) {
+  const std::string path = dir.file("data");
+  const std::uint64_t size = kPageSize + 100;
+  auto cache = open_written(path, size, 15, std::chrono::milliseconds(0));
+  ASSERT_TRUE(cache);
+  auto a = cache->map(0, 4 * kPageSize);
+  ASSERT_TRUE(a.is_ok());
+  auto* p = static_cast<volatile std::uint8_t*>(a->ptr());
+  EXPECT_EQ(p[kPageSize + 99], pattern(kPageSize + 99, 15));
+  EXPECT_TRUE(read_raises_sigbus(p + 3 * kPageSize));
+  const std::vector<std::byte> data(200, std::byte{0x7e});
+  const std::uint64_t at = 3 * kPageSize + 50;
+  ASSERT_TRUE(cache->write(at, data));
+  EXPECT_EQ(cache->size(), at + data.size());
+  for (std::uint64_t i = size; i < 4 * kPageSize; ++i)
+    ASSERT_EQ(p[i], i >= at && i < at + data.size() ? 0x7e : 0) << i;
+  std::vector<std::byte> gap(kPageSize);
+  ASSERT_TRUE(cache->read(2 * kPageSize, gap));
+  for (std::byte b : gap) ASSERT_EQ(b, std::byte{0});
+  // Appending at the end, and storing through the mapping in the new part.
+  const std::byte one{0x31};
+  ASSERT_TRUE(cache->write(cache->size(), {&one, 1}));
+  p[2 * kPageSize + 7] = 0x44;
+  EXPECT_EQ(cache->write(~std::uint64_t{0} - 10, data).code(), EFBIG);
+  EXPECT_EQ(cache->size(), at + data.size() + 1);
+  ASSERT_TRUE(cache->close());
+  const auto disk = read_file(path);
+  ASSERT_EQ(disk.size(), at + data.size() + 1);
+  for (std::uint64_t i = 0; i < disk.size(); ++i) {
+    std::uint8_t want = i < size ? pattern(i, 15) : 0;
+    if (i >= at) want = i < at + data.size() ? 0x7e : 0x31;
+    if (i == 2 * kPageSize + 7) want = 0x44;
+    ASSERT_EQ(disk[i], want) << i;
   }
-  ASSERT_EQ(::sigaction(SIGBUS, &prev, nullptr), 0);
-  EXPECT_TRUE(inside_ok);
-  EXPECT_TRUE(past_end_faulted);
 }
 
 TEST_P(FileCacheTest, TruncateDropsPagesAndGrowingReadsZeros) {
@@ -399,6 +443,101 @@ TEST_P(FileCacheTest, TruncateRacingWithLoadsLeavesNoStaleBytes) {
   for (std::uint64_t i = 0; i < expect.size(); ++i) expect[i] = p[i];
   ASSERT_TRUE(cache->close());
   EXPECT_EQ(read_file(path), expect);
+}
+
+// The application grows a mapping uhmm made with mremap, in place or while
+// moving it.  No event tells uhmm; the grown part maps the object further
+// on, as a file mapping would.  A store there to a page the cache holds
+// already reaches no fault at all, yet must reach the file; a page the
+// cache lacks is read from the file; past the end of the object, SIGBUS.
+void grow_mapping_with_mremap(AddressSpace& as, const std::string& path, bool move) {
+  write_file(path, 8 * kPageSize, 17);
+  FileCacheOptions o;
+  o.flush_interval = std::chrono::milliseconds(0);
+  o.fault_around_pages = 1;
+  auto r = FileCache::open(as, path, O_RDWR, 0600, o);
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  auto& cache = *r;
+  auto full = cache->map(0, 8 * kPageSize);
+  auto a = cache->map(0, 12 * kPageSize);
+  ASSERT_TRUE(full.is_ok() && a.is_ok());
+  auto* pf = static_cast<volatile std::uint8_t*>(full->ptr());
+  for (std::uint64_t pg = 0; pg < 6; ++pg) ASSERT_EQ(pf[pg * kPageSize], pattern(pg * kPageSize, 17));  // 6, 7 not
+  void* target = MAP_FAILED;
+  if (move) {
+    target = ::mmap(nullptr, 12 * kPageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(target, MAP_FAILED);
+  }
+  // Room to grow into, made behind uhmm's back, and nothing in between that
+  // could map something there.
+  ASSERT_EQ(::munmap(static_cast<std::uint8_t*>(a->ptr()) + 4 * kPageSize, 8 * kPageSize), 0);
+  void* grown = move ? ::mremap(a->ptr(), 4 * kPageSize, 12 * kPageSize, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+                     : ::mremap(a->ptr(), 4 * kPageSize, 12 * kPageSize, 0);
+  if (!move && grown == MAP_FAILED) GTEST_SKIP() << "something was mapped right after the range meanwhile";
+  ASSERT_EQ(grown, move ? target : a->ptr());
+  ASSERT_TRUE(cache->sync());  // the munmap counted the pages there written
+  auto* p = static_cast<volatile std::uint8_t*>(grown);
+  p[5 * kPageSize + 1] = 0x51;  // a page the cache holds: no fault reaches uhmm
+  ASSERT_TRUE(cache->sync());
+  EXPECT_EQ(read_file(path)[5 * kPageSize + 1], 0x51);
+  EXPECT_EQ(p[6 * kPageSize + 2], pattern(6 * kPageSize + 2, 17));  // one it lacks: read in
+  p[7 * kPageSize] = 0x52;
+  EXPECT_EQ(pf[7 * kPageSize], 0x52);  // one page of the cache, seen by both mappings
+  EXPECT_TRUE(read_raises_sigbus(p + 9 * kPageSize));
+  // The cache's unmap takes the whole grown mapping.
+  ASSERT_TRUE(cache->unmap(VirtAddr::of(grown)));
+  EXPECT_EQ(::msync(static_cast<std::uint8_t*>(grown) + 8 * kPageSize, kPageSize, MS_ASYNC), -1);
+  EXPECT_EQ(errno, ENOMEM);
+  ASSERT_TRUE(cache->close());
+  const auto disk = read_file(path);
+  ASSERT_EQ(disk.size(), 8 * kPageSize);
+  for (std::uint64_t i = 0; i < disk.size(); ++i) {
+    const std::uint8_t want = i == 5 * kPageSize + 1 ? 0x51 : (i == 7 * kPageSize ? 0x52 : pattern(i, 17));
+    ASSERT_EQ(disk[i], want) << i;
+  }
+}
+
+TEST_P(FileCacheTest, MremapGrowingAMappingInPlaceServesTheGrownPartFromTheFile) {
+  grow_mapping_with_mremap(*as, dir.file("data"), /*move=*/false);
+}
+
+TEST_P(FileCacheTest, MremapMovingAndGrowingAMappingServesTheGrownPartFromTheFile) {
+  grow_mapping_with_mremap(*as, dir.file("data"), /*move=*/true);
+}
+
+// The address space goes first, against the old contract: its destructor
+// writes the caches' mappings back and unmaps them; the caches stay open
+// without mappings, and read, write, sync and close as before.
+TEST_P(FileCacheTest, DestroyingTheAddressSpaceFirstWritesBackAndKeepsTheCache) {
+  const std::string path = dir.file("data");
+  auto cache = open_written(path, 4 * kPageSize, 16, std::chrono::milliseconds(0));
+  auto flushed = open_written(dir.file("flushed"), 4 * kPageSize, 18, std::chrono::milliseconds(1));
+  auto anon = FileCache::create_anonymous(*as, 4 * kPageSize);
+  ASSERT_TRUE(cache && flushed && anon.is_ok());
+  auto a = cache->map(0, 4 * kPageSize);
+  auto b = cache->map(kPageSize, kPageSize, PROT_READ);
+  auto f = flushed->map(0, 4 * kPageSize);  // its flusher runs while the address space goes
+  ASSERT_TRUE(a.is_ok() && b.is_ok() && f.is_ok() && (*anon)->map(0, kPageSize).is_ok());
+  std::memset(a->ptr(), 0x21, 2 * kPageSize);
+  std::memset(f->ptr(), 0x22, 4 * kPageSize);
+  as.reset();
+  auto disk = read_file(path);
+  ASSERT_EQ(disk.size(), 4 * kPageSize);
+  for (std::uint64_t i = 0; i < disk.size(); ++i) ASSERT_EQ(disk[i], i < 2 * kPageSize ? 0x21 : pattern(i, 16)) << i;
+  EXPECT_EQ(cache->map(0, kPageSize).code(), ENODEV);
+  EXPECT_EQ((*anon)->map(0, kPageSize).code(), ENODEV);
+  EXPECT_EQ(cache->unmap(*a).code(), EINVAL);
+  const std::byte mark[3] = {std::byte{0x23}, std::byte{0x24}, std::byte{0x25}};
+  ASSERT_TRUE(cache->write(3 * kPageSize, mark));
+  std::byte out{};
+  ASSERT_TRUE(cache->read(kPageSize, {&out, 1}));
+  EXPECT_EQ(out, std::byte{0x21});
+  EXPECT_EQ(cache->dirty_pages(), 1u);
+  ASSERT_TRUE(cache->sync());
+  EXPECT_EQ(read_file(path)[3 * kPageSize + 2], 0x25);
+  ASSERT_TRUE(cache->close());
+  flushed.reset();  // closes in its destructor, with no address space to touch
+  for (std::uint8_t byte : read_file(dir.file("flushed"))) ASSERT_EQ(byte, 0x22);
 }
 
 TEST_P(FileCacheTest, PeriodicFlushWritesBack) {
