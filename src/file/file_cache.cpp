@@ -185,20 +185,57 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     if (c == Claim::kOnDevice) return fault_on_device(space, page, index, pages_left);
     if (c == Claim::kLoaded) {
       // In the memfd, not mapped here (another mapping read it in, or the
-      // page came back from a device): map it.
-      const int err = space.uffd.continue_range(page, kPageSize, /*wake=*/false, /*write_protect=*/!anonymous());
+      // page came back from a device): map it, and the loaded pages after
+      // it in this mapping (fault-around, which the kernel does not do for
+      // a mapping registered with userfaultfd).
+      const std::size_t run = 1 + claim_loaded_after(index, pages_left);
+      const int err = map_loaded(space, page, run);
+      for (std::size_t i = 0; i < run; ++i) unclaim(index + i);
       if (err != EFAULT) {
-        unclaim(index);
         if (err == 0 || err == EEXIST || err == ENOENT) return Fault::kInstalled;  // ENOENT: unmapped meanwhile
         std::fprintf(stderr, "uhmm: mapping page %llu of a cached file failed: %s\n",
                      static_cast<unsigned long long>(index), platform::errno_text(err).c_str());
         return Fault::kFailed;
+      }
+      if (const Claim again = claim(index); again != Claim::kLoaded) {  // changed meanwhile: look again
+        if (again != Claim::kBeyondEnd) unclaim(index);
+        return Fault::kInstalled;
       }
       // Loaded, yet the memfd lacks it: the application punched it out
       // (MADV_REMOVE) after it was read in, which for a file mapping punches
       // the file.  It reads as zeros and reaches the file so.
     }
     return load(space, page, index, pages_left, /*punched=*/c == Claim::kLoaded);
+  }
+
+  /// Holds the loaded pages right after `index` in its mapping that nobody
+  /// holds (up to fault_around_pages in all); how many.
+  std::size_t claim_loaded_after(std::uint64_t index, std::size_t pages_left) {
+    MutexLock lock(mutex);
+    const std::size_t limit = std::min(pages_left, std::max<std::size_t>(options.fault_around_pages, 1));
+    std::size_t n = 0;
+    while (1 + n < limit && index + 1 + n < pages.size() &&
+           (pages[index + 1 + n] & (kLoaded | kLoading | kOnDevice)) == kLoaded) {
+      pages[index + 1 + n] |= kLoading;
+      ++n;
+    }
+    return n;
+  }
+
+  /// Maps `n` pages the memfd holds at `page` with UFFDIO_CONTINUE, past
+  /// those mapped already.  The first page's errno (0 if it is mapped now).
+  int map_loaded(AddressSpace::Impl& space, VirtAddr page, std::size_t n) {
+    int first_error = -1;
+    for (std::size_t done = 0; done < n;) {
+      const platform::PartialResult r =
+          space.uffd.continue_range(page + done * kPageSize, (n - done) * kPageSize, /*wake=*/false, !anonymous());
+      if (first_error < 0) first_error = r.bytes_done > 0 ? 0 : r.error;
+      done += r.bytes_done / kPageSize;
+      if (r.error == 0) break;
+      if (r.error != EEXIST) break;  // the rest faults again by itself
+      ++done;
+    }
+    return first_error < 0 ? 0 : first_error;
   }
 
   /// Reads page `index` (held) and, fault-around, the pages after it in its
@@ -424,7 +461,7 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
         break;
       }
     // The pages are in the memfd and no mapping maps them: map them here.
-    if (back > 0) (void)space.uffd.continue_range(page, back * kPageSize, /*wake=*/false, !anonymous());
+    if (back > 0) (void)map_loaded(space, page, back);
     for (std::size_t i = 0; i < run; ++i) unclaim(index + i);
     return back > 0 ? Fault::kInstalled : Fault::kFailed;
   }

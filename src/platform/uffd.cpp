@@ -157,17 +157,22 @@ PartialResult Uffd::copy(VirtAddr dst, const void* src, std::size_t len, bool wa
   return r;
 }
 
-int Uffd::continue_range(VirtAddr dst, std::size_t len, bool wake, bool write_protect) {
-  for (;;) {
+PartialResult Uffd::continue_range(VirtAddr dst, std::size_t len, bool wake, bool write_protect) {
+  PartialResult r;
+  while (r.bytes_done < len) {
     struct uffdio_continue c {};
-    c.range.start = dst.value;
-    c.range.len = len;
+    c.range.start = dst.value + r.bytes_done;
+    c.range.len = len - r.bytes_done;
     c.mode = (wake ? 0 : UFFDIO_CONTINUE_MODE_DONTWAKE) | (write_protect ? kContinueModeWp : 0);
-    if (::ioctl(fd_, UFFDIO_CONTINUE, &c) == 0) return 0;
-    const int e = errno;
+    const int rc = ::ioctl(fd_, UFFDIO_CONTINUE, &c);
+    const int e = rc == 0 ? 0 : errno;
+    if (c.mapped > 0) r.bytes_done += static_cast<std::size_t>(c.mapped);
+    if (rc == 0) break;
     if (e == EAGAIN && (!on_busy_ || on_busy_())) continue;
-    return e;
+    r.error = e;
+    return r;
   }
+  return r;
 }
 
 Status Uffd::zeropage(VirtAddr dst, std::size_t len, bool wake) {

@@ -87,9 +87,10 @@ class Uffd {
   void set_on_busy(std::function<bool()> fn) { on_busy_ = std::move(fn); }
   Status zeropage(VirtAddr dst, std::size_t len, bool wake);
   /// UFFDIO_CONTINUE: maps the page cache's pages of a shared range
-  /// registered in minor mode (EAGAIN retried as for COPY).  0, or the errno:
-  /// EFAULT when the page cache lacks a page, EEXIST when one is mapped.
-  int continue_range(VirtAddr dst, std::size_t len, bool wake, bool write_protect);
+  /// registered in minor mode (EAGAIN retried as for COPY), stopping at the
+  /// first page that fails: EFAULT when the page cache lacks it, EEXIST when
+  /// it is mapped already.
+  PartialResult continue_range(VirtAddr dst, std::size_t len, bool wake, bool write_protect);
   Status poison(VirtAddr dst, std::size_t len);
   Status wake(VirtAddr start, std::size_t len);
 

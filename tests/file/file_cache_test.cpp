@@ -652,6 +652,27 @@ TEST_P(FileCacheTest, KilledWriterNeverLeavesATornPage) {
   }
 }
 
+TEST_P(FileCacheTest, ASecondMappingMapsLoadedPagesAroundAFault) {
+  const std::string path = dir.file("data");
+  FileCacheOptions o;
+  o.flush_interval = std::chrono::milliseconds(0);
+  o.fault_around_pages = 16;
+  write_file(path, 64 * kPageSize, 21);
+  auto cache = open(path, O_RDWR, o);
+  ASSERT_TRUE(cache);
+  auto a = cache->map(0, 64 * kPageSize);
+  auto b = cache->map(0, 64 * kPageSize);
+  ASSERT_TRUE(a.is_ok() && b.is_ok());
+  const auto* pa = static_cast<const volatile std::uint8_t*>(a->ptr());
+  const auto* pb = static_cast<const volatile std::uint8_t*>(b->ptr());
+  for (std::uint64_t pg = 0; pg < 64; ++pg) ASSERT_EQ(pa[pg * kPageSize], pattern(pg * kPageSize, 21));
+  // The pages are in the cache; b maps 16 of them per fault (minor faults,
+  // since the kernel does no fault-around for a userfaultfd mapping).
+  const std::uint64_t faults = as->stats().get(Counter::uffd_faults);
+  for (std::uint64_t pg = 0; pg < 64; ++pg) ASSERT_EQ(pb[pg * kPageSize + 1], pattern(pg * kPageSize + 1, 21));
+  EXPECT_EQ(as->stats().get(Counter::uffd_faults) - faults, 4u);
+}
+
 INSTANTIATE_TEST_SUITE_P(FaultModes, FileCacheTest,
                          ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
                          [](const auto& param_info) {
