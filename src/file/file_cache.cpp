@@ -21,6 +21,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -92,6 +93,33 @@ DevicePage* device_page_of(std::uint64_t entry) {
 // Writeback moves at most this many consecutive pages with one pread and
 // one pwrite (2 MiB: long enough that the system calls do not dominate).
 constexpr std::size_t kWritebackRunPages = 512;
+
+// Pages per preadv/pwritev between the cache and staging slots (IOV_MAX).
+constexpr std::size_t kIovPages = 1024;
+
+// Whole-iovec preadv/pwritev: EINTR and short transfers go on.
+template <bool kWrite>
+bool vector_io_full(int fd, std::vector<struct iovec> iov, std::uint64_t off) {
+  std::size_t first = 0;
+  while (first < iov.size()) {
+    const ssize_t n = kWrite ? ::pwritev(fd, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(off))
+                             : ::preadv(fd, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(off));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    off += static_cast<std::uint64_t>(n);
+    for (std::size_t left = static_cast<std::size_t>(n); left > 0;) {
+      const std::size_t take = std::min(left, iov[first].iov_len);
+      iov[first].iov_base = static_cast<std::byte*>(iov[first].iov_base) + take;
+      iov[first].iov_len -= take;
+      left -= take;
+      if (iov[first].iov_len == 0) ++first;
+    }
+    while (first < iov.size() && iov[first].iov_len == 0) ++first;
+  }
+  return true;
+}
+bool preadv_full(int fd, const std::vector<struct iovec>& iov, std::uint64_t off) { return vector_io_full<false>(fd, iov, off); }
+bool pwritev_full(int fd, const std::vector<struct iovec>& iov, std::uint64_t off) { return vector_io_full<true>(fd, iov, off); }
 
 struct PageBuffer {
   PageBuffer() : bytes(new std::byte[kPageSize]()) {}
@@ -524,49 +552,86 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     {
       // The pages leave every mapping (they stay in the memfd): an access
       // from now on is a minor fault, which waits for the pages held here.
+      // Every mapping: the regions are brought up to date first.
+      settle_mappings(space);
       Invalidations views = invalidate(first + system.front(), system.back() - system.front() + 1,
                                        NotifyEvent::kMigrate, m.pgmap_owner);
       zap_everywhere(system, first);
     }
-    // What was written through a mapping since the last scan shows now as a
-    // slot without a write-protect marker (docs/adr/0006, fact 7).
-    collect_written(std::nullopt);
-    std::size_t k = 0;
-    for (const mm::SlotRun& run : slots) {
-      for (std::size_t j = 0; j < run.pages; ++j, ++k) {
-        const std::uint64_t i = system[k];
-        const VirtAddr slot = run.start + j * kPageSize;
-        std::uint64_t len;
-        {
-          MutexLock lock(mutex);
-          len = bytes_of_page(first + i);
-        }
-        std::memset(slot.ptr(), 0, kPageSize);
-        if (!pread_full(memfd, static_cast<std::byte*>(slot.ptr()), len, (first + i) * kPageSize, false,
-                        "pread of the cache")) {
-          space.staging.give_back_ready(slot, 1);
+    mark_held_written(system, first);
+    // Copied into the staging slots, a run of consecutive pages with one
+    // preadv.
+    std::vector<VirtAddr> slot_of;
+    slot_of.reserve(system.size());
+    for (const mm::SlotRun& run : slots)
+      for (std::size_t j = 0; j < run.pages; ++j) slot_of.push_back(run.start + j * kPageSize);
+    std::vector<struct iovec> iov;
+    for (std::size_t k = 0; k < system.size();) {
+      std::size_t n = 1;
+      while (k + n < system.size() && n < kIovPages && system[k + n] == system[k] + n) ++n;
+      std::uint64_t len;
+      {
+        MutexLock lock(mutex);
+        len = std::min<std::uint64_t>(n * kPageSize, size - (first + system[k]) * kPageSize);
+      }
+      iov.clear();
+      for (std::size_t j = 0; j < n; ++j) {
+        std::memset(slot_of[k + j].ptr(), 0, kPageSize);  // the tail past the end reads zeros
+        iov.push_back(iovec{slot_of[k + j].ptr(), std::min<std::size_t>(kPageSize, len - j * kPageSize)});
+      }
+      const bool copied = preadv_full(memfd, iov, (first + system[k]) * kPageSize);
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::uint64_t i = system[k + j];
+        if (!copied) {
+          space.staging.give_back_ready(slot_of[k + j], 1);
           unclaim(first + i);
           continue;
         }
-        m.src[i] = migrate_pfn(slot.vpn().value) | MIGRATE_PFN_MIGRATE | write_bit;
+        m.src[i] = migrate_pfn(slot_of[k + j].vpn().value) | MIGRATE_PFN_MIGRATE | write_bit;
         ++collected;
       }
+      k += n;
     }
     return collected;
   }
 
-  /// Zaps pages first + held[k] (ascending) from every mapping of the cache.
-  void zap_everywhere(const std::vector<std::uint64_t>& held, std::uint64_t first) {
+  /// Calls fn(address, first page index, pages) for each stretch of the
+  /// pages first + held[k] (ascending) that a mapping of the cache maps.
+  template <typename Fn>
+  void for_each_mapped_run(const std::vector<std::uint64_t>& held, std::uint64_t first, Fn&& fn) {
     for (const Mapping& v : mappings()) {
       for (std::size_t k = 0; k < held.size();) {
         std::size_t n = 1;
         while (k + n < held.size() && held[k + n] == held[k] + n) ++n;
         const std::uint64_t a = std::max(first + held[k], v.first_page);
         const std::uint64_t b = std::min(first + held[k] + n, v.first_page + v.pages);
-        if (a < b) space()->zap_own(v.start + (a - v.first_page) * kPageSize, (b - a) * kPageSize);
+        if (a < b) fn(v.start + (a - v.first_page) * kPageSize, a, static_cast<std::size_t>(b - a));
         k += n;
       }
     }
+  }
+
+  /// After the zap, marks dirty the held pages written through a mapping
+  /// since the last scan: their slots lost the write-protect marker (fact
+  /// 7).  A mapping that cannot be scanned any more (unmapped meanwhile)
+  /// may have written any of them.
+  void mark_held_written(const std::vector<std::uint64_t>& held, std::uint64_t first) {
+    std::vector<std::pair<VirtAddr, VirtAddr>> written;
+    for_each_mapped_run(held, first, [&](VirtAddr at, std::uint64_t index, std::size_t n) {
+      written.clear();
+      const bool scanned = platform::scan_written(at, n * kPageSize, /*reprotect=*/true, &written).is_ok();
+      MutexLock lock(mutex);
+      if (!scanned) written.assign(1, {at, at + n * kPageSize});
+      for (const auto& [lo, hi] : written)
+        for (std::uint64_t i = index + (lo - at) / kPageSize; i < index + pages_for(hi - at) && i < index + n; ++i)
+          if (i < pages.size() && (pages[i] & kLoaded)) pages[i] |= kDirty;
+    });
+  }
+
+  /// Zaps pages first + held[k] (ascending) from every mapping of the cache.
+  void zap_everywhere(const std::vector<std::uint64_t>& held, std::uint64_t first) {
+    AddressSpace::Impl* sp = space();
+    for_each_mapped_run(held, first, [&](VirtAddr at, std::uint64_t, std::size_t n) { sp->zap_own(at, n * kPageSize); });
   }
 
   static bool device_writable(const DevicePage& page) {
@@ -594,6 +659,7 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     std::vector<std::pair<std::uint64_t, std::uint64_t>> punch;  // runs of pages that left the memfd
     std::vector<DevicePage*> released;  // device pages whose data came back
     std::vector<std::uint64_t> held;    // indices to let go of, once the memfd is right
+    const std::vector<bool> came_back = put_back_device_data(m, first);
     for (std::uint64_t i = 0; i < m.npages; ++i) {
       const std::uint64_t s = m.src[i], d = m.dst[i];
       if (!(s & MIGRATE_PFN_VALID)) {
@@ -627,17 +693,7 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
         }
         space.staging.give_back_ready(slot, 1);
       } else {
-        const VirtAddr slot{migrate_pfn_to_pfn(d) << kPageShift};
-        if (s & MIGRATE_PFN_MIGRATE) {
-          std::uint64_t len;
-          {
-            MutexLock lock(mutex);
-            len = bytes_of_page(index);
-          }
-          placed = pwrite_full(memfd, static_cast<const std::byte*>(slot.ptr()), len, index * kPageSize,
-                               "pwrite of the cache")
-                       .is_ok();
-        }
+        placed = came_back[i];
         if (placed) {
           const bool device_wrote = from_device->test_and_clear_dirty();
           {
@@ -666,6 +722,41 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
                      platform::errno_text(errno).c_str());
     for (const std::uint64_t index : held) unclaim(index);
     for (DevicePage* page : released) page->put();  // the cache's reference
+  }
+
+  /// The device data that migrate_vma brought back into system pages (src
+  /// a device page, MIGRATE kept, dst a staging slot) goes into the memfd,
+  /// a run of consecutive pages with one pwritev.  Which entries made it.
+  std::vector<bool> put_back_device_data(const MigrateVma& m, std::uint64_t first) {
+    std::vector<bool> done(m.npages, false);
+    auto coming = [&](std::uint64_t i) {
+      return (m.src[i] & MIGRATE_PFN_MIGRATE) && device_page_of(m.src[i]) != nullptr;
+    };
+    std::vector<struct iovec> iov;
+    for (std::uint64_t i = 0; i < m.npages;) {
+      if (!coming(i)) {
+        ++i;
+        continue;
+      }
+      std::uint64_t n = 1;
+      while (i + n < m.npages && n < kIovPages && coming(i + n)) ++n;
+      std::uint64_t len;
+      {
+        MutexLock lock(mutex);
+        len = std::min<std::uint64_t>(n * kPageSize, size - (first + i) * kPageSize);
+      }
+      iov.clear();
+      for (std::uint64_t j = 0; j < n && j * kPageSize < len; ++j)
+        iov.push_back(iovec{VirtAddr{migrate_pfn_to_pfn(m.dst[i + j]) << kPageShift}.ptr(),
+                            std::min<std::size_t>(kPageSize, len - j * kPageSize)});
+      const bool ok = pwritev_full(memfd, iov, (first + i) * kPageSize);
+      if (!ok)
+        std::fprintf(stderr, "uhmm: putting a device's data back into a cached file failed: %s\n",
+                     platform::errno_text(errno).c_str());
+      for (std::uint64_t j = 0; j < n; ++j) done[i + j] = ok;
+      i += n;
+    }
+    return done;
   }
 
   /// Whether a device page of `to`'s map may hold page `index`, whose data
@@ -778,6 +869,20 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
 
   // ---- writeback ----------------------------------------------------------
 
+  /// Makes the cache's regions match its mappings: the changes the
+  /// application made to them (munmap, madvise, mremap) that uhmm has read
+  /// are processed, and growth by mremap is followed.
+  void settle_mappings(AddressSpace::Impl& sp) {
+    std::vector<std::pair<VirtAddr, VirtAddr>> ranges;
+    sp.for_each_backed_region(this, [&](VirtAddr start, std::size_t length, std::uint64_t) {
+      ranges.emplace_back(start, start + length);
+    });
+    for (const auto& [lo, hi] : ranges) sp.settle_events_in(lo, hi);
+    // After the events: an mremap that moved a mapping and grew it has made
+    // its region at the new place only now.
+    sp.follow_backed_growth(this);
+  }
+
   /// Moves the written bits of the mappings (all, or the one at `only`) into
   /// the page states, write-protecting the pages again.
   void collect_written(std::optional<VirtAddr> only) {
@@ -787,14 +892,7 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     // event read (the kernel held the call until then) but maybe not
     // processed: its mapping_lost must come first, or this writeback would
     // miss the pages it marks.
-    std::vector<std::pair<VirtAddr, VirtAddr>> ranges;
-    sp->for_each_backed_region(this, [&](VirtAddr start, std::size_t length, std::uint64_t) {
-      ranges.emplace_back(start, start + length);
-    });
-    for (const auto& [lo, hi] : ranges) sp->settle_events_in(lo, hi);
-    // After the events: an mremap that moved a mapping and grew it has made
-    // its region at the new place only now.
-    sp->follow_backed_growth(this);
+    settle_mappings(*sp);
     std::vector<std::pair<VirtAddr, VirtAddr>> written;
     std::vector<std::pair<std::uint64_t, std::uint64_t>> written_pages;  // [first, end) page indexes
     // Under regions_mutex (shared): a region still listed is still this
