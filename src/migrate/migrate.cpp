@@ -491,7 +491,7 @@ Status migrate_vma_setup(MigrateVma& m) {
   // MADV_DONTNEED of part of the range) must not be undone by bringing its
   // pages back or moving them on: such pages are skipped.
   as.await_read_in_progress();
-  const std::vector<std::pair<VirtAddr, VirtAddr>> changing = as.pending_event_ranges(m.start, m.end);
+  std::vector<std::pair<VirtAddr, VirtAddr>> changing = as.pending_event_ranges(m.start, m.end);
   auto is_changing = [&](VirtAddr a) {
     for (const auto& [lo, hi] : changing)
       if (a >= lo && a < hi) return true;
@@ -518,6 +518,14 @@ Status migrate_vma_setup(MigrateVma& m) {
              e.device_page()->pagemap().owner() == m.pgmap_owner;
     });
   }
+
+  // Passes 1 and 2 run inside the window (docs/address-space-events.md,
+  // case 3): no change is read from the look at the queue until the last
+  // page is out, so an address the application moves away meanwhile stays
+  // empty (its mremap or munmap waits for that read before anything else
+  // can be mapped there) and never hands this migration someone else's page.
+  as.open_install_window();
+  changing = as.pending_event_ranges(m.start, m.end);
 
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
@@ -598,20 +606,6 @@ Status migrate_vma_setup(MigrateVma& m) {
     }
   }
 
-  // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
-  // slot, where the driver reads it as device memory (docs/migration.md).
-  for (const Coherent& c : coherent_pages) {
-    const VirtAddr addr = m.start + c.i * kPageSize;
-    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-    // Still shared (a fork since pass 0): skipped, never waited for here.
-    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page)) {
-      c.page->put();
-      as.stats.add(Counter::migrate_skipped_pinned);
-      continue;
-    }
-    m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
-  }
-
   // Pass 2: take the system pages away from the CPU, in pieces of
   // consecutive pages moving into consecutive staging slots.  A whole
   // aligned 2 MiB block gets a block of the staging pool's huge lane, so a
@@ -622,6 +616,7 @@ Status migrate_vma_setup(MigrateVma& m) {
     VirtAddr slot;
   };
   std::vector<Piece> pieces;
+  std::vector<std::uint64_t> missing;  // pages the kernel did not find (ENOENT)
   {
     std::vector<std::pair<std::size_t, std::size_t>> small;  // (k, len) needing 4 KiB slots
     std::size_t small_pages = 0;
@@ -700,18 +695,8 @@ Status migrate_vma_setup(MigrateVma& m) {
       } else {
         as.staging.give_back_empty(slot0 + done * kPageSize, 1);
       }
-      if (r.error == ENOENT && !changed_under_us(as, addr)) {
-        // Not populated after all (MADV_FREE'd pages the kernel reclaimed):
-        // a hole.
-        as.unlock_and_wake(*slot, PageEntry::none(), addr);
-        m.src[i] = MIGRATE_PFN_MIGRATE;
-        as.stats.add(Counter::migrate_holes);
-      } else if (r.error == ENOENT) {
-        // The application unmapped, moved or discarded it just now: not
-        // collected (a zero page would pass for the range's data); its
-        // event settles the entry.
-        as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
-        as.stats.add(Counter::migrate_skipped_locked);
+      if (r.error == ENOENT) {
+        missing.push_back(i);  // why, the events tell once the window is closed
       } else if (r.error == EBUSY) {
         // Pinned, or shared with a forked child: a fork since pass 0, or one
         // uhmm did not see (a raw clone, a fork before the range was
@@ -727,6 +712,44 @@ Status migrate_vma_setup(MigrateVma& m) {
       }
       ++done;
     }
+  }
+
+  as.close_install_window();
+
+  for (std::uint64_t i : missing) {
+    const VirtAddr addr = m.start + i * kPageSize;
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+    if (!changed_under_us(as, addr)) {
+      // Not populated after all (MADV_FREE'd pages the kernel reclaimed):
+      // a hole.
+      as.unlock_and_wake(*slot, PageEntry::none(), addr);
+      m.src[i] = MIGRATE_PFN_MIGRATE;
+      as.stats.add(Counter::migrate_holes);
+    } else {
+      // The application unmapped, moved or discarded it just now: not
+      // collected (a zero page would pass for the range's data); its
+      // event settles the entry.
+      as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
+      as.stats.add(Counter::migrate_skipped_locked);
+    }
+  }
+
+  // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
+  // slot, where the driver reads it as device memory (docs/migration.md).
+  // After the window: a frame the kernel will not move is copied home and
+  // zapped, and uhmm's own zap waits for its event to be read.
+  // FIXME: so an address the application moves away and refills meanwhile
+  // can hand over someone else's frame, as system pages could before.
+  for (const Coherent& c : coherent_pages) {
+    const VirtAddr addr = m.start + c.i * kPageSize;
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+    // Still shared (a fork since pass 0): skipped, never waited for here.
+    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page)) {
+      c.page->put();
+      as.stats.add(Counter::migrate_skipped_pinned);
+      continue;
+    }
+    m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
   }
 
   for (std::uint64_t i = 0; i < n; ++i)
