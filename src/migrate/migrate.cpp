@@ -392,18 +392,6 @@ void unshare_frames(VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
   unshare(n);
 }
 
-// A page setup found missing although its entry says present: did the
-// application change the address meanwhile (munmap, mremap, MADV_DONTNEED)?
-// Its event is queued, or about to be: read what the uffd holds; an
-// address no longer mapped at all is a munmap or mremap whose event has not
-// reached the uffd yet.
-bool changed_under_us(AddressSpace::Impl& as, VirtAddr addr) {
-  as.drain_events();
-  if (!as.pending_event_ranges(addr, addr + kPageSize).empty()) return true;
-  unsigned char resident = 0;
-  return ::mincore(addr.ptr(), kPageSize, &resident) != 0 && errno == ENOMEM;
-}
-
 // Releases a device page that left its entry: the migration's reference and
 // the entry's reference go; page_free runs when nobody else holds it.
 void release_old_device_page(DevicePage* page, DevicePage* fault_page) {
@@ -616,7 +604,6 @@ Status migrate_vma_setup(MigrateVma& m) {
     VirtAddr slot;
   };
   std::vector<Piece> pieces;
-  std::vector<std::uint64_t> missing;  // pages the kernel did not find (ENOENT)
   {
     std::vector<std::pair<std::size_t, std::size_t>> small;  // (k, len) needing 4 KiB slots
     std::size_t small_pages = 0;
@@ -696,7 +683,14 @@ Status migrate_vma_setup(MigrateVma& m) {
         as.staging.give_back_empty(slot0 + done * kPageSize, 1);
       }
       if (r.error == ENOENT) {
-        missing.push_back(i);  // why, the events tell once the window is closed
+        // The table says present, the kernel has nothing there: the
+        // application unmapped, moved or discarded the address just now.
+        // Its event may not even be readable yet (the kernel changes the
+        // mapping first, then queues the event), so its absence proves
+        // nothing: not collected (a zero page would pass for the range's
+        // data); the event settles the entry, or an access refills it.
+        as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
+        as.stats.add(Counter::migrate_skipped_locked);
       } else if (r.error == EBUSY) {
         // Pinned, or shared with a forked child: a fork since pass 0, or one
         // uhmm did not see (a raw clone, a fork before the range was
@@ -715,24 +709,6 @@ Status migrate_vma_setup(MigrateVma& m) {
   }
 
   as.close_install_window();
-
-  for (std::uint64_t i : missing) {
-    const VirtAddr addr = m.start + i * kPageSize;
-    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-    if (!changed_under_us(as, addr)) {
-      // Not populated after all (MADV_FREE'd pages the kernel reclaimed):
-      // a hole.
-      as.unlock_and_wake(*slot, PageEntry::none(), addr);
-      m.src[i] = MIGRATE_PFN_MIGRATE;
-      as.stats.add(Counter::migrate_holes);
-    } else {
-      // The application unmapped, moved or discarded it just now: not
-      // collected (a zero page would pass for the range's data); its
-      // event settles the entry.
-      as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
-      as.stats.add(Counter::migrate_skipped_locked);
-    }
-  }
 
   // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
   // slot, where the driver reads it as device memory (docs/migration.md).

@@ -378,6 +378,10 @@ TEST_P(AddressSpaceEvents, MigrationsRacingMremapKeepEveryByte) {
   migrations_racing_mremap_keep_every_byte(*as, *dev, 0);
 }
 
+TEST_P(AddressSpaceEvents, MigrationsRacingMremapDontunmapKeepEveryByte) {
+  migrations_racing_mremap_keep_every_byte(*as, *dev, MREMAP_DONTUNMAP);
+}
+
 INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
                          ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
                          [](const ::testing::TestParamInfo<FaultMode>& mode) { return test::fault_mode_name(mode.param); });
