@@ -507,11 +507,9 @@ Status migrate_vma_setup(MigrateVma& m) {
     });
   }
 
-  // Passes 1 and 2 run inside the window (docs/address-space-events.md,
-  // case 3): no change is read from the look at the queue until the last
-  // page is out, so an address the application moves away meanwhile stays
-  // empty (its mremap or munmap waits for that read before anything else
-  // can be mapped there) and never hands this migration someone else's page.
+  // Passes 1 and 2 run inside the window, so that no address can be vacated
+  // and refilled between the look at the queue and the last move out, which
+  // would take the newcomer's page (docs/address-space-events.md, case 3).
   as.open_install_window();
   changing = as.pending_event_ranges(m.start, m.end);
 
@@ -683,12 +681,10 @@ Status migrate_vma_setup(MigrateVma& m) {
         as.staging.give_back_empty(slot0 + done * kPageSize, 1);
       }
       if (r.error == ENOENT) {
-        // The table says present, the kernel has nothing there: the
-        // application unmapped, moved or discarded the address just now.
-        // Its event may not even be readable yet (the kernel changes the
-        // mapping first, then queues the event), so its absence proves
-        // nothing: not collected (a zero page would pass for the range's
-        // data); the event settles the entry, or an access refills it.
+        // The application changed the address just now, though its event
+        // may not be readable yet: not a hole (a zero page would pass for
+        // the range's data), not collected; the event settles the entry,
+        // or an access refills it (docs/address-space-events.md, case 3).
         as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
         as.stats.add(Counter::migrate_skipped_locked);
       } else if (r.error == EBUSY) {

@@ -246,9 +246,9 @@ struct AddressSpace::Impl {
   /// covers every change that has returned to the application.
   void await_read_in_progress();
   /// The install window (docs/address-space-events.md, case 3): a thread
-  /// putting back pages a migration held holds read_mutex while it checks
-  /// what the application changed and installs, so no change is read in
-  /// between; the changes queued are then all that can have touched the
+  /// putting back pages a migration held (or setup, taking them out) holds
+  /// read_mutex while it checks what the application changed and installs,
+  /// so no change is read in between; the changes queued are then all that can have touched the
   /// pages (madvise waits for its read before it zaps; munmap and mremap
   /// make COPY and MOVE fail with EAGAIN until theirs is read).  An EAGAIN
   /// inside the window returns to the holder, who closes it to read.
