@@ -298,6 +298,35 @@ class Installer {
   std::vector<Placed> placed_;
 };
 
+// A 2 MiB block of the managed userfaultfd's for one whole 2 MiB unit on
+// its way out: a huge page moves as one entry only into a block without a
+// page table, and the shared transit has one from its first small move.
+class BlockTransit {
+ public:
+  explicit BlockTransit(AddressSpace::Impl& as) : as_(as) {
+    auto block = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
+    if (!block) return;
+    if (!as_.uffd.register_range(*block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING)) {
+      (void)platform::unmap(*block, kHugePageSize);
+      return;
+    }
+    at_ = *block;
+  }
+  ~BlockTransit() {
+    if (!at_) return;
+    (void)as_.uffd.unregister_range(*at_, kHugePageSize);  // no UNMAP event for it
+    (void)platform::unmap(*at_, kHugePageSize);
+  }
+  BlockTransit(const BlockTransit&) = delete;
+  BlockTransit& operator=(const BlockTransit&) = delete;
+  /// None: the shared transit does (the page may split).
+  std::optional<VirtAddr> at() const { return at_; }
+
+ private:
+  AddressSpace::Impl& as_;
+  std::optional<VirtAddr> at_;
+};
+
 // Gives back a destination the migration did not use.
 void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
   if (!entry_valid(d)) return;
@@ -507,9 +536,10 @@ Status migrate_vma_setup(MigrateVma& m) {
     });
   }
 
-  // Passes 1 and 2 run inside the window, so that no address can be vacated
-  // and refilled between the look at the queue and the last move out, which
-  // would take the newcomer's page (docs/address-space-events.md, case 3).
+  // Passes 1 and 2 run inside the window, and pages move out through the
+  // managed userfaultfd, so that none leaves an address the application
+  // has changed since the look at the queue (docs/address-space-events.md,
+  // case 3).
   as.open_install_window();
   changing = as.pending_event_ranges(m.start, m.end);
 
@@ -652,14 +682,27 @@ Status migrate_vma_setup(MigrateVma& m) {
       }
     }
   }
+  // A change waiting to be read makes the moves fail (EAGAIN): read it and
+  // look at the queue again, a few times, before the rest is skipped.
+  constexpr int kRelooks = 3;
+  int relooks = 0;
   for (const Piece& piece : pieces) {
     const std::size_t k = piece.k;
     const std::size_t len = piece.len;
     const VirtAddr slot0 = piece.slot;
     const VirtAddr addr0 = m.start + system_pages[k] * kPageSize;
+    auto changed = [&](std::size_t j) { return !changing.empty() && is_changing(addr0 + j * kPageSize); };
     std::size_t done = 0;
     while (done < len) {
-      const platform::PartialResult r = as.move_out(addr0 + done * kPageSize, slot0 + done * kPageSize, len - done);
+      std::size_t run = 0;
+      while (done + run < len && !changed(done + run)) ++run;
+      platform::PartialResult r;
+      if (run == kPagesPerHugePage && addr0.huge_aligned()) {
+        const BlockTransit block(as);
+        r = as.move_out_in_window(addr0, slot0, run, block.at());
+      } else if (run > 0) {
+        r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
+      }
       const std::size_t moved = r.bytes_done / kPageSize;
       for (std::size_t j = 0; j < moved; ++j) {
         const std::uint64_t i = system_pages[k + done + j];
@@ -668,8 +711,17 @@ Status migrate_vma_setup(MigrateVma& m) {
       }
       if (len == kPagesPerHugePage && moved == kPagesPerHugePage) as.stats.add(Counter::thp_migration_success);
       done += moved;
-      if (r.error == 0) break;
-      // The page at `done` did not move.
+      if (run > 0 && r.error == 0) continue;
+      if (r.error == EAGAIN && relooks < kRelooks) {
+        ++relooks;
+        as.close_install_window();
+        as.drain_events();
+        as.open_install_window();
+        changing = as.pending_event_ranges(m.start, m.end);
+        continue;
+      }
+      // The page at `done` did not move (run 0: a change read since pass 1
+      // covers it).
       const std::uint64_t i = system_pages[k + done];
       const VirtAddr addr = m.start + i * kPageSize;
       mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
@@ -680,11 +732,11 @@ Status migrate_vma_setup(MigrateVma& m) {
       } else {
         as.staging.give_back_empty(slot0 + done * kPageSize, 1);
       }
-      if (r.error == ENOENT) {
-        // The application changed the address just now, though its event
-        // may not be readable yet: not a hole (a zero page would pass for
-        // the range's data), not collected; the event settles the entry,
-        // or an access refills it (docs/address-space-events.md, case 3).
+      if (run == 0 || r.error == ENOENT || r.error == EAGAIN) {
+        // The application changed the address just now (EAGAIN: its event
+        // is not read yet): not a hole (a zero page would pass for the
+        // range's data), not collected; the event settles the entry, or an
+        // access refills it (docs/address-space-events.md, case 3).
         as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
         as.stats.add(Counter::migrate_skipped_locked);
       } else if (r.error == EBUSY) {
