@@ -298,6 +298,35 @@ class Installer {
   std::vector<Placed> placed_;
 };
 
+// A 2 MiB block of the managed userfaultfd's for one whole 2 MiB unit on
+// its way out: a huge page moves as one entry only into a block without a
+// page table, and the shared transit has one from its first small move.
+class BlockTransit {
+ public:
+  explicit BlockTransit(AddressSpace::Impl& as) : as_(as) {
+    auto block = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
+    if (!block) return;
+    if (!as_.uffd.register_range(*block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING)) {
+      (void)platform::unmap(*block, kHugePageSize);
+      return;
+    }
+    at_ = *block;
+  }
+  ~BlockTransit() {
+    if (!at_) return;
+    (void)as_.uffd.unregister_range(*at_, kHugePageSize);  // no UNMAP event for it
+    (void)platform::unmap(*at_, kHugePageSize);
+  }
+  BlockTransit(const BlockTransit&) = delete;
+  BlockTransit& operator=(const BlockTransit&) = delete;
+  /// None: the shared transit does (the page may split).
+  std::optional<VirtAddr> at() const { return at_; }
+
+ private:
+  AddressSpace::Impl& as_;
+  std::optional<VirtAddr> at_;
+};
+
 // Gives back a destination the migration did not use.
 void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
   if (!entry_valid(d)) return;
@@ -390,18 +419,6 @@ void unshare_frames(VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
     }
   }
   unshare(n);
-}
-
-// A page setup found missing although its entry says present: did the
-// application change the address meanwhile (munmap, mremap, MADV_DONTNEED)?
-// Its event is queued, or about to be: read what the uffd holds; an
-// address no longer mapped at all is a munmap or mremap whose event has not
-// reached the uffd yet.
-bool changed_under_us(AddressSpace::Impl& as, VirtAddr addr) {
-  as.drain_events();
-  if (!as.pending_event_ranges(addr, addr + kPageSize).empty()) return true;
-  unsigned char resident = 0;
-  return ::mincore(addr.ptr(), kPageSize, &resident) != 0 && errno == ENOMEM;
 }
 
 // Releases a device page that left its entry: the migration's reference and
@@ -525,7 +542,7 @@ Status migrate_vma_setup(MigrateVma& m) {
   // MADV_DONTNEED of part of the range) must not be undone by bringing its
   // pages back or moving them on: such pages are skipped.
   as.await_read_in_progress();
-  const std::vector<std::pair<VirtAddr, VirtAddr>> changing = as.pending_event_ranges(m.start, m.end);
+  std::vector<std::pair<VirtAddr, VirtAddr>> changing = as.pending_event_ranges(m.start, m.end);
   auto is_changing = [&](VirtAddr a) {
     for (const auto& [lo, hi] : changing)
       if (a >= lo && a < hi) return true;
@@ -552,6 +569,13 @@ Status migrate_vma_setup(MigrateVma& m) {
              e.device_page()->pagemap().owner() == m.pgmap_owner;
     });
   }
+
+  // Passes 1 and 2 run inside the window, and pages move out through the
+  // managed userfaultfd, so that none leaves an address the application
+  // has changed since the look at the queue (docs/address-space-events.md,
+  // case 3).
+  as.open_install_window();
+  changing = as.pending_event_ranges(m.start, m.end);
 
   // Pass 1: lock and classify.  Best effort: a busy entry or page is skipped.
   std::vector<std::uint64_t> system_pages;  // indices still to move out
@@ -632,20 +656,6 @@ Status migrate_vma_setup(MigrateVma& m) {
     }
   }
 
-  // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
-  // slot, where the driver reads it as device memory (docs/migration.md).
-  for (const Coherent& c : coherent_pages) {
-    const VirtAddr addr = m.start + c.i * kPageSize;
-    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-    // Still shared (a fork since pass 0): skipped, never waited for here.
-    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page)) {
-      c.page->put();
-      as.stats.add(Counter::migrate_skipped_pinned);
-      continue;
-    }
-    m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
-  }
-
   // Pass 2: take the system pages away from the CPU, in pieces of
   // consecutive pages moving into consecutive staging slots.  A whole
   // aligned 2 MiB block gets a block of the staging pool's huge lane, so a
@@ -706,14 +716,27 @@ Status migrate_vma_setup(MigrateVma& m) {
       }
     }
   }
+  // A change waiting to be read makes the moves fail (EAGAIN): read it and
+  // look at the queue again, a few times, before the rest is skipped.
+  constexpr int kRelooks = 3;
+  int relooks = 0;
   for (const Piece& piece : pieces) {
     const std::size_t k = piece.k;
     const std::size_t len = piece.len;
     const VirtAddr slot0 = piece.slot;
     const VirtAddr addr0 = m.start + system_pages[k] * kPageSize;
+    auto changed = [&](std::size_t j) { return !changing.empty() && is_changing(addr0 + j * kPageSize); };
     std::size_t done = 0;
     while (done < len) {
-      const platform::PartialResult r = as.move_out(addr0 + done * kPageSize, slot0 + done * kPageSize, len - done);
+      std::size_t run = 0;
+      while (done + run < len && !changed(done + run)) ++run;
+      platform::PartialResult r;
+      if (run == kPagesPerHugePage && addr0.huge_aligned()) {
+        const BlockTransit block(as);
+        r = as.move_out_in_window(addr0, slot0, run, block.at());
+      } else if (run > 0) {
+        r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
+      }
       const std::size_t moved = r.bytes_done / kPageSize;
       for (std::size_t j = 0; j < moved; ++j) {
         const std::uint64_t i = system_pages[k + done + j];
@@ -722,8 +745,17 @@ Status migrate_vma_setup(MigrateVma& m) {
       }
       if (len == kPagesPerHugePage && moved == kPagesPerHugePage) as.stats.add(Counter::thp_migration_success);
       done += moved;
-      if (r.error == 0) break;
-      // The page at `done` did not move.
+      if (run > 0 && r.error == 0) continue;
+      if (r.error == EAGAIN && relooks < kRelooks) {
+        ++relooks;
+        as.close_install_window();
+        as.drain_events();
+        as.open_install_window();
+        changing = as.pending_event_ranges(m.start, m.end);
+        continue;
+      }
+      // The page at `done` did not move (run 0: a change read since pass 1
+      // covers it).
       const std::uint64_t i = system_pages[k + done];
       const VirtAddr addr = m.start + i * kPageSize;
       mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
@@ -734,16 +766,11 @@ Status migrate_vma_setup(MigrateVma& m) {
       } else {
         as.staging.give_back_empty(slot0 + done * kPageSize, 1);
       }
-      if (r.error == ENOENT && !changed_under_us(as, addr)) {
-        // Not populated after all (MADV_FREE'd pages the kernel reclaimed):
-        // a hole.
-        as.unlock_and_wake(*slot, PageEntry::none(), addr);
-        m.src[i] = MIGRATE_PFN_MIGRATE;
-        as.stats.add(Counter::migrate_holes);
-      } else if (r.error == ENOENT) {
-        // The application unmapped, moved or discarded it just now: not
-        // collected (a zero page would pass for the range's data); its
-        // event settles the entry.
+      if (run == 0 || r.error == ENOENT || r.error == EAGAIN) {
+        // The application changed the address just now (EAGAIN: its event
+        // is not read yet): not a hole (a zero page would pass for the
+        // range's data), not collected; the event settles the entry, or an
+        // access refills it (docs/address-space-events.md, case 3).
         as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
         as.stats.add(Counter::migrate_skipped_locked);
       } else if (r.error == EBUSY) {
@@ -761,6 +788,26 @@ Status migrate_vma_setup(MigrateVma& m) {
       }
       ++done;
     }
+  }
+
+  as.close_install_window();
+
+  // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
+  // slot, where the driver reads it as device memory (docs/migration.md).
+  // After the window: a frame the kernel will not move is copied home and
+  // zapped, and uhmm's own zap waits for its event to be read.
+  // FIXME: so an address the application moves away and refills meanwhile
+  // can hand over someone else's frame, as system pages could before.
+  for (const Coherent& c : coherent_pages) {
+    const VirtAddr addr = m.start + c.i * kPageSize;
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+    // Still shared (a fork since pass 0): skipped, never waited for here.
+    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page)) {
+      c.page->put();
+      as.stats.add(Counter::migrate_skipped_pinned);
+      continue;
+    }
+    m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
   }
 
   for (std::uint64_t i = 0; i < n; ++i)

@@ -6,6 +6,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <thread>
@@ -55,6 +56,10 @@ Status AddressSpace::Impl::init() {
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
   if (!zero) return zero.status();
   zero_source = *zero;
+  auto transit_area = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
+  if (!transit_area) return transit_area.status();
+  transit = *transit_area;
+  UHMM_TRY(uffd.register_range(transit, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING));
   if (in_thread) UHMM_TRY(register_in_thread());
   UHMM_TRY(start_fault_service());
   register_for_fork();
@@ -86,6 +91,10 @@ AddressSpace::Impl::~Impl() {
   stop_fault_service();
   if (options.fault_mode == FaultMode::kInThread) unregister_in_thread();
   if (zero_source.value != 0) (void)platform::unmap(zero_source, kHugePageSize);
+  if (transit.value != 0) {
+    (void)uffd.unregister_range(transit, kHugePageSize);  // no UNMAP event for it
+    (void)platform::unmap(transit, kHugePageSize);
+  }
 }
 
 bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
@@ -145,6 +154,30 @@ platform::PartialResult move_verified(platform::Uffd& uffd, VirtAddr dst, VirtAd
 platform::PartialResult AddressSpace::Impl::move_out(VirtAddr managed, VirtAddr slot, std::size_t pages) {
   // Issued on the staging uffd: the destination must be registered with it.
   return move_verified(staging.uffd(), slot, managed, pages, 0);
+}
+
+platform::PartialResult AddressSpace::Impl::move_out_in_window(VirtAddr managed, VirtAddr slot, std::size_t pages,
+                                                               std::optional<VirtAddr> via) {
+  UHMM_DCHECK(install_window_held(), "transit is used inside the install window only");
+  const VirtAddr through = via ? *via : transit;
+  platform::PartialResult total;
+  const std::size_t bytes = pages * kPageSize;
+  while (total.bytes_done < bytes) {
+    const std::size_t chunk = std::min(bytes - total.bytes_done, kHugePageSize) / kPageSize;
+    const platform::PartialResult in =
+        move_verified(uffd, through, managed + total.bytes_done, chunk, platform::kMoveModeDontWake);
+    if (in.bytes_done > 0) {
+      const platform::PartialResult out =
+          move_verified(staging.uffd(), slot + total.bytes_done, through, in.bytes_done / kPageSize, 0);
+      UHMM_CHECK(out.error == 0, "a page stuck in transit");
+      total.bytes_done += in.bytes_done;
+    }
+    if (in.error != 0) {
+      total.error = in.error;
+      return total;
+    }
+  }
+  return total;
 }
 
 platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr managed, std::size_t pages,

@@ -159,6 +159,9 @@ struct AddressSpace::Impl {
   Stats stats;
   mm::NotifierTable notifiers;
   VirtAddr zero_source;  // kHugePageSize of zeros, never written
+  // kHugePageSize, aligned, registered with `uffd` and empty between uses;
+  // used only inside the install window (read_mutex), so by one thread.
+  VirtAddr transit;
 
   mutable SharedMutex regions_mutex{LockRank::kRegions};
   std::map<std::uintptr_t, std::shared_ptr<mm::Region>> regions UHMM_GUARDED_BY(regions_mutex);
@@ -236,6 +239,16 @@ struct AddressSpace::Impl {
 
   /// Moves `pages` pages from the managed range into staging slots.
   platform::PartialResult move_out(VirtAddr managed, VirtAddr staging_slot, std::size_t pages);
+  /// The same inside the install window, by way of `transit`: the first
+  /// hop is a move on the managed userfaultfd, which the kernel refuses
+  /// (EAGAIN) while a change of the application is unread, so a page only
+  /// leaves the mapping that the queued changes describe
+  /// (docs/address-space-events.md, case 3).
+  /// `via` (up to 2 MiB, registered with `uffd`, empty) replaces `transit`:
+  /// a huge page moves whole only into a block without a page table, and
+  /// `transit` has one from its first small move.
+  platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
+                                             std::optional<VirtAddr> via = std::nullopt);
   /// Moves populated staging slots into the managed range; `wake` also
   /// wakes accesses asleep on it (callers that still have entries to settle
   /// pass false and wake afterwards).
@@ -298,9 +311,9 @@ struct AddressSpace::Impl {
   /// covers every change that has returned to the application.
   void await_read_in_progress();
   /// The install window (docs/address-space-events.md, case 3): a thread
-  /// putting back pages a migration held holds read_mutex while it checks
-  /// what the application changed and installs, so no change is read in
-  /// between; the changes queued are then all that can have touched the
+  /// putting back pages a migration held (or setup, taking them out) holds
+  /// read_mutex while it checks what the application changed and installs,
+  /// so no change is read in between; the changes queued are then all that can have touched the
   /// pages (madvise waits for its read before it zaps; munmap and mremap
   /// make COPY and MOVE fail with EAGAIN until theirs is read).  An EAGAIN
   /// inside the window returns to the holder, who closes it to read.

@@ -122,9 +122,9 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
   const auto started = std::chrono::steady_clock::now();
   // A change the application made (munmap, madvise, mremap) that is not
   // processed yet decides what a fault on a range it touches finds: such a
-  // fault waits for it (docs/address-space-events.md).  Checked where it
-  // matters: device pages (the application may have discarded them) and
-  // addresses uhmm does not know (an mremap may have moved them there).
+  // fault waits for it (docs/address-space-events.md, case 2): a device page
+  // may have been discarded, and an mremap may have moved pages onto the
+  // address, still in transit where a zero fill would stand in their way.
   if (event_pending_at(addr)) {
     if (waits_for_event(addr)) return FaultResult::kParked;
   }
@@ -180,11 +180,12 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       poison_or_wake(addr);  // still broken: SIGBUS again
       return FaultResult::kFailed;
     }
-    if (!events_checked && e.state() != PageState::kNone && e.state() != PageState::kSystem) {
-      // A device's page (private, exclusive, or a coherent frame that is
-      // not mapped): has the application discarded it?  The change must be
-      // processed first, or the fault would outrun it.  (Look at the entry
-      // afresh afterwards: time passed.)
+    if (!events_checked) {
+      // Has the application discarded a device's page (private, exclusive,
+      // or a coherent frame that is not mapped), or moved a range onto this
+      // address (a zero fill would then stand in the way of a page in
+      // transit)?  The change must be processed first, or the fault would
+      // outrun it.  (Look at the entry afresh afterwards: time passed.)
       events_checked = true;
       if (waits_for_event(addr)) return FaultResult::kParked;
       continue;

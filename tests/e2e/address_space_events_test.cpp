@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <mutex>
@@ -323,6 +324,73 @@ TEST_P(AddressSpaceEvents, MremapGrowingInPlaceExtendsTheManagedRange) {
   UHMM_EXPECT_INVARIANTS(*as);
   EXPECT_TRUE(as->unmap(mine).is_ok());
   ::munmap(p, 16 * kPageSize);
+}
+
+// Migrations both ways on a range that the application keeps moving with
+// mremap: every move must take every byte along, whether the pages are on
+// the device, in the page tables or in transit when the range moves.
+// `extra_flags` MREMAP_DONTUNMAP moves the range between two places, each
+// move leaving its old place mapped and empty.
+void migrations_racing_mremap_keep_every_byte(AddressSpace& as, sim::SimDevice& dev, int extra_flags) {
+  constexpr std::size_t kMoved = 64;
+  constexpr std::size_t kBytes = kMoved * kPageSize;
+  auto r = as.map(kBytes);
+  ASSERT_TRUE(r.is_ok());
+  test::fill_range(*r, kMoved, 5000);
+  void* other = ::mmap(nullptr, kBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(other, MAP_FAILED);
+  std::atomic<std::uintptr_t> current{r->value};
+  std::atomic<bool> done{false};
+  std::thread migrator([&] {
+    for (int i = 0; !done.load(); ++i) {
+      const VirtAddr at{current.load()};
+      (void)(i % 2 ? dev.migrate_to_system(as, at, kBytes) : dev.migrate_to_device(as, at, kBytes));
+    }
+  });
+  int bad_rounds = 0;
+  std::uint64_t events = as.stats().get(Counter::uffd_events);
+  for (int round = 0; round < 200; ++round) {
+    void* to = other;
+    if (extra_flags == MREMAP_DONTUNMAP) {
+      other = reinterpret_cast<void*>(current.load());
+    } else {
+      to = ::mmap(nullptr, kBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      ASSERT_NE(to, MAP_FAILED);
+    }
+    void* moved = ::mremap(reinterpret_cast<void*>(current.load()), kBytes, kBytes,
+                           MREMAP_MAYMOVE | MREMAP_FIXED | extra_flags, to);
+    ASSERT_EQ(moved, to) << std::strerror(errno);
+    // A REMAP, and an UNMAP: of the old place, or with MREMAP_DONTUNMAP of
+    // the target, once that is the managed old place of the move before.
+    events += (extra_flags == MREMAP_DONTUNMAP && round == 0) ? 1 : 2;
+    current.store(reinterpret_cast<std::uintptr_t>(moved));
+    if (!range_has_pattern(VirtAddr::of(moved), kMoved, 5000)) ++bad_rounds;
+  }
+  done.store(true);
+  migrator.join();
+  EXPECT_EQ(bad_rounds, 0);
+  const VirtAddr last{current.load()};
+  EXPECT_TRUE(range_has_pattern(last, kMoved, 5000));
+  std::vector<void*> managed{last.ptr()};
+  if (extra_flags == MREMAP_DONTUNMAP) {
+    managed.push_back(other);  // the last move's old place, left managed
+  } else {
+    ASSERT_EQ(::munmap(other, kBytes), 0);  // never managed: no event
+  }
+  for (void* p : managed) ASSERT_EQ(::munmap(p, kBytes), 0);
+  // The invariants hold once every change is processed.  The kernel reuses
+  // the addresses, so no region there or gone says that: count the events.
+  ASSERT_TRUE(test::eventually([&] { return as.stats().get(Counter::uffd_events) >= events + managed.size(); }));
+  ASSERT_TRUE(test::settles(as));
+  UHMM_EXPECT_INVARIANTS(as);
+}
+
+TEST_P(AddressSpaceEvents, MigrationsRacingMremapKeepEveryByte) {
+  migrations_racing_mremap_keep_every_byte(*as, *dev, 0);
+}
+
+TEST_P(AddressSpaceEvents, MigrationsRacingMremapDontunmapKeepEveryByte) {
+  migrations_racing_mremap_keep_every_byte(*as, *dev, MREMAP_DONTUNMAP);
 }
 
 INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,

@@ -3,9 +3,10 @@
 // and raises a userfaultfd event (MADV_DONTNEED: REMOVE, munmap: UNMAP)
 // does not return before that event has been read.  A kernel that let it
 // return earlier would break the rule that an access after the change sees
-// the change.
+// the change.  And until it is read, moves into the uffd's ranges fail.
 #include <gtest/gtest.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -61,6 +62,42 @@ TEST(UffdContract, DiscardAndUnmapWaitUntilTheirEventIsRead) {
   // Unregistered first: nobody would read this munmap's event.
   ASSERT_TRUE(uffd->unregister_range(base, 8 * kPageSize).is_ok());
   ::munmap(p, 8 * kPageSize);
+}
+
+// migrate_vma_setup moves pages out through a range registered with the
+// managed uffd so that the kernel refuses the move while the application's
+// change of any registered range is unread (docs/address-space-events.md,
+// case 3); finalize's installs rely on the same refusal.
+TEST(UffdContract, MovesIntoARegisteredRangeFailWhileAChangeIsUnread) {
+  auto uffd = platform::Uffd::open(UFFD_FEATURE_EVENT_UNMAP | platform::kFeatureMove, /*nonblocking=*/true);
+  if (!uffd.is_ok()) GTEST_SKIP() << "no UFFDIO_MOVE: " << uffd.status().to_string();
+  uffd->set_on_busy([] { return false; });  // EAGAIN comes back here
+  void* gone = ::mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* into = ::mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* from = ::mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_TRUE(gone != MAP_FAILED && into != MAP_FAILED && from != MAP_FAILED);
+  std::memset(from, 7, kLen);
+  ASSERT_TRUE(uffd->register_range(VirtAddr::of(gone), kLen, UFFDIO_REGISTER_MODE_MISSING).is_ok());
+  ASSERT_TRUE(uffd->register_range(VirtAddr::of(into), kLen, UFFDIO_REGISTER_MODE_MISSING).is_ok());
+
+  std::thread changer([&] { ::munmap(gone, kLen); });  // returns once its UNMAP is read
+  struct pollfd readable {
+    uffd->fd(), POLLIN, 0
+  };
+  ASSERT_EQ(::poll(&readable, 1, 5000), 1) << "no UNMAP event";
+  const platform::PartialResult refused = uffd->move(VirtAddr::of(into), VirtAddr::of(from), kPageSize, 0);
+  EXPECT_EQ(refused.error, EAGAIN) << "a move went through with a change unread";
+  EXPECT_EQ(refused.bytes_done, 0u);
+  struct uffd_msg msg;
+  ASSERT_EQ(::read(uffd->fd(), &msg, sizeof msg), static_cast<ssize_t>(sizeof msg));
+  EXPECT_EQ(msg.event, UFFD_EVENT_UNMAP);
+  changer.join();
+  const platform::PartialResult moved = uffd->move(VirtAddr::of(into), VirtAddr::of(from), kPageSize, 0);
+  EXPECT_EQ(moved.error, 0);
+  EXPECT_EQ(static_cast<volatile char*>(into)[0], 7);
+  ASSERT_TRUE(uffd->unregister_range(VirtAddr::of(into), kLen).is_ok());
+  ::munmap(into, kLen);
+  ::munmap(from, kLen);
 }
 
 }  // namespace
