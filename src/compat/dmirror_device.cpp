@@ -16,7 +16,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "compat/bounce.hpp"
@@ -65,7 +68,10 @@ bool convertible(const Mapping& m) {
 // The pages of converted private file mappings that were still clean file
 // pages at the conversion (ADR 0005, "Private file mappings"): they refuse
 // migration, as the kernel's page-cache pages do.  Forgotten where uhmm
-// sees the range unmapped or moved, or the address space go.
+// sees the range unmapped or moved, or the address space go, and where
+// the CPU has written them since: each mark keeps a digest of the page's
+// content, which a CPU write (of other bytes) changes, as the kernel's
+// write fault would have copied the page on write.
 //
 // Concurrency: any thread.  mutex_ is a leaf: nothing is called under it.
 class FilePages final : public IntervalNotifierOps, public FilePageMarks {
@@ -81,10 +87,8 @@ class FilePages final : public IntervalNotifierOps, public FilePageMarks {
     if (!range.blockable) return false;
     MutexLock lock(mutex_);
     sub.set_seq(cur_seq);
-    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease) {
-      pages_.erase(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
-      any_.store(!pages_.empty(), std::memory_order_release);
-    }
+    if (range.event == NotifyEvent::kUnmap || range.event == NotifyEvent::kRelease)
+      erase_locked(range.start.vpn().value, (range.end.value + kPageSize - 1) >> kPageShift);
     return true;
   }
 
@@ -97,15 +101,49 @@ class FilePages final : public IntervalNotifierOps, public FilePageMarks {
     return pages_.contains(vpn.value);
   }
 
-  void add(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+  /// Marks [first_vpn, end_vpn) clean, with the digest of each page's
+  /// content: `content` holds the pages' bytes, or (null) they are read now.
+  void add(std::uint64_t first_vpn, std::uint64_t end_vpn, const std::byte* content) {
+    std::vector<std::uint64_t> digests(end_vpn - first_vpn, kUnknown);
+    std::vector<std::byte> page(kPageSize);
+    for (std::uint64_t v = first_vpn; v < end_vpn; ++v) {
+      if (content != nullptr) {
+        digests[v - first_vpn] = digest(content + (v - first_vpn) * kPageSize);
+      } else if (copy_from_user(page.data(), v << kPageShift, kPageSize)) {
+        digests[v - first_vpn] = digest(page.data());
+      }
+    }
     MutexLock lock(mutex_);
     pages_.add(first_vpn, end_vpn);
+    for (std::uint64_t v = first_vpn; v < end_vpn; ++v) digests_[v] = digests[v - first_vpn];
     any_.store(!pages_.empty(), std::memory_order_release);
   }
   void erase(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
-    pages_.erase(first_vpn, end_vpn);
-    any_.store(!pages_.empty(), std::memory_order_release);
+    erase_locked(first_vpn, end_vpn);
+  }
+  /// Forgets the marks of the pages of [first_vpn, end_vpn) that the CPU
+  /// wrote since they were marked (their content changed; a write of the
+  /// same bytes goes unseen).  Reads only pages that are present, so it
+  /// faults nothing in.
+  void forget_written(std::uint64_t first_vpn, std::uint64_t end_vpn) {
+    if (!any_.load(std::memory_order_acquire)) return;
+    std::vector<std::byte> page(kPageSize);
+    for (const auto& [f, e] : inside(first_vpn, end_vpn)) {
+      std::vector<unsigned char> resident(e - f);
+      if (!platform::resident_pages(VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize, resident.data())) continue;
+      for (std::uint64_t v = f; v < e; ++v) {
+        if (!resident[v - f]) continue;
+        std::uint64_t want;
+        {
+          MutexLock lock(mutex_);
+          auto it = digests_.find(v);
+          if (it == digests_.end() || it->second == kUnknown) continue;
+          want = it->second;
+        }
+        if (copy_from_user(page.data(), v << kPageShift, kPageSize) && digest(page.data()) != want) erase(v, v + 1);
+      }
+    }
   }
   std::vector<RunSet::Run> inside(std::uint64_t first_vpn, std::uint64_t end_vpn) {
     MutexLock lock(mutex_);
@@ -117,6 +155,7 @@ class FilePages final : public IntervalNotifierOps, public FilePageMarks {
   }
   /// One flag per page of [start, end): still a clean file page.
   std::vector<bool> clean(std::uintptr_t start, std::uintptr_t end) {
+    forget_written(start >> kPageShift, end >> kPageShift);
     std::vector<bool> out((end - start) / kPageSize);
     for (const auto& [f, e] : inside(start >> kPageShift, end >> kPageShift))
       for (std::uint64_t v = f; v < e; ++v) out[v - (start >> kPageShift)] = true;
@@ -128,10 +167,22 @@ class FilePages final : public IntervalNotifierOps, public FilePageMarks {
   }
 
  private:
+  static constexpr std::uint64_t kUnknown = 0;  // no digest: the page counts as clean
+  static std::uint64_t digest(const std::byte* page) {
+    const std::uint64_t d = std::hash<std::string_view>{}(std::string_view(reinterpret_cast<const char*>(page), kPageSize));
+    return d == kUnknown ? 1 : d;
+  }
+  void erase_locked(std::uint64_t first_vpn, std::uint64_t end_vpn) UHMM_REQUIRES(mutex_) {
+    pages_.erase(first_vpn, end_vpn);
+    digests_.erase(digests_.lower_bound(first_vpn), digests_.lower_bound(end_vpn));
+    any_.store(!pages_.empty(), std::memory_order_release);
+  }
+
   AddressSpace& as_;
   IntervalNotifier sub_;
   mutable Mutex mutex_{LockRank::kLeaf};
   RunSet pages_ UHMM_GUARDED_BY(mutex_);
+  std::map<std::uint64_t, std::uint64_t> digests_ UHMM_GUARDED_BY(mutex_);  // vpn -> digest of a marked page
   std::atomic<bool> any_{false};  // !pages_.empty(), written under mutex_
 };
 
@@ -221,7 +272,9 @@ Status convert_private_file(Runtime& rt, const Mapping& seen, std::uintptr_t wan
   for (std::size_t i = 0; i < words->size();) {
     std::size_t j = i;
     while (j < words->size() && !anonymous_page((*words)[j])) ++j;
-    rt.file_pages->add((start >> kPageShift) + i, (start >> kPageShift) + j);
+    // Digests of the content as copied, read back at `start` (a store the
+    // program makes in this instant counts as the page's clean content).
+    rt.file_pages->add((start >> kPageShift) + i, (start >> kPageShift) + j, nullptr);
     while (j < words->size() && anonymous_page((*words)[j])) ++j;
     i = j;
   }
@@ -652,7 +705,9 @@ int DmirrorFile::cmd_migrate_to_dev(DmirrorCmd& cmd) {
       if (!region) return EINVAL;
       const std::uintptr_t ce = std::min({s.end, region->end().value, huge_up(c)});
       // Clean file pages stay (the kernel does not move page-cache pages):
-      // they are missing from the mirror afterwards, so ENOENT below.
+      // they are missing from the mirror afterwards, so ENOENT below.  One
+      // the CPU wrote since the conversion is a copy-on-write page: it moves.
+      rt_.file_pages->forget_written(c >> kPageShift, ce >> kPageShift);
       for (const auto& [f, e] : rt_.file_pages->outside(c >> kPageShift, ce >> kPageShift)) {
         const auto moved =
             dev_.migrate_to_device(as_, VirtAddr::from_vpn(Vpn{f}), (e - f) * kPageSize, &fail_alloc_);
@@ -876,7 +931,7 @@ Result<Runtime*> DmirrorProcess::runtime_locked() {
       for (const Mapping& m : *maps)
         if (m.adoptable())
           for (const auto& [f, e] : inherited_clean_.inside(m.start >> kPageShift, m.end >> kPageShift))
-            rt->file_pages->add(f, e);
+            rt->file_pages->add(f, e, nullptr);
     }
     inherited_clean_ = RunSet();
   }

@@ -748,6 +748,26 @@ static void test_private_file(int fd) {
   CHECK(same(buf + (written + 1) * PAGE, N - written - 1, 1600 + (written + 1) * PAGE / sizeof(unsigned)));
   /* The file is what was written to it, never what the mapping holds. */
   CHECK(pread(file, disk, N * PAGE, 0) == (ssize_t)(N * PAGE) && same(disk, N, 1600));
+  /* A CPU write copies a clean page too, as the kernel's write fault does:
+   * it migrates from then on, with the CPU's data (tried on another device,
+   * whose mirror has never held the page). */
+  {
+    const unsigned long cpu = N - 1;
+    ((volatile unsigned *)(buf + cpu * PAGE))[0] = 0x5eed;
+    int dev1 = open("/dev/hmm_dmirror1", O_RDWR);
+    CHECK(dev1 >= 0);
+    memset(out, 0, PAGE);
+    CHECK(cmd(dev1, DM_TO_DEV, buf + cpu * PAGE, out, 1, &c) == 0 && c.cpages == 1);
+    CHECK(((unsigned *)out)[0] == 0x5eed && ((unsigned *)out)[1] == 1600 + cpu * PAGE / sizeof(unsigned) + 1);
+    CHECK(cmd(dev1, DM_SNAPSHOT, buf + cpu * PAGE, snap, 1, &c) == 0 && snap[0] == 0x22);
+    close(dev1); /* evicts: the page comes back */
+    CHECK(((volatile unsigned *)(buf + cpu * PAGE))[0] == 0x5eed);
+    /* Its clean neighbour still refuses. */
+    dev1 = open("/dev/hmm_dmirror1", O_RDWR);
+    errno = 0;
+    CHECK(cmd(dev1, DM_TO_DEV, buf + (cpu - 1) * PAGE, out, 1, &c) == -1 && errno == ENOENT);
+    close(dev1);
+  }
   /* fork with pages on the device: the child sees every byte; there a page
    * it writes migrates, a clean one still refuses. */
   CHECK(cmd(fd, DM_TO_DEV, buf, out, half, &c) == 0);
