@@ -790,15 +790,52 @@ Status migrate_vma_setup(MigrateVma& m) {
     }
   }
 
-  as.close_install_window();
-
   // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
   // slot, where the driver reads it as device memory (docs/migration.md).
-  // After the window: a frame the kernel will not move is copied home and
-  // zapped, and uhmm's own zap waits for its event to be read.
-  // FIXME: so an address the application moves away and refills meanwhile
-  // can hand over someone else's frame, as system pages could before.
-  for (const Coherent& c : coherent_pages) {
+  // Inside the window and by way of the transit, as system pages go: so a
+  // frame only leaves an address that the queued changes describe.
+  std::vector<Coherent> copied_home;  // frames the kernel will not move (another protection): after the window
+  for (std::size_t k = 0; k < coherent_pages.size();) {
+    const Coherent& c = coherent_pages[k];
+    const VirtAddr addr = m.start + c.i * kPageSize;
+    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
+    const int err = (!changing.empty() && is_changing(addr)) ? ENOENT : as.move_to_transit(addr);
+    if (err == EAGAIN && relooks < kRelooks) {
+      ++relooks;
+      as.close_install_window();
+      as.drain_events();
+      as.open_install_window();
+      changing = as.pending_event_ranges(m.start, m.end);
+      continue;  // this page again
+    }
+    ++k;
+    if (err == 0) {
+      const int home = c.page->pagemap().move_frame_home(*c.page, as.transit);
+      UHMM_CHECK(home == 0, "a coherent frame stuck in transit");
+      m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
+      continue;
+    }
+    if (err == EINVAL) {  // the protections of the two sides differ: copied home below
+      copied_home.push_back(c);
+      continue;
+    }
+    // Changed just now (ENOENT, or EAGAIN with no more looks), or still
+    // shared with a forked child (EBUSY, never waited for here): stays,
+    // and the change's event settles the entry.
+    c.page->unlock();
+    as.unlock_and_wake(*slot, PageEntry{slot->load(std::memory_order_acquire)}.settled(), addr);
+    c.page->put();
+    as.stats.add(err == EBUSY ? Counter::migrate_skipped_pinned : Counter::migrate_skipped_locked);
+  }
+
+  as.close_install_window();
+
+  // A frame the kernel will not move is copied home and zapped, after the
+  // window (uhmm's own zap waits for its event to be read).  Only ranges
+  // that are not read-write get here.  FIXME: so an address of such a range
+  // that the application moves away and refills meanwhile can hand over
+  // someone else's data.
+  for (const Coherent& c : copied_home) {
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
     // Still shared (a fork since pass 0): skipped, never waited for here.

@@ -180,6 +180,11 @@ platform::PartialResult AddressSpace::Impl::move_out_in_window(VirtAddr managed,
   return total;
 }
 
+int AddressSpace::Impl::move_to_transit(VirtAddr managed) {
+  UHMM_DCHECK(install_window_held(), "transit is used inside the install window only");
+  return move_verified(uffd, transit, managed, 1, platform::kMoveModeDontWake).error;
+}
+
 platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr managed, std::size_t pages,
                                                     bool wake_waiters) {
   return move_verified(uffd, managed, slot, pages, wake_waiters ? 0 : platform::kMoveModeDontWake);

@@ -249,6 +249,11 @@ struct AddressSpace::Impl {
   /// `transit` has one from its first small move.
   platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
                                              std::optional<VirtAddr> via = std::nullopt);
+  /// Inside the install window: moves the one page at `managed` into
+  /// `transit` (on the managed userfaultfd, refused with EAGAIN while a
+  /// change is unread, as for move_out_in_window); the caller takes it on
+  /// from there at once.  0 or the errno of the move.
+  int move_to_transit(VirtAddr managed);
   /// Moves populated staging slots into the managed range; `wake` also
   /// wakes accesses asleep on it (callers that still have entries to settle
   /// pass false and wake afterwards).

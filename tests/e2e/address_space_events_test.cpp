@@ -393,6 +393,30 @@ TEST_P(AddressSpaceEvents, MigrationsRacingMremapDontunmapKeepEveryByte) {
   migrations_racing_mremap_keep_every_byte(*as, *dev, MREMAP_DONTUNMAP);
 }
 
+// The same with device-coherent memory: the range's frames go home to the
+// device and come back, the moves racing the application's mremap.
+std::unique_ptr<sim::SimDevice> coherent_device() {
+  sim::SimDeviceOptions d;
+  d.memory_type = PagemapType::kCoherent;
+  d.memory_bytes = 16u << 20;
+  d.warm_memory = false;
+  auto dev = sim::SimDevice::create(d);
+  EXPECT_TRUE(dev.is_ok()) << dev.status().to_string();
+  return dev.is_ok() ? std::move(*dev) : nullptr;
+}
+
+TEST_P(AddressSpaceEvents, CoherentMigrationsRacingMremapKeepEveryByte) {
+  auto coherent = coherent_device();
+  ASSERT_TRUE(coherent);
+  migrations_racing_mremap_keep_every_byte(*as, *coherent, 0);
+}
+
+TEST_P(AddressSpaceEvents, CoherentMigrationsRacingMremapDontunmapKeepEveryByte) {
+  auto coherent = coherent_device();
+  ASSERT_TRUE(coherent);
+  migrations_racing_mremap_keep_every_byte(*as, *coherent, MREMAP_DONTUNMAP);
+}
+
 INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
                          ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
                          [](const ::testing::TestParamInfo<FaultMode>& mode) { return test::fault_mode_name(mode.param); });
