@@ -131,10 +131,20 @@ Result<DeviceExclusivePage> make_device_exclusive(AddressSpace& as, VirtAddr add
       return s;
     }
     const VirtAddr frame = runs.front().start;
-    const platform::PartialResult r = impl.move_out(addr, frame, 1);
+    // Inside the install window and through the transit, as migrations take
+    // pages out: the kernel refuses the move while a change of the
+    // application is unread, so the frame only leaves an address the queued
+    // changes describe (docs/address-space-events.md, case 3).
+    impl.open_install_window();
+    const bool changing = !impl.pending_event_ranges(addr, addr + kPageSize).empty();
+    const platform::PartialResult r =
+        changing ? platform::PartialResult{0, EAGAIN} : impl.move_out_in_window(addr, frame, 1);
+    impl.close_install_window();
     if (r.bytes_done != kPageSize) {
-      // ENOENT: the page went after all (an event is on its way); EBUSY:
-      // pinned, or shared with a child forked since.  Look again.
+      // EAGAIN: a change waits to be read (read it); ENOENT: the page went
+      // after all (an event is on its way); EBUSY: pinned, or shared with a
+      // child forked since.  Look again.
+      if (r.error == EAGAIN) impl.drain_events();
       if (r.error == EEXIST) {
         impl.staging.give_back_ready(frame, 1);
       } else {

@@ -331,7 +331,10 @@ TEST_P(AddressSpaceEvents, MremapGrowingInPlaceExtendsTheManagedRange) {
 // the device, in the page tables or in transit when the range moves.
 // `extra_flags` MREMAP_DONTUNMAP moves the range between two places, each
 // move leaving its old place mapped and empty.
-void migrations_racing_mremap_keep_every_byte(AddressSpace& as, sim::SimDevice& dev, int extra_flags) {
+enum class Racer { kMigrations, kExclusive };
+
+void migrations_racing_mremap_keep_every_byte(AddressSpace& as, sim::SimDevice& dev, int extra_flags,
+                                              Racer racer = Racer::kMigrations) {
   constexpr std::size_t kMoved = 64;
   constexpr std::size_t kBytes = kMoved * kPageSize;
   auto r = as.map(kBytes);
@@ -344,7 +347,11 @@ void migrations_racing_mremap_keep_every_byte(AddressSpace& as, sim::SimDevice& 
   std::thread migrator([&] {
     for (int i = 0; !done.load(); ++i) {
       const VirtAddr at{current.load()};
-      (void)(i % 2 ? dev.migrate_to_system(as, at, kBytes) : dev.migrate_to_device(as, at, kBytes));
+      if (racer == Racer::kExclusive) {
+        (void)dev.make_exclusive(as, at + (i % kMoved) * kPageSize, kPageSize);  // frames leave for the device
+      } else {
+        (void)(i % 2 ? dev.migrate_to_system(as, at, kBytes) : dev.migrate_to_device(as, at, kBytes));
+      }
     }
   });
   int bad_rounds = 0;
@@ -391,6 +398,22 @@ TEST_P(AddressSpaceEvents, MigrationsRacingMremapKeepEveryByte) {
 
 TEST_P(AddressSpaceEvents, MigrationsRacingMremapDontunmapKeepEveryByte) {
   migrations_racing_mremap_keep_every_byte(*as, *dev, MREMAP_DONTUNMAP);
+}
+
+// The same with exclusive access: frames leave the range for the device's
+// atomics (and come back on the CPU's next access) while it moves.
+TEST_P(AddressSpaceEvents, ExclusiveAccessRacingMremapKeepsEveryByte) {
+  migrations_racing_mremap_keep_every_byte(*as, *dev, 0, Racer::kExclusive);
+}
+
+// Known open race (issue 3): with MREMAP_DONTUNMAP ping-ponging between two
+// places, an exclusive frame is sometimes given back to an address that is
+// no longer mapped ("giving ... back from exclusive access failed: ENOENT")
+// and the range's data is lost from then on (about 1 run in 10, before and
+// after exclusive access moved through the transit).  Disabled until fixed;
+// run it with --gtest_also_run_disabled_tests.
+TEST_P(AddressSpaceEvents, DISABLED_ExclusiveAccessRacingMremapDontunmapKeepsEveryByte) {
+  migrations_racing_mremap_keep_every_byte(*as, *dev, MREMAP_DONTUNMAP, Racer::kExclusive);
 }
 
 // The same with device-coherent memory: the range's frames go home to the
