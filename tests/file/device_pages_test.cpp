@@ -41,12 +41,8 @@ std::vector<std::byte> pattern_bytes(std::uint64_t offset, std::size_t n, std::u
 class DevicePagesTest : public ::testing::TestWithParam<FaultMode> {
  protected:
   void SetUp() override {
-    AddressSpaceOptions o;
-    o.fault_mode = GetParam();
-    o.fault_threads = 2;
-    auto r = AddressSpace::create(o);
-    ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-    as = std::move(*r);
+    as = address_space_for(GetParam());
+    ASSERT_TRUE(as);
     dev = make_device(sim::FilePages::kCopiedBack);
     ASSERT_TRUE(dev);
   }

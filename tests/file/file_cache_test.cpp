@@ -33,12 +33,8 @@ namespace {
 class FileCacheTest : public ::testing::TestWithParam<FaultMode> {
  protected:
   void SetUp() override {
-    AddressSpaceOptions o;
-    o.fault_mode = GetParam();
-    o.fault_threads = 2;
-    auto r = AddressSpace::create(o);
-    ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-    as = std::move(*r);
+    as = address_space_for(GetParam());
+    ASSERT_TRUE(as);
   }
   void TearDown() override { as.reset(); }
 

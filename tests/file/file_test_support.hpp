@@ -8,8 +8,11 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "uhmm/address_space.hpp"
 
 namespace uhmm {
 
@@ -53,6 +56,16 @@ inline std::vector<std::uint8_t> read_file(const std::string& path) {
   }
   ::close(fd);
   return out;
+}
+
+/// An address space serving faults in `mode`, with two service threads.
+inline std::unique_ptr<AddressSpace> address_space_for(FaultMode mode) {
+  AddressSpaceOptions o;
+  o.fault_mode = mode;
+  o.fault_threads = 2;
+  auto r = AddressSpace::create(o);
+  EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  return r.is_ok() ? std::move(*r) : nullptr;
 }
 
 }  // namespace uhmm
