@@ -1042,15 +1042,44 @@ std::optional<int> DmirrorProcess::close(int fd) {
     std::lock_guard table(table_mutex_);
     const auto it = fds_.find(fd);
     if (it == fds_.end() || it->second.inode != st.st_ino) return std::nullopt;
-    if (it->second.generation == generation_) file = std::move(it->second.file);
-    fds_.erase(it);
-    open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
-    set_mark(fd, false);
+    file = forget_locked(it);
   }
   // Closing evicts the whole device, for every mirror (dmirror-abi.md).
   if (file) (void)file->device().evict_all();
   file.reset();  // unsubscribes (waits for its callbacks; no lock of ours held)
   return 0;
+}
+
+std::shared_ptr<DmirrorFile> DmirrorProcess::forget_locked(std::map<int, FdEntry>::iterator it) {
+  std::shared_ptr<DmirrorFile> file;
+  if (it->second.generation == generation_) file = std::move(it->second.file);
+  const int fd = it->first;
+  fds_.erase(it);
+  open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+  set_mark(fd, false);
+  // A dup of it remains: the open device lives on, nothing is released.
+  for (const auto& [other, entry] : fds_)
+    if (file && entry.file == file) return nullptr;
+  return file;
+}
+
+void DmirrorProcess::duplicated(int fd, int copy) {
+  if (fd == copy || (!maybe_device_fd(fd) && !maybe_device_fd(copy))) return;
+  struct stat st {};
+  const bool copy_open = ::fstat(copy, &st) == 0;
+  std::shared_ptr<DmirrorFile> released;
+  {
+    std::lock_guard table(table_mutex_);
+    // dup2 closed whatever `copy` was.
+    if (const auto old = fds_.find(copy); old != fds_.end()) released = forget_locked(old);
+    const auto it = fds_.find(fd);
+    if (copy_open && it != fds_.end() && it->second.inode == st.st_ino) {
+      fds_[copy] = it->second;  // the same open device: the same mirror
+      open_count_.store(static_cast<int>(fds_.size()), std::memory_order_release);
+      set_mark(copy, true);
+    }
+  }
+  if (released) (void)released->device().evict_all();
 }
 
 std::optional<int> DmirrorProcess::mprotect(std::uintptr_t addr, std::size_t len, int prot) {

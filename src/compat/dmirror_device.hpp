@@ -73,9 +73,16 @@ class DmirrorProcess {
   /// Whether `fd` is a device fd.
   bool is_device_fd(int fd);
   /// Closes a device fd: evicts its device (every page of the device comes
-  /// back to system memory), drops its mirror, closes the fd.  nullopt if
+  /// back to system memory) and drops its mirror unless another fd of the
+  /// same open device (a dup) remains, as the kernel releases a file on its
+  /// last close; closes the fd.  nullopt if
   /// `fd` is not a device fd; else 0 or errno.
   std::optional<int> close(int fd);
+  /// `copy` was just made from `fd` (dup, dup2, dup3, F_DUPFD): a copy of a
+  /// device fd is the same open device (one mirror; closing one of them
+  /// releases nothing while another is open), and a device fd that dup2
+  /// replaced at `copy` is closed as close() would.
+  void duplicated(int fd, int copy);
   /// ioctl on a device fd: nullopt if `fd` is not a device fd; else 0 or errno.
   std::optional<int> ioctl(int fd, unsigned long request, std::uintptr_t arg);
 
@@ -107,6 +114,9 @@ class DmirrorProcess {
     std::uint64_t generation = 0;
   };
   DmirrorProcess() = default;
+  /// Drops `it` (table_mutex_ held); its file if that was the device's last
+  /// fd in this generation (the caller evicts it, outside the lock).
+  std::shared_ptr<DmirrorFile> forget_locked(std::map<int, FdEntry>::iterator it);
   Result<Runtime*> runtime_locked();  // init_mutex_ held
   Result<std::shared_ptr<DmirrorFile>> make_file_locked(int minor);  // init_mutex_ held
   /// The fd's file, rebuilt after a fork; nullptr if `fd` is not a device fd.

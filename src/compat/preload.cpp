@@ -280,6 +280,16 @@ int noted_dup(int fd, int copy) {
     PagemapFds::duplicated(fd, copy);
     errno = saved;
   }
+  // A copy of a device fd is the same open device.
+  if (copy >= 0 && (DmirrorProcess::maybe_device_fd(fd) || DmirrorProcess::maybe_device_fd(copy))) {
+    const int saved = errno;
+    try {
+      DmirrorProcess::instance().duplicated(fd, copy);
+    } catch (...) {
+      // The copy then stays a plain fd to the program (its ioctls fail).
+    }
+    errno = saved;
+  }
   return copy;
 }
 

@@ -314,6 +314,26 @@ static void test_release_and_close(int fd) {
   CHECK(cmd(other, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x22);
   close(other);
   CHECK(same(buf, N, 700));
+  /* A dup of a device fd is the same open device: its commands work, and
+   * closing one of the copies releases nothing; the last close evicts. */
+  int d1 = open("/dev/hmm_dmirror0", O_RDWR);
+  CHECK(d1 >= 0);
+  int d2 = dup(d1);
+  CHECK(d2 >= 0);
+  CHECK(cmd(d1, DM_TO_DEV, buf, out, N, &c) == 0 && c.cpages == N);
+  CHECK(cmd(d2, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x22 && snap[N - 1] == 0x22);
+  close(d1);
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[0] == 0x22); /* still on the device */
+  const int d3 = 211;
+  CHECK(dup2(d2, d3) == d3);
+  close(d2);
+  memset(out, 0, N * PAGE);
+  CHECK(cmd(d3, DM_READ, buf, out, N, &c) == 0 && same(out, N, 700));
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0 && snap[N - 1] == 0x22);
+  close(d3); /* the last copy: evicts */
+  CHECK(cmd(fd, DM_SNAPSHOT, buf, snap, N, &c) == 0);
+  for (unsigned long i = 0; i < N; ++i) CHECK(snap[i] == 0x02);
+  CHECK(same(buf, N, 700));
   munmap(buf, N * PAGE);
   munmap(out, N * PAGE);
 }
