@@ -435,7 +435,7 @@ TEST_P(AddressSpaceEvents, CoherentMigrationsRacingMremapKeepEveryByte) {
 }
 
 // Known open bug (issue 3): with service threads this sometimes hangs
-// (2 runs in 12 under load, the migrator and the mremaps both stuck), so it
+// (2 runs in 12 under load: the run never ends), so it
 // is disabled until found; run it with --gtest_also_run_disabled_tests.
 TEST_P(AddressSpaceEvents, DISABLED_CoherentMigrationsRacingMremapDontunmapKeepEveryByte) {
   auto coherent = coherent_device();
