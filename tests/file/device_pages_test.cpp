@@ -362,11 +362,7 @@ TEST_P(DevicePagesTest, ConcurrentCpuWritesMigrationsAndWritebackLoseNothing) {
 }
 
 INSTANTIATE_TEST_SUITE_P(FaultModes, DevicePagesTest,
-                         ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
-                         [](const auto& param_info) {
-                           return param_info.param == FaultMode::kInThread ? std::string("InThread")
-                                                                           : std::string("ServiceThreads");
-                         });
+                         ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread), fault_mode_suffix);
 
 }  // namespace
 }  // namespace uhmm

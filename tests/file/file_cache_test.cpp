@@ -670,11 +670,7 @@ TEST_P(FileCacheTest, ASecondMappingMapsLoadedPagesAroundAFault) {
 }
 
 INSTANTIATE_TEST_SUITE_P(FaultModes, FileCacheTest,
-                         ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
-                         [](const auto& param_info) {
-                           return param_info.param == FaultMode::kInThread ? std::string("InThread")
-                                                                     : std::string("ServiceThreads");
-                         });
+                         ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread), fault_mode_suffix);
 
 }  // namespace
 }  // namespace uhmm

@@ -58,6 +58,11 @@ inline std::vector<std::uint8_t> read_file(const std::string& path) {
   return out;
 }
 
+/// The test-name suffix of a fault mode, for INSTANTIATE_TEST_SUITE_P.
+inline std::string fault_mode_suffix(const ::testing::TestParamInfo<FaultMode>& info) {
+  return info.param == FaultMode::kInThread ? "InThread" : "ServiceThreads";
+}
+
 /// An address space serving faults in `mode`, with two service threads.
 inline std::unique_ptr<AddressSpace> address_space_for(FaultMode mode) {
   AddressSpaceOptions o;
