@@ -31,7 +31,20 @@ bool AddressSpace::Impl::restore_exclusive(mm::EntrySlot& slot, VirtAddr addr) {
     return false;
   }
   const VirtAddr frame = before.held_frame();
-  const platform::PartialResult r = move_in(frame, addr, 1, /*wake=*/false);
+  // Inside the install window, as migrations put pages back: the frame goes
+  // home only if no change queued touches the address (a REMAP still unread
+  // moves the entry with the range; an UNMAP or REMOVE drops it).  The kernel
+  // itself refuses the move while a change is unread (EAGAIN).
+  open_install_window();
+  const std::vector<struct uffd_msg> changes = queued_changes();
+  const bool untouched = changes.empty() || after_changes(changes, addr) == std::optional<VirtAddr>{addr};
+  platform::PartialResult r = untouched ? move_in(frame, addr, 1, /*wake=*/false) : platform::PartialResult{0, EAGAIN};
+  if (r.bytes_done != kPageSize && r.error != EEXIST && r.error != EAGAIN && r.error != ENOENT) {
+    // The kernel moves frames only between mappings of the same protection
+    // (the application may have called mprotect itself): copy instead.
+    r = uffd.copy(addr, frame.ptr(), kPageSize, /*wake=*/false);
+  }
+  close_install_window();
   if (r.bytes_done == kPageSize) {
     staging.give_back_empty(frame, 1);
   } else if (r.error == EEXIST) {
@@ -39,17 +52,18 @@ bool AddressSpace::Impl::restore_exclusive(mm::EntrySlot& slot, VirtAddr addr) {
     // done (a new mapping over the old one): the held data belonged to the
     // mapping that went.
     staging.give_back_ready(frame, 1);
+  } else if (r.error == EAGAIN || r.error == ENOENT) {
+    // A change waits to be read (EAGAIN), or the mapping moved or went with
+    // its event still unread (the kernel looks for the mapping first):
+    // read, and let the caller look again where the entry is then.
+    unlock_and_wake(slot, before, addr);
+    drain_events();
+    return false;
   } else {
-    // The kernel moves frames only between mappings of the same protection
-    // (the application may have called mprotect itself): copy instead.
-    const platform::PartialResult c = uffd.copy(addr, frame.ptr(), kPageSize, /*wake=*/false);
-    if (c.bytes_done != kPageSize && c.error != EEXIST) {
-      std::fprintf(stderr, "uhmm: giving %#lx back from exclusive access failed: %s\n",
-                   static_cast<unsigned long>(addr.value), platform::errno_text(c.error).c_str());
-      unlock_and_wake(slot, before, addr);
-      return false;
-    }
-    staging.give_back_ready(frame, 1);
+    std::fprintf(stderr, "uhmm: giving %#lx back from exclusive access failed: %s\n",
+                 static_cast<unsigned long>(addr.value), platform::errno_text(r.error).c_str());
+    unlock_and_wake(slot, before, addr);
+    return false;
   }
   stats.add(Counter::device_exclusive_revoked);
   (void)mm::unlock_entry(slot, PageEntry::system());
