@@ -7,6 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -397,28 +402,79 @@ bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAdd
   return false;
 }
 
-// Makes private (MADV_POPULATE_WRITE) the frames of `[start, start + n)`
-// that a fork shared copy-on-write, so that they can move.  Called holding
-// no entry; `is_candidate(i)` says which pages to un-share: present pages
-// only (a hole would be populated).  A run that fails part way (an ENOMEM,
-// a page the application just discarded) is retried page by page, so one
-// page does not leave the rest shared; what stays shared is skipped later.
-template <typename IsCandidate>
-void unshare_frames(VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
-  std::uint64_t run = 0;
-  auto unshare = [&](std::uint64_t end) {
-    if (run >= end) return;
-    if (platform::advise(start + run * kPageSize, (end - run) * kPageSize, MADV_POPULATE_WRITE)) return;
-    for (std::uint64_t i = run; i < end; ++i)
-      (void)platform::advise(start + i * kPageSize, kPageSize, MADV_POPULATE_WRITE);
+// Write faults (MADV_POPULATE_WRITE) that un-share the frames of `runs`.
+// A run that fails part way (an ENOMEM, a page the application just
+// discarded) is retried page by page, so one page does not leave the rest
+// shared; what stays shared is skipped later.  Stops between runs once
+// `abandoned` is set.
+void populate_for_write(const std::vector<std::pair<VirtAddr, std::size_t>>& runs,
+                        const std::atomic<bool>& abandoned) {
+  for (const auto& [at, pages] : runs) {
+    if (abandoned.load(std::memory_order_acquire)) return;
+    if (platform::advise(at, pages * kPageSize, MADV_POPULATE_WRITE)) continue;
+    for (std::size_t i = 0; i < pages; ++i) (void)platform::advise(at + i * kPageSize, kPageSize, MADV_POPULATE_WRITE);
+  }
+}
+
+// A driver may pipeline its batches, setting one up while it still holds
+// the entries of the one before.  With service threads, a write fault on a
+// page the application has just moved away waits until uhmm has processed
+// the move, and processing it waits for those entries: the thread would
+// wait for itself.  So the faults run on a helper thread, and setup stops
+// waiting for them once a change of the range is queued (the pages it
+// covers are skipped anyway; what stays shared is skipped as shared).  The
+// helper finishes its current run once the change is processed, which
+// amounts to a write access that changes no data.
+void populate_for_write_off_thread(AddressSpace::Impl& as, VirtAddr start, VirtAddr end,
+                                   std::vector<std::pair<VirtAddr, std::size_t>> runs) {
+  struct Shared {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::atomic<bool> abandoned{false};
   };
-  for (std::uint64_t i = 0; i < n; ++i) {
-    if (!is_candidate(i)) {
-      unshare(i);
-      run = i + 1;
+  auto shared = std::make_shared<Shared>();
+  std::thread([shared, runs = std::move(runs)] {
+    populate_for_write(runs, shared->abandoned);
+    {
+      std::lock_guard<std::mutex> lock(shared->mutex);
+      shared->done = true;
+    }
+    shared->done_cv.notify_all();
+  }).detach();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  while (!shared->done_cv.wait_for(lock, std::chrono::microseconds(200), [&] { return shared->done; })) {
+    lock.unlock();
+    as.await_read_in_progress();
+    const bool changing = !as.pending_event_ranges(start, end).empty();
+    lock.lock();
+    if (changing) {
+      shared->abandoned.store(true, std::memory_order_release);
+      return;
     }
   }
-  unshare(n);
+}
+
+// Makes private the frames of `[start, start + n)` that a fork shared
+// copy-on-write, so that they can move.  Called holding no entry of the
+// range; `is_candidate(i)` says which pages to un-share: present pages only
+// (a hole would be populated).
+template <typename IsCandidate>
+void unshare_frames(AddressSpace::Impl& as, VirtAddr start, std::uint64_t n, IsCandidate is_candidate) {
+  std::vector<std::pair<VirtAddr, std::size_t>> runs;
+  std::uint64_t run = 0;
+  for (std::uint64_t i = 0; i <= n; ++i) {
+    if (i < n && is_candidate(i)) continue;
+    if (i > run) runs.emplace_back(start + run * kPageSize, i - run);
+    run = i + 1;
+  }
+  if (runs.empty()) return;
+  if (AddressSpace::Impl::migrations_held_by_this_thread() > 1 && as.options.fault_mode == FaultMode::kServiceThreads) {
+    populate_for_write_off_thread(as, start, start + n * kPageSize, std::move(runs));
+    return;
+  }
+  const std::atomic<bool> never{false};
+  populate_for_write(runs, never);
 }
 
 // Releases a device page that left its entry: the migration's reference and
@@ -553,13 +609,14 @@ Status migrate_vma_setup(MigrateVma& m) {
   // (UFFDIO_MOVE: EBUSY), where the kernel's migrate_vma would migrate it.
   // Make private now, before any entry is held (the write fault that
   // un-shares one may wait for the fault service, and so for changes of the
-  // range, which wait for held entries): the coherent frames of this owner,
+  // range, which wait for held entries; entries of an earlier batch this
+  // thread still holds: see unshare_frames): the coherent frames of this owner,
   // and the system pages a fork marked.  Not in a read-only range: the write
   // fault fails there (EFAULT), and its pages cannot move out anyway (the
   // two sides of a move must have the same protection).  A page whose
   // change is pending is left alone: its address may be a hole by now.
   if (want_coherent || (want_system && writable)) {
-    unshare_frames(m.start, n, [&](std::uint64_t i) {
+    unshare_frames(as, m.start, n, [&](std::uint64_t i) {
       const VirtAddr addr = m.start + i * kPageSize;
       const PageEntry e = as.table.load(addr.vpn());
       if (e.locked()) return false;

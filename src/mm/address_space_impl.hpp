@@ -279,6 +279,10 @@ struct AddressSpace::Impl {
   /// migrate_to_ram's, which passes a closed gate.
   void migration_begin(bool for_fault);
   void migration_end();
+  /// How many migrate sequences (of any address space) the calling thread
+  /// is inside: a driver may pipeline batches, setting up one while it
+  /// still holds the entries of the one before.
+  static int migrations_held_by_this_thread();
   void prepare_fork();
   void end_fork();
   /// Parent side of a fork: marks the present system pages kForkShared.

@@ -97,6 +97,8 @@ void AddressSpace::Impl::migration_begin(bool for_fault) {
   }
 }
 
+int AddressSpace::Impl::migrations_held_by_this_thread() { return t_migrations_held; }
+
 void AddressSpace::Impl::migration_end() {
   --t_migrations_held;
   if (migrations_in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) migrations_in_flight.notify_all();
