@@ -889,9 +889,9 @@ Status migrate_vma_setup(MigrateVma& m) {
 
   // A frame the kernel will not move is copied home and zapped, after the
   // window (uhmm's own zap waits for its event to be read).  Only ranges
-  // that are not read-write get here.  FIXME: so an address of such a range
-  // that the application moves away and refills meanwhile can hand over
-  // someone else's data.
+  // that are not read-write get here, and for them this is not exact: an
+  // address the application moves away and refills meanwhile loses the new
+  // page (docs/differences.md says why no better is possible here).
   for (const Coherent& c : copied_home) {
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
