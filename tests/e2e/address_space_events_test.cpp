@@ -451,6 +451,49 @@ INSTANTIATE_TEST_SUITE_P(FaultModes, AddressSpaceEvents,
 namespace uhmm {
 namespace {
 
+// Regression (a hang): a driver that pipelines its batches sets one up
+// while it still holds the one before.  The application has moved the range
+// meanwhile, and the move waits to be processed until the first batch's
+// entries are free.  Setup of the second batch un-shares its coherent
+// frames with write faults; those pages are gone, so the faults wait for
+// the move too.  Setup must come back (it skips what the move covers), and
+// nothing may be lost.  In a child, so that a hang ends as a failure.
+TEST(AddressSpaceEventsRegression, PipelinedSetupAfterAnUnprocessedMremapComesBack) {
+  const test::ChildResult r = test::run_in_child(
+      [] {
+        auto as = AddressSpace::create(AddressSpaceOptions{});  // service threads
+        if (!as.is_ok()) return 10;
+        auto dev = coherent_device();
+        if (!dev) return 11;
+        constexpr std::size_t kRange = 64, kHalf = 32, kBytes = kRange * kPageSize;
+        auto m = (*as)->map(kBytes);
+        if (!m.is_ok()) return 12;
+        test::fill_range(*m, kRange, 7000);
+        auto moved = dev->migrate_to_device(**as, *m, kBytes);
+        if (!moved.is_ok() || moved->pages_migrated != kRange) return 13;
+        const VirtAddr half = *m + kHalf * kPageSize;
+        ScopedMigrateVma first(**as, *m, half, dev->owner(), MIGRATE_VMA_SELECT_DEVICE_COHERENT);
+        if (!first.setup().is_ok()) return 14;
+        void* other = ::mmap(nullptr, kBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (other == MAP_FAILED) return 15;
+        // Returns once its REMAP is read; processing it waits for `first`.
+        std::thread application([&] {
+          (void)::mremap(m->ptr(), kBytes, kBytes, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, other);
+        });
+        application.join();
+        ScopedMigrateVma second(**as, half, *m + kBytes, dev->owner(), MIGRATE_VMA_SELECT_DEVICE_COHERENT);
+        (void)second.setup();
+        second.pages();
+        second.finalize();
+        first.pages();  // every dst is 0: nothing migrates, the frames go back
+        first.finalize();
+        if (!test::range_has_pattern(VirtAddr::of(other), kRange, 7000)) return 16;
+        return 0;
+      },
+      30);
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << "child " << r.describe();
+}
+
 // Regression (a CI hang): uhmm's own MADV_DONTNEED waits until a reader
 // reads its REMOVE event.  With one service thread, that thread itself is
 // the one waiting (filling a whole 2 MiB hole with a huge page drops the
