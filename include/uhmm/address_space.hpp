@@ -120,6 +120,9 @@ class AddressSpace {
 
   /// Creates a managed private anonymous mapping of `length` bytes (a
   /// multiple of the page size).  Reserving is cheap: nothing is populated.
+  /// `prot` is PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE, as for
+  /// protect(); pages of a range that is not read-write do not move to a
+  /// device (docs/differences.md).
   Result<VirtAddr> map(std::size_t length, int prot = PROT_READ | PROT_WRITE);
   /// Adopts an existing private anonymous mapping [start, start+length) the
   /// application made itself.  EINVAL if unaligned, empty, or not one

@@ -298,8 +298,8 @@ static Status check_length(std::size_t length) {
 
 Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
   UHMM_TRY(check_length(length));
-  if (prot != (PROT_READ | PROT_WRITE))
-    return Status::error(EINVAL, "managed mappings are read-write (other protections: issue 3)");
+  if (prot != PROT_NONE && prot != PROT_READ && prot != (PROT_READ | PROT_WRITE))
+    return Status::error(EINVAL, "protection must be PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE");
   const std::size_t align = length >= kHugePageSize ? kHugePageSize : kPageSize;
   auto addr = platform::map_anonymous_aligned(length, align, prot, /*noreserve=*/true);
   if (!addr) return addr.status();

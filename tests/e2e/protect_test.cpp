@@ -43,12 +43,13 @@ struct ProtectTest : ::testing::Test {
   }
   VirtAddr page(std::size_t i) const { return base + i * kPageSize; }
   // One-page hmm_range_fault with the given request; returns the status and the output word.
-  std::pair<int, std::uint64_t> mirror(std::size_t i, std::uint64_t request) {
+  std::pair<int, std::uint64_t> mirror(std::size_t i, std::uint64_t request) { return mirror_at(page(i), request); }
+  std::pair<int, std::uint64_t> mirror_at(VirtAddr at, std::uint64_t request) {
     std::uint64_t pfn = 0;
     HmmRange range;
     range.address_space = as.get();
-    range.start = page(i);
-    range.end = page(i + 1);
+    range.start = at;
+    range.end = at + kPageSize;
     range.hmm_pfns = &pfn;
     range.default_flags = request;
     range.dev_private_owner = dev->owner();
@@ -137,6 +138,23 @@ TEST_F(ProtectTest, ReadOnlyPagesStayOnTheCpuWhenAskedToMigrate) {
   EXPECT_TRUE(range_has_pattern(base, kPages));
   ASSERT_TRUE(test::settles(*as));
   UHMM_EXPECT_INVARIANTS(*as);
+}
+
+TEST_F(ProtectTest, ARangeMappedReadOnlyReadsZerosAndMovesOnceReadWrite) {
+  constexpr std::size_t kFew = 4;
+  auto r = as->map(kFew * kPageSize, PROT_READ);
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  EXPECT_EQ(r->as<volatile std::uint64_t>()[kPageSize / 8], 0u);  // a hole fault in a read-only range
+  auto stays = dev->migrate_to_device(*as, *r, kFew * kPageSize);
+  ASSERT_TRUE(stays.is_ok()) << stays.status().to_string();
+  EXPECT_EQ(stays->pages_migrated, 0u);
+  EXPECT_EQ(mirror_at(*r, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE).first, EPERM);
+  ASSERT_TRUE(as->protect(*r, kFew * kPageSize, PROT_READ | PROT_WRITE).is_ok());
+  test::fill_range(*r, kFew, 11);
+  auto moved = dev->migrate_to_device(*as, *r, kFew * kPageSize);
+  ASSERT_TRUE(moved.is_ok()) << moved.status().to_string();
+  EXPECT_EQ(moved->pages_migrated, kFew);
+  EXPECT_TRUE(range_has_pattern(*r, kFew, 11));  // back on fault
 }
 
 TEST_F(ProtectTest, BadInputIsRefused) {

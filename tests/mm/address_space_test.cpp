@@ -176,11 +176,22 @@ TEST_F(AddressSpaceTest, MapRejectsBadLengths) {
   EXPECT_INVARIANTS(*as);
 }
 
-TEST_F(AddressSpaceTest, MapRejectsProtectionsOtherThanReadWrite) {
-  for (int prot : {PROT_NONE, PROT_READ, PROT_WRITE, PROT_READ | PROT_WRITE | PROT_EXEC, PROT_READ | PROT_EXEC}) {
+TEST_F(AddressSpaceTest, MapRejectsProtectionsThatProtectRefuses) {
+  for (int prot : {PROT_WRITE, PROT_EXEC, PROT_READ | PROT_WRITE | PROT_EXEC, PROT_READ | PROT_EXEC}) {
     auto r = as->map(kPageSize, prot);
     ASSERT_FALSE(r.is_ok()) << prot;
     EXPECT_EQ(r.code(), EINVAL) << prot;
+  }
+}
+
+TEST_F(AddressSpaceTest, MapTakesTheProtectionsProtectTakes) {
+  for (int prot : {PROT_NONE, PROT_READ}) {
+    auto r = as->map(2 * kPageSize, prot);
+    ASSERT_TRUE(r.is_ok()) << prot << ": " << r.status().to_string();
+    auto info = as->find_region(*r);
+    ASSERT_TRUE(info.has_value());
+    EXPECT_EQ(info->prot, prot);
+    EXPECT_TRUE(as->unmap(*r).is_ok());
   }
 }
 
