@@ -889,9 +889,13 @@ Status migrate_vma_setup(MigrateVma& m) {
 
   // A frame the kernel will not move is copied home and zapped, after the
   // window (uhmm's own zap waits for its event to be read).  Only ranges
-  // that are not read-write get here, and for them this is not exact: an
+  // that are not read-write get here.  FIXME(issue 3): not exact.  An
   // address the application moves away and refills meanwhile loses the new
-  // page (docs/differences.md says why no better is possible here).
+  // page to the zap, and the read in frame_home may fault on a page moved
+  // away.  The fix: leave such a frame where it is and make it the system
+  // page (the CPU cannot write a read-only range; the frame moves with the
+  // range, so no address is touched); copy it home without faulting
+  // (/proc/self/mem) for the driver, and drop the driver's destination.
   for (const Coherent& c : copied_home) {
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
