@@ -896,6 +896,8 @@ Status migrate_vma_setup(MigrateVma& m) {
   // page (the CPU cannot write a read-only range; the frame moves with the
   // range, so no address is touched); copy it home without faulting
   // (/proc/self/mem) for the driver, and drop the driver's destination.
+  // Eviction (collect_device_page) takes such frames home the same way and
+  // needs the same change.
   for (const Coherent& c : copied_home) {
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
