@@ -10,10 +10,10 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <memory>
-#include <mutex>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -469,7 +469,8 @@ void unshare_frames(AddressSpace::Impl& as, VirtAddr start, std::uint64_t n, IsC
     run = i + 1;
   }
   if (runs.empty()) return;
-  if (AddressSpace::Impl::migrations_held_by_this_thread() > 1 && as.options.fault_mode == FaultMode::kServiceThreads) {
+  const bool holds_an_earlier_batch = AddressSpace::Impl::migrations_held_by_this_thread() > 1;  // this one counts too
+  if (holds_an_earlier_batch && as.options.fault_mode == FaultMode::kServiceThreads) {
     populate_for_write_off_thread(as, start, start + n * kPageSize, std::move(runs));
     return;
   }
@@ -805,9 +806,7 @@ Status migrate_vma_setup(MigrateVma& m) {
       if (run > 0 && r.error == 0) continue;
       if (r.error == EAGAIN && relooks < kRelooks) {
         ++relooks;
-        as.close_install_window();
-        as.drain_events();
-        as.open_install_window();
+        as.read_events_in_window();
         changing = as.pending_event_ranges(m.start, m.end);
         continue;
       }
@@ -859,9 +858,7 @@ Status migrate_vma_setup(MigrateVma& m) {
     const int err = (!changing.empty() && is_changing(addr)) ? ENOENT : as.move_to_transit(addr);
     if (err == EAGAIN && relooks < kRelooks) {
       ++relooks;
-      as.close_install_window();
-      as.drain_events();
-      as.open_install_window();
+      as.read_events_in_window();
       changing = as.pending_event_ranges(m.start, m.end);
       continue;  // this page again
     }

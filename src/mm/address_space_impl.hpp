@@ -328,6 +328,9 @@ struct AddressSpace::Impl {
   /// inside the window returns to the holder, who closes it to read.
   void open_install_window() UHMM_ACQUIRE(read_mutex);
   void close_install_window() UHMM_RELEASE(read_mutex);
+  /// Inside the window: closes it, reads the change that made a move fail
+  /// (EAGAIN), and opens it again.
+  void read_events_in_window() UHMM_REQUIRES(read_mutex);
   bool install_window_held() const;
   /// The changes queued (REMOVE, UNMAP and REMAP events), in the kernel's
   /// order.

@@ -211,6 +211,12 @@ void AddressSpace::Impl::close_install_window() {
   read_mutex.unlock();
 }
 
+void AddressSpace::Impl::read_events_in_window() {
+  close_install_window();
+  drain_events();
+  open_install_window();
+}
+
 bool AddressSpace::Impl::install_window_held() const { return t_install_window == this; }
 
 std::vector<struct uffd_msg> AddressSpace::Impl::queued_changes() const {
