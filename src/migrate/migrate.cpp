@@ -589,6 +589,14 @@ Status migrate_vma_setup(MigrateVma& m) {
   std::fill_n(m.src, n, 0);
   std::fill_n(m.dst, n, 0);
 
+  // The application's changes of the range that are queued already (an
+  // mremap that has just returned: its event may still be in processing)
+  // are processed first, or they would make this migration skip the pages.
+  // Not for a fault, and not while this thread holds another migration:
+  // processing a change may wait for the entries such a caller holds.
+  if (m.fault_page == nullptr && AddressSpace::Impl::migrations_held_by_this_thread() == 0)
+    as.settle_events_in(m.start, m.end);
+
   // Mirrors of the range drop it before any page is collected (a driver
   // skips the MIGRATE events that carry its own owner; docs/notifiers.md).
   mm::ScopedInvalidation invalidation(as.notifiers, NotifyRange{m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner});
