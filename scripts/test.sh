@@ -25,6 +25,7 @@ LOGDIR="$ROOT/build/logs"
 mkdir -p "$LOGDIR"
 
 declare -A RESULT=()
+declare -A FAILED_TESTS=()
 total_passed=0
 total_failed=0
 
@@ -57,6 +58,13 @@ for preset in "${PRESETS[@]}"; do
   total_failed=$(( total_failed + failed ))
   secs=$(( SECONDS - start ))
 
+  # CI keeps only the tail of this output: name each failed test and the
+  # assertion lines it printed, so a flake can be chased from the summary.
+  FAILED_TESTS[$preset]=$(awk '/tests? FAILED:/ {on=1; next} on && /^[[:space:]]*[0-9]+ - / {print} on && !/^[[:space:]]*[0-9]+ - / {on=0}' "$log")
+  if [[ -n ${FAILED_TESTS[$preset]} ]]; then
+    FAILED_TESTS[$preset]+=$'\n'$(grep -E 'Failure|FAILED  \]|ERROR: |SUMMARY: |Exception:' "$log" | head -n 40)
+  fi
+
   if [[ $rc -ne 0 ]]; then
     RESULT[$preset]="FAIL (ctest rc=$rc; $passed passed, $failed failed; ${secs}s)"; any_failed=1
   else
@@ -68,6 +76,9 @@ echo "=================================================================="
 echo "== summary"
 for preset in "${PRESETS[@]}"; do
   echo "preset $preset: ${RESULT[$preset]}"
+  if [[ -n ${FAILED_TESTS[$preset]:-} ]]; then
+    sed 's/^/    /' <<< "${FAILED_TESTS[$preset]}"
+  fi
 done
 echo "total: $total_passed passed, $total_failed failed"
 exit $any_failed
