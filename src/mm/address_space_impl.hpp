@@ -342,9 +342,21 @@ struct AddressSpace::Impl {
   /// before a new managed range goes there (an munmap of an old range at
   /// the same addresses may still be queued, and would take the new one).
   void settle_events_in(VirtAddr start, VirtAddr end);
-  /// Waits until no queued event covers `addr` (in-thread faults; after
-  /// await_read_in_progress).
+  /// Waits until no queued event overlaps [start, end), reading nothing
+  /// (after await_read_in_progress, that covers every change that has
+  /// returned).  Unlike settle_events_in it takes no fault off the uffd: a
+  /// fault read on another thread's behalf is served late, after the
+  /// access it stood for may have been resumed by someone else.
+  void wait_for_events_in(VirtAddr start, VirtAddr end);
+  /// The same for the page at `addr` (in-thread faults).
   void wait_for_events_at(VirtAddr addr);
+  /// Before a migration of [start, end) that no fault asked for: waits
+  /// until the changes of the range that have returned to the application
+  /// are processed (an mremap's event is read before the call returns, but
+  /// the range is at its new place, pages and all, only once processed).
+  /// Reads nothing (see wait_for_events_in).  Does nothing on a thread that
+  /// holds a migration: processing a change may wait for its entries.
+  void await_returned_changes(VirtAddr start, VirtAddr end);
   /// MADV_DONTNEED of managed memory by uhmm itself (its REMOVE event is
   /// recognised and dropped, not processed).
   void zap_own(VirtAddr start, std::size_t len);
@@ -391,12 +403,28 @@ struct AddressSpace::Impl {
                                                   bool write);
   /// Makes the access at `addr` end in SIGBUS (EFAULT for a syscall).
   void poison_or_wake(VirtAddr addr);
+  enum class UnmanagedFill { kFilled, kRefused, kChanged };
+  /// A fault on our uffd at `addr`, outside every managed range (unmapped
+  /// meanwhile): a zero page lets the access go on, unless a change queued
+  /// meanwhile covers the address (kChanged: serve the fault again).
+  UnmanagedFill zero_fill_unmanaged(VirtAddr addr);
   /// A fault at `addr` beyond every managed range: if mremap grew the range
   /// below it in place, the range takes the growth (true: look again).
   bool take_in_place_growth(VirtAddr addr);
-  /// Zero-fills never-populated pages around `addr`; false if the faulting
-  /// entry was locked meanwhile (the caller re-evaluates).
-  bool resolve_missing(mm::Region& region, VirtAddr addr);
+  enum class MissingResult {
+    kDone,     // filled (or found present); the access goes on
+    kRetry,    // the entry was locked or changed state meanwhile: look again
+    kChanged,  // a change of the range was read before the fill: wait for it
+  };
+  /// Zero-fills never-populated pages around `addr` (only `addr` without
+  /// `fault_around`).
+  MissingResult resolve_missing(mm::Region& region, VirtAddr addr, bool fault_around);
+  /// resolve_missing's fill of its locked entries [lo, hi) from `*cur` (and
+  /// `fill_block`, a populated staging block for a whole 2 MiB hole, or 0),
+  /// inside the install window.  False if a queued change covers what is
+  /// left; `*cur` ends where the fill stopped.
+  bool fill_holes(VirtAddr lo, VirtAddr hi, VirtAddr addr, VirtAddr fill_block, VirtAddr* cur,
+                  bool* already_present);
 
   // Device-exclusive entries (mm/device_exclusive.cpp).
   /// Revokes the device's exclusive access to the page at `addr` and gives

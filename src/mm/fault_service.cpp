@@ -138,8 +138,16 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
     // for plain anonymous memory.  (A SIGBUS may come from any uffd, and
     // the kernel lets one uffd fill another's range: in SIGBUS mode the
     // address is not ours.)
-    if (options.fault_mode == FaultMode::kServiceThreads && uffd.zeropage(addr, kPageSize, /*wake=*/true).is_ok())
-      return FaultResult::kResolved;
+    if (options.fault_mode == FaultMode::kServiceThreads) {
+      switch (zero_fill_unmanaged(addr)) {
+        case UnmanagedFill::kFilled:
+          return FaultResult::kResolved;
+        case UnmanagedFill::kChanged:
+          return handle_fault(addr, write);  // a change reached the address: look again
+        case UnmanagedFill::kRefused:
+          break;
+      }
+    }
     wake(addr, 1);
     return FaultResult::kNotManaged;
   }
@@ -164,6 +172,7 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   bool device_fault = false;
   bool events_checked = false;
+  bool fault_around = true;
   for (unsigned attempt = 0;; ++attempt) {
     if (attempt > 64) std::this_thread::yield();  // a device that keeps declining
     PageEntry e{slot->load(std::memory_order_acquire)};
@@ -196,7 +205,14 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       continue;
     }
     if (e.state() != PageState::kDevicePrivate) {
-      if (resolve_missing(*region, addr)) break;
+      const MissingResult filled = resolve_missing(*region, addr, fault_around);
+      if (filled == MissingResult::kDone) break;
+      if (filled == MissingResult::kChanged) {
+        // A change of the range was read meanwhile: wait for it as above.
+        // Should it cover only neighbours, the next fill skips them.
+        events_checked = false;
+        fault_around = false;
+      }
       continue;
     }
     if (forking.load(std::memory_order_acquire)) {
@@ -263,13 +279,14 @@ void AddressSpace::Impl::poison_or_wake(VirtAddr addr) {
   if (!uffd.poison(addr, kPageSize).is_ok()) wake(addr, 1);
 }
 
-bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
+AddressSpace::Impl::MissingResult AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr,
+                                                                    bool fault_around) {
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   PageEntry before;
-  if (!mm::try_lock_entry(*slot, &before)) return false;
+  if (!mm::try_lock_entry(*slot, &before)) return MissingResult::kRetry;
   if (before.state() == PageState::kDevicePrivate || before.state() == PageState::kDeviceExclusive) {
     (void)mm::unlock_entry(*slot, before);
-    return false;
+    return MissingResult::kRetry;
   }
   // A page the table calls present is either present already (another
   // thread's fault won the race: spurious) or was dropped by the kernel;
@@ -280,7 +297,7 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
   // 2 MiB block.
   const bool coherent = before.state() == PageState::kDeviceCoherent;
   const bool was_hole = before.state() == PageState::kNone;
-  const std::size_t around = was_hole ? options.hole_fault_around_pages : 1;
+  const std::size_t around = was_hole && fault_around ? options.hole_fault_around_pages : 1;
   VirtAddr block = addr.huge_down();
   VirtAddr lo_limit = block < region.info.start ? region.info.start : block;
   VirtAddr hi_limit = block + kHugePageSize;
@@ -302,50 +319,33 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
   while ((hi - lo) / kPageSize < around && lo > lo_limit && grab(VirtAddr{lo.value - kPageSize}))
     lo = VirtAddr{lo.value - kPageSize};
 
-  VirtAddr cur = lo;
   // A whole aligned 2 MiB hole is filled with a huge page: the kernel zeroes
   // a block of the staging pool's huge lane, and one move installs it.
   VirtAddr fill_block;
   if (was_hole && lo.huge_aligned() && hi - lo == kHugePageSize && staging.take_block(false, &fill_block).is_ok()) {
-    std::size_t moved = 0;
     // The faulting access made the kernel allocate an (empty) page table
     // for the block; a huge page can only move in whole once it is gone.
-    // Every page of the block is a locked hole, so there is nothing to lose.
-    if (!region.info.adopted) as_empty_block(lo);
-    if (platform::advise(fill_block, kHugePageSize, MADV_POPULATE_WRITE).is_ok()) {
-      moved = move_in(fill_block, lo, kPagesPerHugePage, /*wake=*/false).bytes_done / kPageSize;
+    // Every page of the block is a locked hole, so there is nothing to
+    // lose, unless a change the application made moved pages onto it.
+    await_read_in_progress();
+    if (!region.info.adopted && pending_event_ranges(lo, hi).empty()) as_empty_block(lo);
+    if (!platform::advise(fill_block, kHugePageSize, MADV_POPULATE_WRITE).is_ok()) {
+      staging.give_back_ready(fill_block, kPagesPerHugePage);
+      fill_block = VirtAddr{0};
     }
-    staging.give_back_empty(fill_block, moved);
-    staging.give_back_ready(fill_block + moved * kPageSize, kPagesPerHugePage - moved);
-    cur = cur + moved * kPageSize;  // the rest, if any, is copied below
   }
-  // Fill [lo, hi) with zeros; a page that turns out present (the
-  // kernel says EEXIST) is simply kept.
   bool already_present = false;
-  while (cur < hi) {
-    const platform::PartialResult r = uffd.copy(cur, zero_source.ptr(), hi - cur, /*wake=*/false);
-    cur = cur + r.bytes_done;
-    if (r.error == 0) break;
-    if (r.error == EEXIST) {
-      if (cur == addr) already_present = true;
-      cur = cur + kPageSize;
-      continue;
-    }
-    // Out of memory or the range vanished: leave the rest to re-fault.
-    std::fprintf(stderr, "uhmm: zero-fill at %#lx failed: %s\n", static_cast<unsigned long>(cur.value),
-                 platform::errno_text(r.error).c_str());
-    break;
-  }
+  VirtAddr cur = lo;
+  const bool outrun = !fill_holes(lo, hi, addr, fill_block, &cur, &already_present);
   DevicePage* released = nullptr;
   for (VirtAddr a = lo; a < hi; a = a + kPageSize) {
-    const bool filled = a < cur;
-    PageEntry after = filled ? PageEntry::system() : PageEntry::none();
-    if (coherent) {
-      if (filled && !already_present) {
-        released = before.device_page();
-      } else {
-        after = before;
-      }
+    // What was not filled stays as it was: the neighbours holes, the
+    // faulting page whatever it was (a present page whose fill a change
+    // outran is still present, somewhere the change's processing finds it).
+    PageEntry after = a == addr ? before : PageEntry::none();
+    if (a < cur) {
+      if (coherent && !already_present) released = before.device_page();  // its frame was gone: a zero page now
+      if (!coherent || !already_present) after = PageEntry::system();
     }
     (void)mm::unlock_entry(*table.slot(a.vpn(), false), after);
   }
@@ -354,10 +354,83 @@ bool AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr) {
     released->put();  // page_free once nobody else holds it
     stats.add(Counter::device_pages_dropped);
   }
-  stats.add(already_present ? Counter::faults_spurious : Counter::hole_faults);
-  // Wake only now, with every entry settled and the staging pages returned.
+  const bool done = !outrun || cur > addr;
+  if (done) stats.add(already_present ? Counter::faults_spurious : Counter::hole_faults);
+  // Wake only now, with every entry settled, the staging pages returned and
+  // the fault counted.
   wake(lo, (hi - lo) / kPageSize);
-  return true;
+  return done ? MissingResult::kDone : MissingResult::kChanged;
+}
+
+bool AddressSpace::Impl::fill_holes(VirtAddr lo, VirtAddr hi, VirtAddr addr, VirtAddr fill_block, VirtAddr* cur,
+                                    bool* already_present) {
+  // The fill runs inside the install window, after a fresh look at the
+  // queue.  A change read since the caller looked (an mremap onto these
+  // addresses, of pages on a device or in transit) would otherwise be
+  // outrun: a zero page installed where uhmm's entry still says hole, and
+  // the change's processing then moving a device page's entry over it.
+  // Inside the window no change is read, and the kernel refuses fills while
+  // one is unread (EAGAIN) or has taken the mapping away (ENOENT).  A fault
+  // read late (by another thread's drain_events) met exactly this
+  // (MigrationsRacingMremapKeepEveryByte).
+  for (;;) {
+    open_install_window();
+    if (!pending_event_ranges(*cur, hi).empty()) {
+      close_install_window();
+      if (fill_block.value != 0) staging.give_back_ready(fill_block, kPagesPerHugePage);
+      return false;
+    }
+    int error = 0;
+    if (fill_block.value != 0) {
+      const std::size_t moved = move_in(fill_block, lo, kPagesPerHugePage, /*wake=*/false).bytes_done / kPageSize;
+      staging.give_back_empty(fill_block, moved);
+      staging.give_back_ready(fill_block + moved * kPageSize, kPagesPerHugePage - moved);
+      fill_block = VirtAddr{0};
+      *cur = *cur + moved * kPageSize;  // the rest, if any, is copied below
+    }
+    // A page that turns out present (the kernel says EEXIST) is kept.
+    while (*cur < hi) {
+      const platform::PartialResult r = uffd.copy(*cur, zero_source.ptr(), hi - *cur, /*wake=*/false);
+      *cur = *cur + r.bytes_done;
+      if (r.error == 0) break;
+      if (r.error == EEXIST) {
+        if (*cur == addr) *already_present = true;
+        *cur = *cur + kPageSize;
+        continue;
+      }
+      error = r.error;
+      break;
+    }
+    close_install_window();
+    if (error != EAGAIN) {
+      // ENOENT: the range went or moved meanwhile; the access faults again
+      // (or finds no mapping).  Out of memory: the rest re-faults.
+      if (error != 0 && error != ENOENT)
+        std::fprintf(stderr, "uhmm: zero-fill at %#lx failed: %s\n", static_cast<unsigned long>(cur->value),
+                     platform::errno_text(error).c_str());
+      return true;
+    }
+    drain_events();  // the unread change that holds the kernel back; then look again
+  }
+}
+
+AddressSpace::Impl::UnmanagedFill AddressSpace::Impl::zero_fill_unmanaged(VirtAddr addr) {
+  // As fill_holes: inside the window, after a look at the queue.  The
+  // message may be late (read by another thread's drain_events) and the
+  // address managed again by now: an mremap whose event was read just now
+  // may have moved a range here, with pages on a device where this would
+  // put a zero page.
+  for (;;) {
+    open_install_window();
+    if (event_pending_at(addr)) {
+      close_install_window();
+      return UnmanagedFill::kChanged;
+    }
+    const int error = uffd.zeropage(addr, kPageSize, /*wake=*/true).code();
+    close_install_window();
+    if (error != EAGAIN) return error == 0 ? UnmanagedFill::kFilled : UnmanagedFill::kRefused;
+    drain_events();
+  }
 }
 
 bool AddressSpace::Impl::take_in_place_growth(VirtAddr addr) {

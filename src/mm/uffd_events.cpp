@@ -245,6 +245,10 @@ std::optional<VirtAddr> AddressSpace::Impl::after_changes(const std::vector<stru
 
 void AddressSpace::Impl::settle_events_in(VirtAddr start, VirtAddr end) {
   drain_events();
+  wait_for_events_in(start, end);
+}
+
+void AddressSpace::Impl::wait_for_events_in(VirtAddr start, VirtAddr end) {
   MutexLock lock(events_mutex);
   for (;;) {
     bool pending = false;
@@ -258,14 +262,12 @@ void AddressSpace::Impl::settle_events_in(VirtAddr start, VirtAddr end) {
   }
 }
 
-void AddressSpace::Impl::wait_for_events_at(VirtAddr addr) {
-  MutexLock lock(events_mutex);
-  for (;;) {
-    bool pending = false;
-    for (const struct uffd_msg& m : pending_events) pending = pending || covers(m, addr);
-    if (!pending) return;
-    events_cv.wait(events_mutex);
-  }
+void AddressSpace::Impl::wait_for_events_at(VirtAddr addr) { wait_for_events_in(addr, addr + kPageSize); }
+
+void AddressSpace::Impl::await_returned_changes(VirtAddr start, VirtAddr end) {
+  if (migrations_held_by_this_thread() != 0) return;
+  await_read_in_progress();
+  wait_for_events_in(start, end);
 }
 
 void AddressSpace::Impl::zap_own(VirtAddr start, std::size_t len) {

@@ -578,6 +578,9 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
                                                bool to_device, FaultInjection* client_faults) {
   if (length == 0) return Status::error(EINVAL, "zero length");
   if (!addr.page_aligned() || length % kPageSize != 0) return Status::error(EINVAL, "range not page aligned");
+  // A range the application has just moved here is here once its event is
+  // processed.
+  as.impl().await_returned_changes(addr, addr + length);
   const auto region = as.find_region(addr);
   if (!region || addr + length > region->end())
     return Status::error(EINVAL, "range not inside one managed range");
