@@ -195,6 +195,8 @@ class DevicePage {
   std::atomic<DevicePageHolder*> holder_{nullptr};
   std::atomic<std::uint64_t> holder_offset_{0};
   std::atomic<bool> dirty_{false};
+  // Coherent pages: a migration left the frame mapped (copy_frame_home).
+  std::atomic<bool> frame_left_in_place_{false};
 };
 
 /// The driver's allocator hands out a free page: refcount 0 -> 1, locked.
@@ -235,6 +237,19 @@ class DevicePagemap {
   /// forked child; EINVAL: the protections of the two sides differ).  A
   /// stale frame left in the home slot is discarded first.
   int move_frame_home(const DevicePage& page, VirtAddr from);
+  /// For the migration layer, where the kernel will not move the frame (a
+  /// range that is not read-write): the frame stays mapped at `from`, to
+  /// become the system page the migration leaves there, and its data is
+  /// copied into the home slot for the driver's copy engine.  The read never
+  /// faults; should the frame be gone already (the application discarded
+  /// or moved the range) the copy is left as it is, and the result names
+  /// the errno.  The page records that its frame was left in place until
+  /// drop_home_copy.
+  Status copy_frame_home(DevicePage& page, VirtAddr from);
+  /// Whether copy_frame_home left the page's frame in place.
+  bool frame_left_in_place(const DevicePage& page) const;
+  /// Ends a copy_frame_home: the home slot's copy goes.
+  void drop_home_copy(DevicePage& page);
   /// nullptr if the pfn is outside this map.
   DevicePage* page(DevicePfn pfn);
   /// Pages whose refcount is not zero.

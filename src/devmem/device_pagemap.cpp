@@ -308,6 +308,21 @@ int DevicePagemap::move_frame_home(const DevicePage& page, VirtAddr from) {
   }
 }
 
+Status DevicePagemap::copy_frame_home(DevicePage& page, VirtAddr from) {
+  UHMM_CHECK(type_ == PagemapType::kCoherent, "copy_frame_home on a map that is not coherent");
+  page.frame_left_in_place_.store(true, std::memory_order_release);
+  return platform::read_own_memory(from, home_address(page).ptr(), kPageSize);
+}
+
+bool DevicePagemap::frame_left_in_place(const DevicePage& page) const {
+  return page.frame_left_in_place_.load(std::memory_order_acquire);
+}
+
+void DevicePagemap::drop_home_copy(DevicePage& page) {
+  if (!page.frame_left_in_place_.exchange(false, std::memory_order_acq_rel)) return;
+  discard_home(page);
+}
+
 void DevicePagemap::discard_home(const DevicePage& page) {
   // No events are requested on the home userfaultfd: this never waits.
   (void)platform::advise(home_address(page), kPageSize, MADV_DONTNEED);
@@ -317,6 +332,7 @@ void DevicePagemap::page_became_free(DevicePage& page) {
   page.clear_mapping();
   page.set_holder(nullptr, 0);
   page.dirty_.store(false, std::memory_order_release);
+  UHMM_DCHECK(!page.frame_left_in_place_.load(std::memory_order_acquire), "a home copy outlived its migration");
   if (ops_.page_free) ops_.page_free(page);
   in_use_.fetch_sub(1, std::memory_order_acq_rel);
 }

@@ -364,39 +364,64 @@ void install_device_page(AddressSpace::Impl& as, Installer& installer, mm::Entry
 
 bool is_coherent(const DevicePage* page) { return page->pagemap().type() == PagemapType::kCoherent; }
 
-// Takes a coherent page's frame from `addr` to its home slot, where the
-// driver's copy engine reads it.  0, or the errno that left it in place.
-int frame_home(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
+// A coherent page that did not migrate: its frame, taken home, is queued on
+// `installer` to go back to `addr`; one left in place is there already,
+// and the copy goes.
+void restore_coherent_frame(Installer& installer, DevicePage& page, VirtAddr addr, const mm::EntrySlot& slot) {
   DevicePagemap& map = page.pagemap();
-  const int err = map.move_frame_home(page, addr);
-  if (err == 0 || err == ENOENT || err == EBUSY) return err;
-  // Refused for another reason (a range that is not read-write: both sides
-  // of a move must have the same protection): copy the data home and drop
-  // the frame.  The entry is locked and the frame present, so the read
-  // does not fault.
-  struct iovec local {
-    map.home_address(page).ptr(), kPageSize
-  };
-  struct iovec remote {
-    addr.ptr(), kPageSize
-  };
-  if (::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) != static_cast<ssize_t>(kPageSize)) return err;
-  as.zap_own(addr, kPageSize);
-  return 0;
+  if (map.frame_left_in_place(page)) {
+    map.drop_home_copy(page);
+  } else {
+    installer.add(map.home_address(page), addr, slot, Source::kHome);
+  }
 }
 
-// Brings home the frame of a coherent page that the caller has collected:
-// its entry at `addr` locked (it was `seen`), the page locked and
-// referenced.  True when the frame is home and everything still held.
-// Otherwise the entry and the page are unlocked again (the caller keeps its
-// reference, to drop).  A frame shared copy-on-write with a forked child
-// (EBUSY) stays: the write fault that would make it private may wait for
-// the fault service, and so for changes of the range, which wait for the
-// entries the caller holds.  Callers un-share first, holding nothing
-// (unshare_frames), and skip what a fork shared again since.
+// A collected coherent page whose frame stayed mapped (a range that is not
+// read-write: copy_frame_home).  It migrates to system memory only: the
+// frame is the system page, and the driver's destination goes unused.  To
+// another device's memory it does not migrate: the frame would have to
+// leave the address, which only a zap could do, and uhmm's zaps wait for
+// their event to be read, so never inside the install window that makes a
+// move exact (docs/differences.md).
+bool frame_left_in_place(std::uint64_t src) {
+  const DevicePage* page = migrate_pfn_to_device_page(src);
+  return page != nullptr && is_coherent(page) && page->pagemap().frame_left_in_place(*page);
+}
+
+// Takes the CPU's frame of a coherent page that the caller has collected
+// (its entry at `addr` locked, it was `seen`; the page locked and
+// referenced) for an eviction, as migrate_vma_setup's pass 1b does: into
+// its home slot through the transit, inside the install window, so that
+// the frame only leaves an address the queued changes describe; in a range
+// that is not read-write, which the kernel will not move a frame out of,
+// the frame stays as the system page and the driver reads a copy.  True
+// when taken.  Otherwise the entry and the page are unlocked again (the
+// caller keeps its reference, to drop): the address changed just now, or
+// the frame is shared copy-on-write with a forked child (EBUSY; the write
+// fault that would make it private may wait for the fault service, and so
+// for changes of the range, which wait for the entries the caller holds:
+// callers un-share first, holding nothing, and skip what a fork shared
+// again since).
 bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAddr addr, PageEntry seen,
                             DevicePage& page) {
-  if (frame_home(as, page, addr) == 0) return true;
+  constexpr int kLooks = 3;
+  as.open_install_window();
+  int err = 0;
+  for (int look = 0;; ++look) {
+    err = as.event_pending_at(addr) ? ENOENT : as.move_to_transit(addr);
+    if (err != EAGAIN || look == kLooks) break;
+    as.read_events_in_window();
+  }
+  if (err == 0) {
+    const int home = page.pagemap().move_frame_home(page, as.transit);
+    UHMM_CHECK(home == 0, "a coherent frame stuck in transit");
+  }
+  as.close_install_window();
+  if (err == 0) return true;
+  if (err == EINVAL) {  // the protections of the two sides differ
+    (void)page.pagemap().copy_frame_home(page, addr);
+    return true;
+  }
   page.unlock();
   as.unlock_and_wake(slot, seen.settled(), addr);
   return false;
@@ -622,15 +647,16 @@ Status migrate_vma_setup(MigrateVma& m) {
   // thread still holds: see unshare_frames): the coherent frames of this owner,
   // and the system pages a fork marked.  Not in a read-only range: the write
   // fault fails there (EFAULT), and its pages cannot move out anyway (the
-  // two sides of a move must have the same protection).  A page whose
+  // two sides of a move must have the same protection; coherent frames
+  // stay in place there, pass 1b).  A page whose
   // change is pending is left alone: its address may be a hole by now.
-  if (want_coherent || (want_system && writable)) {
+  if (writable && (want_coherent || want_system)) {
     unshare_frames(as, m.start, n, [&](std::uint64_t i) {
       const VirtAddr addr = m.start + i * kPageSize;
       const PageEntry e = as.table.load(addr.vpn());
       if (e.locked()) return false;
       if (e.state() == PageState::kSystem)
-        return want_system && writable && e.fork_shared() && (changing.empty() || !is_changing(addr));
+        return want_system && e.fork_shared() && (changing.empty() || !is_changing(addr));
       return want_coherent && e.state() == PageState::kDeviceCoherent &&
              e.device_page()->pagemap().owner() == m.pgmap_owner;
     });
@@ -648,7 +674,6 @@ Status migrate_vma_setup(MigrateVma& m) {
   struct Coherent {
     std::uint64_t i;
     DevicePage* page;
-    PageEntry seen;
   };
   std::vector<Coherent> coherent_pages;  // collected; their frames still to go home
   for (std::uint64_t i = 0; i < n; ++i) {
@@ -710,7 +735,7 @@ Status migrate_vma_setup(MigrateVma& m) {
           break;
         }
         page->get();  // the migration's reference, dropped at finalize
-        coherent_pages.push_back(Coherent{i, page, before});
+        coherent_pages.push_back(Coherent{i, page});
         break;
       }
       case PageState::kDeviceExclusive:
@@ -857,8 +882,12 @@ Status migrate_vma_setup(MigrateVma& m) {
   // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
   // slot, where the driver reads it as device memory (docs/migration.md).
   // Inside the window and by way of the transit, as system pages go: so a
-  // frame only leaves an address that the queued changes describe.
-  std::vector<Coherent> copied_home;  // frames the kernel will not move (another protection): after the window
+  // frame only leaves an address that the queued changes describe.  The
+  // kernel moves frames only out of read-write ranges; elsewhere the frame
+  // stays where it is, as the system page the migration leaves, and the
+  // driver reads a copy (copy_frame_home): the CPU cannot write it
+  // meanwhile, and should the application move or discard the range, the
+  // frame goes with it, so no address is ever touched.
   for (std::size_t k = 0; k < coherent_pages.size();) {
     const Coherent& c = coherent_pages[k];
     const VirtAddr addr = m.start + c.i * kPageSize;
@@ -877,8 +906,9 @@ Status migrate_vma_setup(MigrateVma& m) {
       m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
       continue;
     }
-    if (err == EINVAL) {  // the protections of the two sides differ: copied home below
-      copied_home.push_back(c);
+    if (err == EINVAL) {  // the protections of the two sides differ
+      (void)c.page->pagemap().copy_frame_home(*c.page, addr);
+      m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE;
       continue;
     }
     // Changed just now (ENOENT, or EAGAIN with no more looks), or still
@@ -891,29 +921,6 @@ Status migrate_vma_setup(MigrateVma& m) {
   }
 
   as.close_install_window();
-
-  // A frame the kernel will not move is copied home and zapped, after the
-  // window (uhmm's own zap waits for its event to be read).  Only ranges
-  // that are not read-write get here.  FIXME(issue 3): not exact.  An
-  // address the application moves away and refills meanwhile loses the new
-  // page to the zap, and the read in frame_home may fault on a page moved
-  // away.  The fix: leave such a frame where it is and make it the system
-  // page (the CPU cannot write a read-only range; the frame moves with the
-  // range, so no address is touched); copy it home without faulting
-  // (/proc/self/mem) for the driver, and drop the driver's destination.
-  // Eviction (collect_device_page) takes such frames home the same way and
-  // needs the same change.
-  for (const Coherent& c : copied_home) {
-    const VirtAddr addr = m.start + c.i * kPageSize;
-    mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-    // Still shared (a fork since pass 0): skipped, never waited for here.
-    if (!collect_coherent_frame(as, *slot, addr, c.seen, *c.page)) {
-      c.page->put();
-      as.stats.add(Counter::migrate_skipped_pinned);
-      continue;
-    }
-    m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
-  }
 
   for (std::uint64_t i = 0; i < n; ++i)
     if (entry_migrating(m.src[i])) ++m.cpages;
@@ -931,7 +938,7 @@ void migrate_vma_pages(MigrateVma& m) {
     const std::uint64_t d = m.dst[i];
     bool ok = entry_valid(d);
     if (ok && is_system_entry(d)) ok = as.staging.contains(system_page_address(d));
-    if (ok && is_device_entry(d)) ok = migrate_pfn_to_device_page(d) != nullptr;
+    if (ok && is_device_entry(d)) ok = migrate_pfn_to_device_page(d) != nullptr && !frame_left_in_place(m.src[i]);
     if (ok && !entry_valid(m.src[i]) && !backed) {
       // A hole is filled only if it is still unpopulated.
       const VirtAddr addr = m.start + i * kPageSize;
@@ -1025,6 +1032,19 @@ void migrate_vma_finalize(MigrateVma& m) {
     }
     if (migrating) {
       ++success;
+      if (frame_left_in_place(s)) {
+        // The frame at the address is the system page now; the driver's
+        // copy is not needed.  Should the application have discarded or
+        // moved the range meanwhile, the frame went with it, and the
+        // change's event settles the entry.
+        release_unused_dst(&as, d);
+        DevicePage* page = migrate_pfn_to_device_page(s);
+        page->pagemap().drop_home_copy(*page);
+        unlocks.push_back({slot, addr, PageEntry::system(), false});
+        old_device_pages.push_back(page);
+        ++to_ram;
+        continue;
+      }
       if (is_device_entry(d)) {
         install_device_page(as, installer, *slot, addr, d);
         unlocks.push_back({slot, addr, {}, true});
@@ -1044,8 +1064,9 @@ void migrate_vma_finalize(MigrateVma& m) {
         unlocks.push_back({slot, addr, PageEntry::system(), false});
       } else {
         DevicePage* page = migrate_pfn_to_device_page(s);
-        // A coherent page stays: its frame goes back where the CPU maps it.
-        if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), addr, *slot, Source::kHome);
+        // A coherent page stays: its frame goes back where the CPU maps it
+        // (or never left).
+        if (is_coherent(page)) restore_coherent_frame(installer, *page, addr, *slot);
         if (page != m.fault_page) page->unlock();
         page->put();
         unlocks.push_back({slot, addr, {}, true});
@@ -1225,7 +1246,7 @@ void migrate_device_pages(std::uint64_t* src, std::uint64_t* dst, PageCount npag
     const DevicePage::Mapping where = page->mapping();
     bool ok = is_system_entry(dst[i]) && where.address_space != nullptr &&
               where.address_space->impl().staging.contains(system_page_address(dst[i]));
-    ok = ok || is_device_entry(dst[i]);
+    ok = ok || (is_device_entry(dst[i]) && !frame_left_in_place(src[i]));
     if (!ok) src[i] &= ~MIGRATE_PFN_MIGRATE;
   }
 }
@@ -1256,7 +1277,16 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
       return kept;
     };
     Installer installer(as);
-    if (entry_migrating(src[i])) {
+    if (entry_migrating(src[i]) && frame_left_in_place(src[i])) {
+      // The frame at the address is the system page now (see
+      // migrate_vma_finalize).
+      release_unused_dst(&as, dst[i]);
+      page->pagemap().drop_home_copy(*page);
+      as.unlock_and_wake(*slot, PageEntry::system(), where.address);
+      as.stats.add(Counter::pgmigrate_to_ram);
+      as.stats.add(Counter::pgmigrate_success);
+      release_old_device_page(page, nullptr);
+    } else if (entry_migrating(src[i])) {
       if (is_device_entry(dst[i])) {
         install_device_page(as, installer, *slot, where.address, dst[i]);
         settle(installer, std::nullopt);
@@ -1268,8 +1298,9 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
       release_old_device_page(page, nullptr);
     } else {
       release_unused_dst(&as, dst[i]);
-      // A coherent page stays: its frame goes back where the CPU maps it.
-      if (is_coherent(page)) installer.add(page->pagemap().home_address(*page), where.address, *slot, Source::kHome);
+      // A coherent page stays: its frame goes back where the CPU maps it
+      // (or never left).
+      if (is_coherent(page)) restore_coherent_frame(installer, *page, where.address, *slot);
       settle(installer, std::nullopt);
       page->unlock();
       page->put();

@@ -261,6 +261,31 @@ Status resident_pages(VirtAddr start, std::size_t len, unsigned char* out) {
   return Status::ok();
 }
 
+Status read_own_memory(VirtAddr from, void* to, std::size_t len) {
+  // Opened per call: a descriptor kept open would, in a forked child, still
+  // read the parent's memory.
+  const int fd = ::open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int e = errno;
+    return Status::error(e, "open /proc/self/mem: " + errno_text(e));
+  }
+  std::size_t done = 0;
+  int error = 0;
+  while (done < len) {
+    const ssize_t n = ::pread(fd, static_cast<char*>(to) + done, len - done, static_cast<off_t>(from.value + done));
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    error = n == 0 ? EIO : errno;
+    break;
+  }
+  ::close(fd);
+  if (error != 0) return Status::error(error, "reading /proc/self/mem: " + errno_text(error));
+  return Status::ok();
+}
+
 namespace {
 // The PAGEMAP_SCAN ABI (include/uapi/linux/fs.h, Linux 6.7).
 struct PageRegion {

@@ -125,6 +125,13 @@ bool is_private_anonymous_mapping(VirtAddr start, std::size_t len, int* prot_out
 /// Calls mincore() and reports residency per page into `out` (1 = resident).
 Status resident_pages(VirtAddr start, std::size_t len, unsigned char* out);
 
+/// Copies [from, from+len) of this process into `to` through /proc/self/mem:
+/// whatever the range's protection (PROT_NONE included), and without ever
+/// faulting: a page that is not present in a userfaultfd-registered range
+/// fails the read (EIO) instead of waiting for a fault service, as does an
+/// address nothing maps.
+Status read_own_memory(VirtAddr from, void* to, std::size_t len);
+
 std::string errno_text(int err);
 
 }  // namespace uhmm::platform

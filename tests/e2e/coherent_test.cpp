@@ -7,15 +7,19 @@
 // copies them; hmm_range_fault reports them as present device pages.  Each
 // test runs with both fault modes.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <span>
+#include <thread>
 #include <vector>
 
 #include "e2e/test_support.hpp"
+#include "migrate/test_driver.hpp"
 #include "uhmm/uhmm.hpp"
 
 extern "C" const char* __tsan_default_options() { return "report_signal_unsafe=0"; }  // kInThread: ADR 0004
@@ -413,20 +417,170 @@ TEST_P(CoherentTest, RangeFaultReportsCoherentPagesAsPresentDevicePages) {
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
-// A read-only range refuses UFFDIO_MOVE (both sides must have the same
-// protection): the frames are copied both ways instead, and nothing is lost.
-TEST_P(CoherentTest, ReadOnlyCoherentPagesComeBackIntact) {
+// The physical frame mapped at `addr` (/proc/self/pagemap; 0 where the
+// kernel hides frame numbers, as it does from unprivileged processes).
+std::uint64_t frame_at(VirtAddr addr) {
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  std::uint64_t word = 0;
+  const bool ok = ::pread(fd, &word, sizeof word, static_cast<off_t>((addr.value >> kPageShift) * sizeof word)) == sizeof word;
+  ::close(fd);
+  constexpr std::uint64_t kPresent = std::uint64_t{1} << 63;
+  return ok && (word & kPresent) ? word & ((std::uint64_t{1} << 55) - 1) : 0;
+}
+
+// The kernel moves frames (UFFDIO_MOVE) only out of read-write ranges.
+// Elsewhere a coherent page's frame stays where it is and becomes the
+// system page: nothing is copied into the range and no address is touched,
+// so a range moved or discarded meanwhile takes the frame along.  The
+// driver's destination goes unused; it copied from a copy of the frame.
+TEST_P(CoherentTest, ReadOnlyCoherentPagesComeBackAsTheFramesTheyWere) {
   to_device();
+  fill_range(base, kPages, 40);  // written in device memory
+  std::vector<std::uint64_t> frames(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) frames[i] = frame_at(page(i));
   ASSERT_TRUE(as->protect(base, kLen, PROT_READ).is_ok());
+  const std::uint64_t frees = page_frees();
   auto rep = dev->migrate_to_system(*as, base, kLen);
-  ASSERT_TRUE(rep.is_ok());
+  ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
   EXPECT_EQ(rep->pages_migrated, kPages);
+  EXPECT_EQ(counter(Counter::pgmigrate_to_ram), kPages);
   EXPECT_EQ(count_states(*as, base, kPages).system, kPages);
-  EXPECT_TRUE(range_has_pattern(base, kPages));
+  for (std::size_t i = 0; i < kPages; ++i) {
+    EXPECT_FALSE(as->page_info(page(i)).writable) << i;
+    if (frames[i] != 0) {
+      EXPECT_EQ(frame_at(page(i)), frames[i]) << "page " << i << " got another frame";
+    }
+  }
+  EXPECT_TRUE(range_has_pattern(base, kPages, 40));
   EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
+  EXPECT_EQ(page_frees(), frees + kPages);
+  // Made writable again, the range is plain memory, and the device pages
+  // (their home slots emptied) are reused.
   ASSERT_TRUE(as->protect(base, kLen, PROT_READ | PROT_WRITE).is_ok());
+  fill_range(base, kPages, 41);
+  to_device();
+  EXPECT_TRUE(range_has_pattern(base, kPages, 41));
+  ASSERT_TRUE(dev->migrate_to_system(*as, base, kLen).is_ok());
+  EXPECT_TRUE(range_has_pattern(base, kPages, 41));
   ASSERT_TRUE(test::settles(*as));
   UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// PROT_NONE as well, where nothing can read the frame but the kernel: the
+// pages come back (before, the copy home failed and they stayed).
+TEST_P(CoherentTest, InaccessibleCoherentPagesComeBackToo) {
+  to_device();
+  ASSERT_TRUE(as->protect(base, kLen, PROT_NONE).is_ok());
+  auto rep = dev->migrate_to_system(*as, base, kLen);
+  ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
+  EXPECT_EQ(rep->pages_migrated, kPages);
+  EXPECT_EQ(count_states(*as, base, kPages).system, kPages);
+  EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
+  ASSERT_TRUE(as->protect(base, kLen, PROT_READ | PROT_WRITE).is_ok());
+  EXPECT_TRUE(range_has_pattern(base, kPages));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// Eviction takes such frames the same way.
+TEST_P(CoherentTest, EvictingReadOnlyCoherentPagesKeepsTheirFrames) {
+  to_device();
+  std::vector<std::uint64_t> frames(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) frames[i] = frame_at(page(i));
+  ASSERT_TRUE(as->protect(base, kLen / 2, PROT_READ).is_ok());
+  ASSERT_TRUE(as->protect(page(kPages / 2), kLen / 2, PROT_NONE).is_ok());
+  auto rep = dev->evict_all();
+  ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
+  EXPECT_EQ(rep->pages_migrated, kPages);
+  EXPECT_EQ(count_states(*as, base, kPages).system, kPages);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    if (frames[i] != 0) {
+      EXPECT_EQ(frame_at(page(i)), frames[i]) << "page " << i << " got another frame";
+    }
+  }
+  EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
+  ASSERT_TRUE(as->protect(base, kLen / 2, PROT_READ | PROT_WRITE).is_ok());
+  ASSERT_TRUE(as->protect(page(kPages / 2), kLen / 2, PROT_READ | PROT_WRITE).is_ok());
+  EXPECT_TRUE(range_has_pattern(base, kPages));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// A frame left in place cannot go to another device's memory (only a zap
+// could take it off the address, docs/differences.md): such a page stays a
+// coherent page, mapped and intact, and the migration says it failed.
+TEST_P(CoherentTest, ReadOnlyCoherentPagesDoNotMoveToAnotherDevice) {
+  to_device();
+  ASSERT_TRUE(as->protect(base, kLen, PROT_READ).is_ok());
+  std::vector<std::uint64_t> src(kPages), dst(kPages);
+  MigrateVma m;
+  m.address_space = as.get();
+  m.start = base;
+  m.end = base + kLen;
+  m.src = src.data();
+  m.dst = dst.data();
+  m.pgmap_owner = dev->owner();
+  m.flags = MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+  ASSERT_TRUE(migrate_vma_setup(m).is_ok());
+  EXPECT_EQ(m.cpages, kPages);
+  auto other = test::TestDriver::create(kPages);
+  ASSERT_TRUE(other);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    DevicePage* d = other->alloc();
+    ASSERT_NE(d, nullptr);
+    dst[i] = migrate_pfn(d->pfn()) | MIGRATE_PFN_WRITE;
+  }
+  migrate_vma_pages(m);
+  for (std::size_t i = 0; i < kPages; ++i) EXPECT_FALSE(src[i] & MIGRATE_PFN_MIGRATE) << i;
+  const std::uint64_t failed = counter(Counter::pgmigrate_fail);
+  migrate_vma_finalize(m);
+  EXPECT_EQ(counter(Counter::pgmigrate_fail), failed + kPages);
+  EXPECT_EQ(count_states(*as, base, kPages).coherent, kPages);
+  EXPECT_TRUE(range_has_pattern(base, kPages));
+  EXPECT_TRUE(test::settles_to(other->pagemap(), 0));  // the destinations went back, unused
+  EXPECT_EQ(other->bad_frees(), 0u);
+  EXPECT_EQ(dev->pagemap().pages_in_use(), kPages);
+  ASSERT_TRUE(as->protect(base, kLen, PROT_READ | PROT_WRITE).is_ok());
+  ASSERT_TRUE(dev->migrate_to_system(*as, base, kLen).is_ok());
+  EXPECT_TRUE(range_has_pattern(base, kPages));
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// Read-only coherent pages migrating back while the application moves the
+// range with mremap: the frames stay in place and so move with the range;
+// every byte is where the range is, every round.
+TEST_P(CoherentTest, ReadOnlyFramesComingBackWhileTheRangeMovesKeepEveryByte) {
+  VirtAddr at = base;
+  int bad_rounds = 0;
+  for (int round = 0; round < 40; ++round) {
+    ASSERT_TRUE(as->protect(at, kLen, PROT_READ | PROT_WRITE).is_ok());
+    ASSERT_TRUE(dev->migrate_to_device(*as, at, kLen).is_ok());
+    ASSERT_TRUE(as->protect(at, kLen, PROT_READ).is_ok());
+    void* to = ::mmap(nullptr, kLen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(to, MAP_FAILED);
+    std::atomic<bool> go{false};
+    std::thread migrator([&, from = at] {
+      while (!go.load()) std::this_thread::yield();
+      (void)dev->migrate_to_system(*as, from, kLen);
+    });
+    go.store(true);
+    if (round % 2) std::this_thread::yield();  // vary who goes first
+    void* moved = ::mremap(at.ptr(), kLen, kLen, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+    migrator.join();
+    ASSERT_EQ(moved, to) << std::strerror(errno);
+    at = VirtAddr::of(moved);
+    ASSERT_TRUE(test::settles(*as));
+    if (!range_has_pattern(at, kPages)) ++bad_rounds;
+    // What the racing migration skipped (the range was changing) comes back
+    // now, with its data.
+    const auto back = dev->migrate_to_system(*as, at, kLen);
+    ASSERT_TRUE(back.is_ok()) << back.status().to_string() << " round " << round;
+    if (!range_has_pattern(at, kPages)) ++bad_rounds;
+  }
+  EXPECT_EQ(bad_rounds, 0);
+  EXPECT_EQ(count_states(*as, at, kPages).system, kPages);
+  EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(as->unmap(at).is_ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(FaultModes, CoherentTest, ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),

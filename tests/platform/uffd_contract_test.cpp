@@ -15,6 +15,7 @@
 #include <cstring>
 #include <functional>
 #include <thread>
+#include <vector>
 
 #include "platform/uffd.hpp"
 
@@ -98,6 +99,38 @@ TEST(UffdContract, MovesIntoARegisteredRangeFailWhileAChangeIsUnread) {
   ASSERT_TRUE(uffd->unregister_range(VirtAddr::of(into), kLen).is_ok());
   ::munmap(into, kLen);
   ::munmap(from, kLen);
+}
+
+// read_own_memory (/proc/self/mem) reads what nothing else may (PROT_NONE)
+// and never waits for a fault service: a missing page of a registered
+// range fails the read, where process_vm_readv would sleep until someone
+// resolved the fault.  Coherent frames left in place are copied this way.
+TEST(UffdContract, ReadingOwnMemoryNeverFaults) {
+  void* hidden = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(hidden, MAP_FAILED);
+  std::memset(hidden, 0x5a, kPageSize);
+  ASSERT_EQ(::mprotect(hidden, kPageSize, PROT_NONE), 0);
+  std::vector<unsigned char> buf(kPageSize, 0);
+  ASSERT_TRUE(platform::read_own_memory(VirtAddr::of(hidden), buf.data(), kPageSize).is_ok());
+  EXPECT_EQ(buf[0], 0x5a);
+  EXPECT_EQ(buf[kPageSize - 1], 0x5a);
+
+  auto uffd = platform::Uffd::open(0, /*nonblocking=*/true);
+  ASSERT_TRUE(uffd.is_ok()) << uffd.status().to_string();
+  void* missing = ::mmap(nullptr, kPageSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(missing, MAP_FAILED);
+  ASSERT_TRUE(uffd->register_range(VirtAddr::of(missing), kPageSize, UFFDIO_REGISTER_MODE_MISSING).is_ok());
+  // Nobody serves this uffd: a faulting read would hang the test.
+  EXPECT_EQ(platform::read_own_memory(VirtAddr::of(missing), buf.data(), kPageSize).code(), EIO);
+  struct pollfd readable {
+    uffd->fd(), POLLIN, 0
+  };
+  EXPECT_EQ(::poll(&readable, 1, 0), 0) << "the read raised a fault";
+
+  ASSERT_EQ(::munmap(hidden, kPageSize), 0);
+  EXPECT_EQ(platform::read_own_memory(VirtAddr::of(hidden), buf.data(), kPageSize).code(), EIO);
+  ASSERT_TRUE(uffd->unregister_range(VirtAddr::of(missing), kPageSize).is_ok());
+  ::munmap(missing, kPageSize);
 }
 
 }  // namespace
