@@ -1080,6 +1080,12 @@ void migrate_vma_finalize(MigrateVma& m) {
     u.value = gone_in_transit(now);
     u.keep_current = false;
   });
+  // Counted before anything is woken: an access that resumes, and what the
+  // application does next (read the counters), sees the migration done.
+  as.stats.add(Counter::pgmigrate_success, success);
+  as.stats.add(Counter::pgmigrate_fail, fail);
+  as.stats.add(Counter::pgmigrate_to_device, to_device);
+  as.stats.add(Counter::pgmigrate_to_ram, to_ram);
   // From migrate_to_ram, the fault path wakes the range itself once it has
   // dropped its own hold on the device page: the access resumes only when
   // the fault is completely done, as in the kernel, where the faulting
@@ -1098,10 +1104,6 @@ void migrate_vma_finalize(MigrateVma& m) {
   for (const mm::SlotRun& r : freed_staging) as.staging.give_back_ready(r.start, r.pages);
   if (wake_now) installer.wake();
 
-  as.stats.add(Counter::pgmigrate_success, success);
-  as.stats.add(Counter::pgmigrate_fail, fail);
-  as.stats.add(Counter::pgmigrate_to_device, to_device);
-  as.stats.add(Counter::pgmigrate_to_ram, to_ram);
   delete static_cast<mm::RegionPin*>(m.internal_pin);
   m.internal_pin = nullptr;
   as.migration_end();
@@ -1262,19 +1264,21 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
     AddressSpace::Impl& as = where.address_space->impl();
     mm::EntrySlot* slot = as.table.slot(where.address.vpn(), false);
     // Installs (see migrate_vma_finalize: the address may have been
-    // discarded, unmapped or moved meanwhile), unlocks and wakes.  `to`:
-    // the entry to unlock with; none: what the install left.  False when
-    // the page was not put back.
-    auto settle = [&](Installer& installer, std::optional<PageEntry> to) {
+    // discarded, unmapped or moved meanwhile), counts, unlocks and wakes.
+    // `to`: the entry to unlock with; none: what the install left.
+    // `to_ram`: counted in pgmigrate_to_ram if it was put back.
+    auto settle = [&](Installer& installer, std::optional<PageEntry> to, Counter outcome, bool to_ram) {
       bool kept = true;
       installer.run([&](VirtAddr) {
         to = gone_in_transit(to ? *to : PageEntry{slot->load(std::memory_order_acquire)}.settled());
         kept = false;
       });
+      // Counted before anything is woken (see migrate_vma_finalize).
+      as.stats.add(outcome);
+      if (to_ram && kept) as.stats.add(Counter::pgmigrate_to_ram);
       const PageEntry value = to ? *to : PageEntry{slot->load(std::memory_order_acquire)}.settled();
       as.unlock_and_wake(*slot, value, where.address);
       installer.wake();
-      return kept;
     };
     Installer installer(as);
     if (entry_migrating(src[i]) && frame_left_in_place(src[i])) {
@@ -1282,29 +1286,27 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
       // migrate_vma_finalize).
       release_unused_dst(&as, dst[i]);
       page->pagemap().drop_home_copy(*page);
-      as.unlock_and_wake(*slot, PageEntry::system(), where.address);
-      as.stats.add(Counter::pgmigrate_to_ram);
       as.stats.add(Counter::pgmigrate_success);
+      as.stats.add(Counter::pgmigrate_to_ram);
+      as.unlock_and_wake(*slot, PageEntry::system(), where.address);
       release_old_device_page(page, nullptr);
     } else if (entry_migrating(src[i])) {
       if (is_device_entry(dst[i])) {
         install_device_page(as, installer, *slot, where.address, dst[i]);
-        settle(installer, std::nullopt);
+        settle(installer, std::nullopt, Counter::pgmigrate_success, false);
       } else {
         installer.add(system_page_address(dst[i]), where.address, *slot);
-        if (settle(installer, PageEntry::system())) as.stats.add(Counter::pgmigrate_to_ram);
+        settle(installer, PageEntry::system(), Counter::pgmigrate_success, true);
       }
-      as.stats.add(Counter::pgmigrate_success);
       release_old_device_page(page, nullptr);
     } else {
       release_unused_dst(&as, dst[i]);
       // A coherent page stays: its frame goes back where the CPU maps it
       // (or never left).
       if (is_coherent(page)) restore_coherent_frame(installer, *page, where.address, *slot);
-      settle(installer, std::nullopt);
+      settle(installer, std::nullopt, Counter::pgmigrate_fail, false);
       page->unlock();
       page->put();
-      as.stats.add(Counter::pgmigrate_fail);
     }
     as.migration_end();  // collect_device_page's
   }
