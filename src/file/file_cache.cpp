@@ -293,27 +293,49 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     // Installed write-protected, so that only a later write marks them.
     // EEXIST: that page reached the memfd another way (another mapping's
     // fault, read/write) and stays as it is; the copy goes on after it.
+    // Inside the install window, after a look at the queue and at the
+    // mapping, as a fault's zero fill is (docs/address-space-events.md,
+    // case 2): the fault may be late, and the address may map something
+    // else by now, whose pages these are not.
     std::vector<int> result(run, 0);
     std::size_t done = 0;
-    while (done < run) {
-      const platform::PartialResult r = space.uffd.copy(page + done * kPageSize, buf.data() + done * kPageSize,
-                                                        (run - done) * kPageSize, /*wake=*/false,
-                                                        /*write_protect=*/!anonymous());
-      done += r.bytes_done / kPageSize;
-      if (r.error == 0) break;
-      if (r.error == EEXIST) {
-        result[done++] = EEXIST;
+    for (;;) {
+      space.open_install_window();
+      if (!still_maps(space, page + done * kPageSize, offset + done * kPageSize, run - done)) {
+        space.close_install_window();
+        for (std::size_t i = done; i < run; ++i) result[i] = EAGAIN;  // each faults again
+        break;
+      }
+      int error = 0;
+      while (done < run) {
+        const platform::PartialResult r = space.uffd.copy(page + done * kPageSize, buf.data() + done * kPageSize,
+                                                          (run - done) * kPageSize, /*wake=*/false,
+                                                          /*write_protect=*/!anonymous());
+        done += r.bytes_done / kPageSize;
+        if (r.error == 0) break;
+        if (r.error == EEXIST) {
+          result[done++] = EEXIST;
+          continue;
+        }
+        error = r.error;
+        break;
+      }
+      space.close_install_window();
+      if (error == EAGAIN) {
+        space.drain_events();  // the unread change that holds the kernel back; then look again
         continue;
       }
       // Any other error: the pages left are not installed; each faults again.
-      for (std::size_t i = done; i < run; ++i) result[i] = r.error;
+      for (std::size_t i = done; i < run && error != 0; ++i) result[i] = error;
       break;
     }
     for (std::size_t i = 0; i < run; ++i) {
       const bool present = result[i] == 0 || result[i] == EEXIST;
       finish_load(index + i, present, i == 0 && punched && !anonymous() && result[0] == 0);
     }
-    if (result[0] == 0 || result[0] == EEXIST) return Fault::kInstalled;
+    // EAGAIN: a change of the mapping came first; ENOENT: it went.  The
+    // access faults again and finds what the change left.
+    if (result[0] == 0 || result[0] == EEXIST || result[0] == EAGAIN || result[0] == ENOENT) return Fault::kInstalled;
     {
       MutexLock lock(mutex);
       if (offset >= size) return Fault::kBeyondEnd;  // truncated meanwhile
@@ -321,6 +343,15 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     std::fprintf(stderr, "uhmm: installing page %llu of a cached file failed: %s\n",
                  static_cast<unsigned long long>(index), platform::errno_text(result[0]).c_str());
     return Fault::kFailed;
+  }
+
+  /// Inside the install window: whether `count` pages at `at` are still
+  /// this object's, from `offset` on, with no change of theirs queued.
+  bool still_maps(AddressSpace::Impl& space, VirtAddr at, std::uint64_t offset, std::size_t count) {
+    const VirtAddr end = at + count * kPageSize;
+    if (!space.pending_event_ranges(at, end).empty()) return false;
+    const mm::RegionPin region = space.pin_region(at, end);
+    return region && region->backend.get() == this && region->backend_offset + (at - region->info.start) == offset;
   }
 
   /// read/write's way to a page: holds it (as a load does, so faults and
