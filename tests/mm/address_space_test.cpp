@@ -18,7 +18,9 @@
 #include <thread>
 #include <vector>
 
+#include "mm/address_space_impl.hpp"
 #include "uhmm/address_space.hpp"
+#include "uhmm/notifier.hpp"
 
 namespace uhmm {
 namespace {
@@ -765,6 +767,61 @@ TEST(AddressSpaceDestroy, LeavesAdoptedRangesMappedWithTheirData) {
   EXPECT_TRUE(page_matches(m.page(0), 0));
   EXPECT_TRUE(page_matches(m.page(2), 2));
   EXPECT_TRUE(page_is_zero(m.page(4)));  // served by the kernel: nobody manages it now
+}
+
+// A fill that a change of the range outran leaves every entry as it was.
+// A late fault message (one read by another thread's drain_events, served
+// after its thread was woken by someone else) may reach a page that is
+// present, while an mremap of its range is queued.  The fill sees the
+// change and gives up; it used to unlock the page's entry as a hole, so the
+// REMAP moved nothing and the range's new place held a page uhmm called a
+// hole (a later migration put a device page over it: data lost, in
+// MigrationsRacingMremapKeepEveryByte).  resolve_missing is called here as
+// such a message is served, while a notifier holds the REMAP back.
+struct HoldingNotifier final : IntervalNotifierOps {
+  std::atomic<bool> holding{false};
+  std::atomic<bool> release{false};
+  bool invalidate(IntervalNotifier& sub, const NotifyRange& range, std::uint64_t cur_seq) override {
+    if (range.event == NotifyEvent::kUnmap && !release.load()) {
+      holding.store(true);
+      while (!release.load()) std::this_thread::yield();
+    }
+    sub.set_seq(cur_seq);
+    return true;
+  }
+};
+
+TEST_F(AddressSpaceTest, AFillAChangeOutranKeepsAPresentPageInTheTable) {
+  constexpr std::size_t kLen = 4 * kPageSize;
+  auto r = as->map(kLen);
+  ASSERT_TRUE(r.is_ok());
+  std::memset(r->ptr(), 0x3c, kPageSize);
+  ASSERT_EQ(as->page_info(*r).state, State::kSystem);
+  HoldingNotifier ops;
+  IntervalNotifier sub;
+  ASSERT_TRUE(interval_notifier_insert(sub, *as, *r, kLen, ops).is_ok());
+  void* to = ::mmap(nullptr, kLen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(to, MAP_FAILED);
+  mm::RegionPin region = as->impl().pin_region(*r, *r + kLen);  // what the late fault looked up
+  ASSERT_TRUE(region);
+  ASSERT_EQ(::mremap(r->ptr(), kLen, kLen, MREMAP_MAYMOVE | MREMAP_FIXED, to), to) << std::strerror(errno);
+  for (int i = 0; i < 5000 && !ops.holding.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(ops.holding.load()) << "the REMAP was never processed";
+
+  EXPECT_EQ(as->impl().resolve_missing(*region, *r, /*fault_around=*/true),
+            AddressSpace::Impl::MissingResult::kChanged);
+  EXPECT_EQ(as->page_info(*r).state, State::kSystem) << "the present page's entry was dropped";
+  region.reset();
+  ops.release.store(true);
+
+  const VirtAddr moved = VirtAddr::of(to);
+  for (int i = 0; i < 5000 && !as->find_region(moved); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  as->impl().await_returned_changes(moved, moved + kLen);
+  EXPECT_EQ(as->page_info(moved).state, State::kSystem);
+  EXPECT_EQ(moved.as<volatile unsigned char>()[0], 0x3c);
+  interval_notifier_remove(sub);
+  EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(as->unmap(moved).is_ok());
 }
 
 }  // namespace
