@@ -299,36 +299,26 @@ struct FileCache::Impl final : mm::RegionBackend, DevicePageHolder, std::enable_
     // else by now, whose pages these are not.
     std::vector<int> result(run, 0);
     std::size_t done = 0;
-    for (;;) {
-      space.open_install_window();
+    bool outrun = false;
+    const int error = space.install_in_window([&] {
       if (!still_maps(space, page + done * kPageSize, offset + done * kPageSize, run - done)) {
-        space.close_install_window();
-        for (std::size_t i = done; i < run; ++i) result[i] = EAGAIN;  // each faults again
-        break;
+        outrun = true;
+        return 0;
       }
-      int error = 0;
       while (done < run) {
         const platform::PartialResult r = space.uffd.copy(page + done * kPageSize, buf.data() + done * kPageSize,
                                                           (run - done) * kPageSize, /*wake=*/false,
                                                           /*write_protect=*/!anonymous());
         done += r.bytes_done / kPageSize;
         if (r.error == 0) break;
-        if (r.error == EEXIST) {
-          result[done++] = EEXIST;
-          continue;
-        }
-        error = r.error;
-        break;
+        if (r.error != EEXIST) return r.error;
+        result[done++] = EEXIST;
       }
-      space.close_install_window();
-      if (error == EAGAIN) {
-        space.drain_events();  // the unread change that holds the kernel back; then look again
-        continue;
-      }
-      // Any other error: the pages left are not installed; each faults again.
-      for (std::size_t i = done; i < run && error != 0; ++i) result[i] = error;
-      break;
-    }
+      return 0;
+    });
+    // A change of the mapping came first (EAGAIN), or any error: the pages
+    // left are not installed; each faults again.
+    for (std::size_t i = done; i < run && (outrun || error != 0); ++i) result[i] = outrun ? EAGAIN : error;
     for (std::size_t i = 0; i < run; ++i) {
       const bool present = result[i] == 0 || result[i] == EEXIST;
       finish_load(index + i, present, i == 0 && punched && !anonymous() && result[0] == 0);

@@ -388,14 +388,37 @@ bool frame_left_in_place(std::uint64_t src) {
   return page != nullptr && is_coherent(page) && page->pagemap().frame_left_in_place(*page);
 }
 
+// Finalize of such a page that migrated: the frame at the address is the
+// system page now, so the driver's destination and the copy go.  Should
+// the application have discarded or moved the range meanwhile, the frame
+// went with it, and the change's event settles the entry.
+void finish_frame_left_in_place(AddressSpace::Impl& as, DevicePage& page, std::uint64_t dst) {
+  release_unused_dst(&as, dst);
+  page.pagemap().drop_home_copy(page);
+}
+
+// Inside the install window, takes a collected coherent page's frame at
+// `addr` from the CPU (docs/migration.md): into its home slot by way of the
+// transit, so that it only leaves an address the queued changes describe;
+// in a range that is not read-write, which the kernel will not move a frame
+// out of, the frame stays as the system page the migration leaves, and the
+// driver reads a copy (copy_frame_home).  0, or the errno that left it:
+// EAGAIN (a change unread), ENOENT (changed), EBUSY (shared with a forked
+// child).
+int take_coherent_frame(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr) {
+  const int err = as.move_to_transit(addr);
+  if (err == EINVAL) {  // the protections of the two sides differ
+    (void)page.pagemap().copy_frame_home(page, addr);
+    return 0;
+  }
+  if (err == 0) UHMM_CHECK(page.pagemap().move_frame_home(page, as.transit) == 0, "a coherent frame stuck in transit");
+  return err;
+}
+
 // Takes the CPU's frame of a coherent page that the caller has collected
 // (its entry at `addr` locked, it was `seen`; the page locked and
-// referenced) for an eviction, as migrate_vma_setup's pass 1b does: into
-// its home slot through the transit, inside the install window, so that
-// the frame only leaves an address the queued changes describe; in a range
-// that is not read-write, which the kernel will not move a frame out of,
-// the frame stays as the system page and the driver reads a copy.  True
-// when taken.  Otherwise the entry and the page are unlocked again (the
+// referenced) for an eviction, as migrate_vma_setup's pass 1b does
+// (take_coherent_frame).  True when taken.  Otherwise the entry and the page are unlocked again (the
 // caller keeps its reference, to drop): the address changed just now, or
 // the frame is shared copy-on-write with a forked child (EBUSY; the write
 // fault that would make it private may wait for the fault service, and so
@@ -408,20 +431,12 @@ bool collect_coherent_frame(AddressSpace::Impl& as, mm::EntrySlot& slot, VirtAdd
   as.open_install_window();
   int err = 0;
   for (int look = 0;; ++look) {
-    err = as.event_pending_at(addr) ? ENOENT : as.move_to_transit(addr);
+    err = as.event_pending_at(addr) ? ENOENT : take_coherent_frame(as, page, addr);
     if (err != EAGAIN || look == kLooks) break;
     as.read_events_in_window();
   }
-  if (err == 0) {
-    const int home = page.pagemap().move_frame_home(page, as.transit);
-    UHMM_CHECK(home == 0, "a coherent frame stuck in transit");
-  }
   as.close_install_window();
   if (err == 0) return true;
-  if (err == EINVAL) {  // the protections of the two sides differ
-    (void)page.pagemap().copy_frame_home(page, addr);
-    return true;
-  }
   page.unlock();
   as.unlock_and_wake(slot, seen.settled(), addr);
   return false;
@@ -879,20 +894,14 @@ Status migrate_vma_setup(MigrateVma& m) {
     }
   }
 
-  // Pass 1b: coherent pages leave the CPU: each frame goes back to its home
-  // slot, where the driver reads it as device memory (docs/migration.md).
-  // Inside the window and by way of the transit, as system pages go: so a
-  // frame only leaves an address that the queued changes describe.  The
-  // kernel moves frames only out of read-write ranges; elsewhere the frame
-  // stays where it is, as the system page the migration leaves, and the
-  // driver reads a copy (copy_frame_home): the CPU cannot write it
-  // meanwhile, and should the application move or discard the range, the
-  // frame goes with it, so no address is ever touched.
+  // Pass 1b: coherent pages leave the CPU (take_coherent_frame): each frame
+  // goes back to its home slot, where the driver reads it as device memory,
+  // or, in a range that is not read-write, stays as the system page.
   for (std::size_t k = 0; k < coherent_pages.size();) {
     const Coherent& c = coherent_pages[k];
     const VirtAddr addr = m.start + c.i * kPageSize;
     mm::EntrySlot* slot = as.table.slot(addr.vpn(), false);
-    const int err = (!changing.empty() && is_changing(addr)) ? ENOENT : as.move_to_transit(addr);
+    const int err = (!changing.empty() && is_changing(addr)) ? ENOENT : take_coherent_frame(as, *c.page, addr);
     if (err == EAGAIN && relooks < kRelooks) {
       ++relooks;
       as.read_events_in_window();
@@ -901,14 +910,7 @@ Status migrate_vma_setup(MigrateVma& m) {
     }
     ++k;
     if (err == 0) {
-      const int home = c.page->pagemap().move_frame_home(*c.page, as.transit);
-      UHMM_CHECK(home == 0, "a coherent frame stuck in transit");
       m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE | (writable ? MIGRATE_PFN_WRITE : 0);
-      continue;
-    }
-    if (err == EINVAL) {  // the protections of the two sides differ
-      (void)c.page->pagemap().copy_frame_home(*c.page, addr);
-      m.src[c.i] = migrate_pfn(c.page->pfn()) | MIGRATE_PFN_MIGRATE;
       continue;
     }
     // Changed just now (ENOENT, or EAGAIN with no more looks), or still
@@ -1033,13 +1035,8 @@ void migrate_vma_finalize(MigrateVma& m) {
     if (migrating) {
       ++success;
       if (frame_left_in_place(s)) {
-        // The frame at the address is the system page now; the driver's
-        // copy is not needed.  Should the application have discarded or
-        // moved the range meanwhile, the frame went with it, and the
-        // change's event settles the entry.
-        release_unused_dst(&as, d);
         DevicePage* page = migrate_pfn_to_device_page(s);
-        page->pagemap().drop_home_copy(*page);
+        finish_frame_left_in_place(as, *page, d);
         unlocks.push_back({slot, addr, PageEntry::system(), false});
         old_device_pages.push_back(page);
         ++to_ram;
@@ -1282,10 +1279,7 @@ void migrate_device_finalize(std::uint64_t* src, std::uint64_t* dst, PageCount n
     };
     Installer installer(as);
     if (entry_migrating(src[i]) && frame_left_in_place(src[i])) {
-      // The frame at the address is the system page now (see
-      // migrate_vma_finalize).
-      release_unused_dst(&as, dst[i]);
-      page->pagemap().drop_home_copy(*page);
+      finish_frame_left_in_place(as, *page, dst[i]);
       as.stats.add(Counter::pgmigrate_success);
       as.stats.add(Counter::pgmigrate_to_ram);
       as.unlock_and_wake(*slot, PageEntry::system(), where.address);

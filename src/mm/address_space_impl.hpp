@@ -331,6 +331,20 @@ struct AddressSpace::Impl {
   /// Inside the window: closes it, reads the change that made a move fail
   /// (EAGAIN), and opens it again.
   void read_events_in_window() UHMM_REQUIRES(read_mutex);
+  /// Runs `attempt` (an install into managed memory after a look at what
+  /// changed: 0 or the errno it stopped on) inside the window, and again,
+  /// after reading the uffd, for as long as it stops on EAGAIN: a change
+  /// unread, for which the kernel holds installs back.  Its last result.
+  template <typename Attempt>
+  int install_in_window(Attempt&& attempt) {
+    for (;;) {
+      open_install_window();
+      const int error = attempt();
+      close_install_window();
+      if (error != EAGAIN) return error;
+      drain_events();
+    }
+  }
   bool install_window_held() const;
   /// The changes queued (REMOVE, UNMAP and REMAP events), in the kernel's
   /// order.

@@ -373,14 +373,12 @@ bool AddressSpace::Impl::fill_holes(VirtAddr lo, VirtAddr hi, VirtAddr addr, Vir
   // one is unread (EAGAIN) or has taken the mapping away (ENOENT).  A fault
   // read late (by another thread's drain_events) met exactly this
   // (MigrationsRacingMremapKeepEveryByte).
-  for (;;) {
-    open_install_window();
+  bool changed = false;
+  const int error = install_in_window([&] {
     if (!pending_event_ranges(*cur, hi).empty()) {
-      close_install_window();
-      if (fill_block.value != 0) staging.give_back_ready(fill_block, kPagesPerHugePage);
-      return false;
+      changed = true;
+      return 0;
     }
-    int error = 0;
     if (fill_block.value != 0) {
       const std::size_t moved = move_in(fill_block, lo, kPagesPerHugePage, /*wake=*/false).bytes_done / kPageSize;
       staging.give_back_empty(fill_block, moved);
@@ -393,25 +391,22 @@ bool AddressSpace::Impl::fill_holes(VirtAddr lo, VirtAddr hi, VirtAddr addr, Vir
       const platform::PartialResult r = uffd.copy(*cur, zero_source.ptr(), hi - *cur, /*wake=*/false);
       *cur = *cur + r.bytes_done;
       if (r.error == 0) break;
-      if (r.error == EEXIST) {
-        if (*cur == addr) *already_present = true;
-        *cur = *cur + kPageSize;
-        continue;
-      }
-      error = r.error;
-      break;
+      if (r.error != EEXIST) return r.error;
+      if (*cur == addr) *already_present = true;
+      *cur = *cur + kPageSize;
     }
-    close_install_window();
-    if (error != EAGAIN) {
-      // ENOENT: the range went or moved meanwhile; the access faults again
-      // (or finds no mapping).  Out of memory: the rest re-faults.
-      if (error != 0 && error != ENOENT)
-        std::fprintf(stderr, "uhmm: zero-fill at %#lx failed: %s\n", static_cast<unsigned long>(cur->value),
-                     platform::errno_text(error).c_str());
-      return true;
-    }
-    drain_events();  // the unread change that holds the kernel back; then look again
+    return 0;
+  });
+  if (changed) {
+    if (fill_block.value != 0) staging.give_back_ready(fill_block, kPagesPerHugePage);
+    return false;
   }
+  // ENOENT: the range went or moved meanwhile; the access faults again (or
+  // finds no mapping).  Out of memory: the rest re-faults.
+  if (error != 0 && error != ENOENT)
+    std::fprintf(stderr, "uhmm: zero-fill at %#lx failed: %s\n", static_cast<unsigned long>(cur->value),
+                 platform::errno_text(error).c_str());
+  return true;
 }
 
 AddressSpace::Impl::UnmanagedFill AddressSpace::Impl::zero_fill_unmanaged(VirtAddr addr) {
@@ -420,17 +415,16 @@ AddressSpace::Impl::UnmanagedFill AddressSpace::Impl::zero_fill_unmanaged(VirtAd
   // address managed again by now: an mremap whose event was read just now
   // may have moved a range here, with pages on a device where this would
   // put a zero page.
-  for (;;) {
-    open_install_window();
+  bool changed = false;
+  const int error = install_in_window([&] {
     if (event_pending_at(addr)) {
-      close_install_window();
-      return UnmanagedFill::kChanged;
+      changed = true;
+      return 0;
     }
-    const int error = uffd.zeropage(addr, kPageSize, /*wake=*/true).code();
-    close_install_window();
-    if (error != EAGAIN) return error == 0 ? UnmanagedFill::kFilled : UnmanagedFill::kRefused;
-    drain_events();
-  }
+    return uffd.zeropage(addr, kPageSize, /*wake=*/true).code();
+  });
+  if (changed) return UnmanagedFill::kChanged;
+  return error == 0 ? UnmanagedFill::kFilled : UnmanagedFill::kRefused;
 }
 
 bool AddressSpace::Impl::take_in_place_growth(VirtAddr addr) {
