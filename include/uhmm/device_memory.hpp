@@ -202,6 +202,22 @@ class DevicePage {
 /// The driver's allocator hands out a free page: refcount 0 -> 1, locked.
 void zone_device_page_init(DevicePage& page);
 
+/// The order of a large device page (a 2 MiB folio: 512 pages).
+inline constexpr unsigned kDeviceFolioOrder = 9;
+
+/// The driver's allocator hands out a large device page (zone_device_folio_init):
+/// `head` and the pages after it, 1 << order of them, each refcount 0 -> 1
+/// and locked.  Order 0 is zone_device_page_init; order kDeviceFolioOrder
+/// needs a head whose pfn is a multiple of 512 with all 512 pages in one
+/// page map.  It is what a driver puts in dst[] as one COMPOUND entry
+/// (migrate.hpp).  Once migrated in, uhmm keeps its pages as base pages: a
+/// CPU fault, a discard or an eviction takes one without the others, and
+/// page_free runs for each page when its last reference goes, not once for
+/// the folio (docs/differences.md).  EINVAL (nothing changed) for another
+/// order, a misaligned head, a folio past the end of its map, or a page of
+/// it in use.
+Status zone_device_folio_init(DevicePage& head, unsigned order);
+
 class DevicePagemap {
  public:
   /// memremap_pages: validates the config and registers the range.

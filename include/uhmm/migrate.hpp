@@ -34,6 +34,14 @@ inline constexpr std::uint64_t MIGRATE_PFN_WRITE = 1u << 3;
 inline constexpr std::uint64_t MIGRATE_PFN_COMPOUND = 1u << 4;
 inline constexpr unsigned MIGRATE_PFN_SHIFT = 6;
 
+// Large pages (SELECT_COMPOUND, docs/migration.md "Large pages"): setup
+// makes a whole aligned 2 MiB unit one entry with COMPOUND set, the next
+// 511 entries 0.  The driver answers with one COMPOUND destination (a 2 MiB
+// system page, alloc_system_huge_page, or a large device page,
+// zone_device_folio_init), or splits the unit by writing a base page into
+// each of its 512 dst[] entries (pages then fills the unit's src[] entries
+// in), or 0 to leave it.  A unit that stays whole migrates all or nothing.
+
 // Selection flags (request side; a different type from entry flags).
 enum MigrateSelect : std::uint32_t {
   MIGRATE_VMA_SELECT_SYSTEM = 1u << 0,
@@ -59,6 +67,10 @@ void* migrate_pfn_to_host(std::uint64_t entry);
 /// Contiguous where possible, so that a batch copies as one run.  ENOMEM
 /// when the staging pool is exhausted.
 Status alloc_system_pages(AddressSpace& as, std::span<std::uint64_t> pfns_out);
+/// Allocates one 2 MiB system page (a block of the staging pool's huge
+/// lane) for a COMPOUND destination; `*pfn_out` is its first pfn.  ENOMEM
+/// when no block is free.
+Status alloc_system_huge_page(AddressSpace& as, std::uint64_t* pfn_out);
 /// Returns system pages the driver allocated but did not use.
 void free_system_pages(AddressSpace& as, std::span<const std::uint64_t> pfns);
 

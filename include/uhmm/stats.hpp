@@ -21,6 +21,7 @@ namespace uhmm {
   X(pgmigrate_to_device, "pages that moved from system memory to a device")            \
   X(pgmigrate_to_ram, "pages that moved from a device back to system memory")          \
   X(thp_migration_success, "2 MiB units moved whole")                                   \
+  X(thp_migration_split, "COMPOUND entries split for base-page destinations")            \
   X(migrate_skipped_pinned, "pages skipped because they were pinned or shared")        \
   X(migrate_skipped_locked, "pages skipped because another migration held them")       \
   X(migrate_holes, "unpopulated pages collected as holes")                              \

@@ -33,10 +33,13 @@ class PfnRegistry {
     std::vector<std::pair<std::uint64_t, std::uint64_t>> used(reserved_.begin(), reserved_.end());
     for (const auto& [first, map] : maps_) used.emplace_back(first, map->range().count.value);
     std::sort(used.begin(), used.end());
+    // Every range starts on a 2 MiB boundary, so that a driver can hand out
+    // large pages (zone_device_folio_init) from any of them.
+    auto aligned = [](std::uint64_t pfn) { return (pfn + kPagesPerHugePage - 1) & ~(kPagesPerHugePage - 1); };
     std::uint64_t candidate = kDevicePfnBase;
     for (const auto& [first, count] : used) {
       if (candidate + npages.value <= first) break;
-      candidate = std::max(candidate, first + count);
+      candidate = std::max(candidate, aligned(first + count));
     }
     if (candidate + npages.value < candidate) return Status::error(ENOMEM, "device pfn space exhausted");
     reserved_.emplace(candidate, npages.value);
@@ -153,6 +156,24 @@ void zone_device_page_init(DevicePage& page) {
   page.pagemap_->in_use_.fetch_add(1, std::memory_order_acq_rel);
   const bool locked = page.trylock();
   UHMM_CHECK(locked, "free device page was locked");
+}
+
+Status zone_device_folio_init(DevicePage& head, unsigned order) {
+  if (order == 0) {
+    if (head.refcount() != 0) return Status::error(EINVAL, "device page in use");
+    zone_device_page_init(head);
+    return Status::ok();
+  }
+  if (order != kDeviceFolioOrder) return Status::error(EINVAL, "device folios are of order 0 or 9");
+  const std::uint64_t pages = std::uint64_t{1} << order;
+  if (head.pfn().value % pages != 0) return Status::error(EINVAL, "device folio head not aligned to its size");
+  if (head.index() + pages > head.pagemap().range().count.value)
+    return Status::error(EINVAL, "device folio past the end of its page map");
+  DevicePagemap& map = head.pagemap();
+  for (std::uint64_t k = 0; k < pages; ++k)
+    if (map.page_at(head.index() + k).refcount() != 0) return Status::error(EINVAL, "device folio page in use");
+  for (std::uint64_t k = 0; k < pages; ++k) zone_device_page_init(map.page_at(head.index() + k));
+  return Status::ok();
 }
 
 // ---- DevicePagemap ---------------------------------------------------------

@@ -557,6 +557,13 @@ Status alloc_system_pages(AddressSpace& as, std::span<std::uint64_t> pfns_out) {
   return Status::ok();
 }
 
+Status alloc_system_huge_page(AddressSpace& as, std::uint64_t* pfn_out) {
+  VirtAddr block;
+  if (Status s = as.impl().staging.take_block(true, &block); !s) return s;
+  *pfn_out = block.value >> kPageShift;
+  return Status::ok();
+}
+
 void free_system_pages(AddressSpace& as, std::span<const std::uint64_t> pfns) {
   for (std::uint64_t pfn : pfns) {
     const VirtAddr a{pfn << kPageShift};
@@ -567,6 +574,101 @@ void free_system_pages(AddressSpace& as, std::span<const std::uint64_t> pfns) {
 // ---- migrate_vma -----------------------------------------------------------
 
 namespace {
+// What setup hands on to pages and finalize (MigrateVma::internal_pin).
+struct MigrateState {
+  mm::RegionPin pin;
+  // SELECT_COMPOUND: the caller's arrays hold one entry per whole 2 MiB
+  // unit, as the kernel's do (docs/migration.md, "Large pages"); pages and
+  // finalize work on these copies, one entry a page.  Empty when setup made
+  // no COMPOUND entry.  `dst` is filled by expand_destinations.
+  std::vector<std::uint64_t> src, dst;
+  std::vector<std::uint64_t> units;  // index of each COMPOUND entry
+  std::vector<bool> split;           // per unit: its destinations are base pages
+};
+
+MigrateState& state_of(const MigrateVma& m) { return *static_cast<MigrateState*>(m.internal_pin); }
+
+void hand_on(MigrateVma& m, mm::RegionPin pin) { m.internal_pin = new MigrateState{std::move(pin), {}, {}, {}, {}}; }
+
+void end_state(MigrateVma& m) {
+  delete static_cast<MigrateState*>(m.internal_pin);
+  m.internal_pin = nullptr;
+}
+
+// Entry k of the 2 MiB unit a COMPOUND entry stands for.
+std::uint64_t unit_entry(std::uint64_t compound, std::uint64_t k) {
+  const std::uint64_t base = compound & ~MIGRATE_PFN_COMPOUND;
+  return entry_valid(base) ? base + (k << MIGRATE_PFN_SHIFT) : base;
+}
+
+// Whether the 512 pages a large entry (source or destination) names are one
+// large page: the pfn a multiple of 512, and all of them in one place (the
+// staging pool, or one device page map).
+bool names_large_page(AddressSpace::Impl& as, std::uint64_t e) {
+  if (!entry_valid(e)) return false;
+  const std::uint64_t pfn = migrate_pfn_to_pfn(e);
+  if (pfn % kPagesPerHugePage != 0) return false;
+  if (!is_device_pfn(pfn)) {
+    const VirtAddr first{pfn << kPageShift};
+    return as.staging.contains(first) && as.staging.contains(first + (kHugePageSize - kPageSize));
+  }
+  const DevicePage* head = DevicePagemap::page_from_pfn(DevicePfn{pfn});
+  const DevicePage* last = DevicePagemap::page_from_pfn(DevicePfn{pfn + kPagesPerHugePage - 1});
+  return head != nullptr && last != nullptr && &head->pagemap() == &last->pagemap() &&
+         head->pagemap().type() == PagemapType::kPrivate;
+}
+
+// SELECT_COMPOUND: every whole aligned 2 MiB unit of the range that setup
+// collected as one piece becomes one COMPOUND entry, the rest of its
+// entries 0: 512 holes, the 512 pages of one 2 MiB staging block (where a
+// huge page moves whole; 512 small pages that moved together too), or the
+// 512 pages of one large device-private page.  The per-page entries stay
+// in the state.
+void make_compound_entries(MigrateVma& m, AddressSpace::Impl& as, MigrateState& st) {
+  const std::uint64_t n = m.npages;
+  for (std::uint64_t i = 0; i + kPagesPerHugePage <= n; ++i) {
+    const VirtAddr addr = m.start + i * kPageSize;
+    if (!addr.huge_aligned()) {
+      i += (addr.huge_down() + kHugePageSize - addr) / kPageSize - 1;
+      continue;
+    }
+    const std::uint64_t first = m.src[i];
+    bool whole = entry_migrating(first) && (!entry_valid(first) || names_large_page(as, first));
+    for (std::uint64_t k = 1; whole && k < kPagesPerHugePage; ++k) whole = m.src[i + k] == unit_entry(first, k);
+    if (whole) {
+      if (st.src.empty()) st.src.assign(m.src, m.src + n);
+      st.units.push_back(i);
+      m.src[i] = first | MIGRATE_PFN_COMPOUND;
+      std::fill_n(m.src + i + 1, kPagesPerHugePage - 1, 0);
+    }
+    i += kPagesPerHugePage - 1;
+  }
+  st.split.assign(st.units.size(), false);
+}
+
+// The destinations of the units, one entry a page, from what the driver
+// wrote: a COMPOUND destination gives each page its page of the large page;
+// one that is not (a base page in dst[i], and the others in dst[i + k])
+// splits the unit, and the caller's src[] gets the unit's entries back, as
+// the kernel splits a large source for small destinations; 0 leaves the
+// whole unit.  Entries outside the units are the caller's.
+void expand_destinations(MigrateVma& m, AddressSpace::Impl& as, MigrateState& st) {
+  st.dst.assign(m.dst, m.dst + m.npages);
+  for (std::size_t u = 0; u < st.units.size(); ++u) {
+    const std::uint64_t i = st.units[u];
+    const std::uint64_t d = m.dst[i];
+    if (entry_valid(d) && !(d & MIGRATE_PFN_COMPOUND)) {
+      st.split[u] = true;
+      for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) m.src[i + k] = st.src[i + k];
+      as.stats.add(Counter::thp_migration_split);
+      continue;
+    }
+    const bool large = (d & MIGRATE_PFN_COMPOUND) && names_large_page(as, d);
+    for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) st.dst[i + k] = large ? unit_entry(d, k) : 0;
+    if (!large) release_unused_dst(&as, d & ~MIGRATE_PFN_COMPOUND);
+  }
+}
+
 // A shared or file-backed range: its pages belong to the object, whose
 // backend collects and places them (docs/adr/0006-file-cache.md, "Device
 // pages").  Mirrors of this mapping hear of the migration here; the
@@ -578,7 +680,7 @@ Status setup_backed(MigrateVma& m, AddressSpace::Impl& as, mm::RegionPin pin) {
   std::fill_n(m.src, n, 0);
   std::fill_n(m.dst, n, 0);
   if (pin->closing.load()) {
-    m.internal_pin = new mm::RegionPin(std::move(pin));
+    hand_on(m, std::move(pin));
     as.migration_begin(/*for_fault=*/false);
     return Status::ok();
   }
@@ -587,7 +689,7 @@ Status setup_backed(MigrateVma& m, AddressSpace::Impl& as, mm::RegionPin pin) {
   as.migration_begin(/*for_fault=*/false);
   const std::uint64_t offset = pin->backend_offset + (m.start - pin->info.start);
   m.cpages = pin->backend->migrate_collect(as, m, offset, pin->info.prot);
-  m.internal_pin = new mm::RegionPin(std::move(pin));
+  hand_on(m, std::move(pin));
   return Status::ok();
 }
 
@@ -924,36 +1026,87 @@ Status migrate_vma_setup(MigrateVma& m) {
 
   as.close_install_window();
 
+  hand_on(m, std::move(pin));
+  if (m.flags & MIGRATE_VMA_SELECT_COMPOUND) make_compound_entries(m, as, state_of(m));
   for (std::uint64_t i = 0; i < n; ++i)
     if (entry_migrating(m.src[i])) ++m.cpages;
-  m.internal_pin = new mm::RegionPin(std::move(pin));
   return Status::ok();
 }
+
+namespace {
+// migrate_vma_pages for one entry: whether destination `d` takes source `s`
+// at `addr`.  A hole is filled only if it is still unpopulated: its entry
+// is locked here (its value before in *hole_before).
+bool destination_taken(AddressSpace::Impl& as, std::uint64_t s, std::uint64_t d, VirtAddr addr, bool backed,
+                       PageEntry* hole_before) {
+  if (!entry_valid(d)) return false;
+  if (is_system_entry(d) && !as.staging.contains(system_page_address(d))) return false;
+  if (is_device_entry(d) && (migrate_pfn_to_device_page(d) == nullptr || frame_left_in_place(s))) return false;
+  if (entry_valid(s) || backed) return true;
+  mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
+  if (!mm::try_lock_entry(*slot, hole_before)) return false;
+  if (hole_before->state() != PageState::kNone) {
+    as.unlock_and_wake(*slot, *hole_before, addr);
+    return false;
+  }
+  return true;
+}
+
+// Pages for one entry per page (src and dst may be the state's copies).
+void take_destinations(MigrateVma& m, AddressSpace::Impl& as, std::uint64_t* src, const std::uint64_t* dst,
+                       std::uint64_t first, std::uint64_t end, bool backed) {
+  PageEntry before;
+  for (std::uint64_t i = first; i < end; ++i) {
+    if (entry_migrating(src[i]) && !destination_taken(as, src[i], dst[i], m.start + i * kPageSize, backed, &before))
+      src[i] &= ~MIGRATE_PFN_MIGRATE;
+  }
+}
+
+// Pages for a unit that stays whole: all of its pages migrate, or none.
+void take_large_destination(MigrateVma& m, AddressSpace::Impl& as, MigrateState& st, std::uint64_t i) {
+  if (!entry_migrating(st.src[i])) return;
+  std::vector<PageEntry> before(kPagesPerHugePage);
+  std::uint64_t k = 0;
+  while (k < kPagesPerHugePage &&
+         destination_taken(as, st.src[i + k], st.dst[i + k], m.start + (i + k) * kPageSize, false, &before[k]))
+    ++k;
+  if (k == kPagesPerHugePage) return;
+  // A page of a hole unit was populated meanwhile: the holes locked go back.
+  for (std::uint64_t j = 0; j < k; ++j) {
+    if (!entry_valid(st.src[i + j])) {
+      const VirtAddr addr = m.start + (i + j) * kPageSize;
+      as.unlock_and_wake(*as.table.slot(addr.vpn(), false), before[j], addr);
+    }
+  }
+  for (std::uint64_t j = 0; j < kPagesPerHugePage; ++j) st.src[i + j] &= ~MIGRATE_PFN_MIGRATE;
+  m.src[i] &= ~MIGRATE_PFN_MIGRATE;
+}
+}  // namespace
 
 void migrate_vma_pages(MigrateVma& m) {
   if (m.internal_pin == nullptr) return;  // setup failed or was not called
   AddressSpace::Impl& as = m.address_space->impl();
-  mm::Region& region = **static_cast<mm::RegionPin*>(m.internal_pin);
+  MigrateState& st = state_of(m);
+  mm::Region& region = *st.pin;
   const bool backed = region.backend != nullptr;
-  for (std::uint64_t i = 0; i < m.npages; ++i) {
-    if (!entry_migrating(m.src[i])) continue;
-    const std::uint64_t d = m.dst[i];
-    bool ok = entry_valid(d);
-    if (ok && is_system_entry(d)) ok = as.staging.contains(system_page_address(d));
-    if (ok && is_device_entry(d)) ok = migrate_pfn_to_device_page(d) != nullptr && !frame_left_in_place(m.src[i]);
-    if (ok && !entry_valid(m.src[i]) && !backed) {
-      // A hole is filled only if it is still unpopulated.
-      const VirtAddr addr = m.start + i * kPageSize;
-      mm::EntrySlot* slot = as.table.slot(addr.vpn(), true);
-      PageEntry before;
-      if (!mm::try_lock_entry(*slot, &before)) {
-        ok = false;
-      } else if (before.state() != PageState::kNone) {
-        as.unlock_and_wake(*slot, before, addr);
-        ok = false;
+  if (st.units.empty()) {
+    take_destinations(m, as, m.src, m.dst, 0, m.npages, backed);
+  } else {
+    expand_destinations(m, as, st);
+    std::uint64_t i = 0;
+    for (std::size_t u = 0; u <= st.units.size(); ++u) {
+      const std::uint64_t unit = u < st.units.size() ? st.units[u] : m.npages;
+      take_destinations(m, as, st.src.data(), st.dst.data(), i, unit, backed);
+      for (; i < unit; ++i) m.src[i] = st.src[i];
+      if (unit == m.npages) break;
+      if (st.split[u]) {
+        take_destinations(m, as, st.src.data(), st.dst.data(), unit, unit + kPagesPerHugePage, backed);
+        for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) m.src[unit + k] = st.src[unit + k];
+      } else {
+        take_large_destination(m, as, st, unit);
       }
+      i = unit + kPagesPerHugePage;
     }
-    if (!ok) m.src[i] &= ~MIGRATE_PFN_MIGRATE;
   }
   if (backed) region.backend->migrate_commit(as, m, region.backend_offset + (m.start - region.info.start));
   // (The MIGRATE invalidation went out in setup, before anything was
@@ -973,18 +1126,8 @@ PageEntry gone_in_transit(PageEntry installed) {
   return PageEntry::none();
 }
 
-}  // namespace
-
-void migrate_vma_finalize(MigrateVma& m) {
-  if (m.internal_pin == nullptr) return;
-  AddressSpace::Impl& as = m.address_space->impl();
-  if (mm::Region& region = **static_cast<mm::RegionPin*>(m.internal_pin); region.backend) {
-    finalize_backed(m, as, region);
-    delete static_cast<mm::RegionPin*>(m.internal_pin);
-    m.internal_pin = nullptr;
-    as.migration_end();
-    return;
-  }
+// Finalize with one entry a page (m.src and m.dst may be the state's).
+void finalize_entries(const MigrateVma& m, AddressSpace::Impl& as, bool range_gone) {
   Installer installer(as);
   struct Unlock {
     mm::EntrySlot* slot;
@@ -1007,12 +1150,6 @@ void migrate_vma_finalize(MigrateVma& m) {
   std::uint64_t success = 0, fail = 0, to_device = 0, to_ram = 0;
   // unlocks[index_of[i]] is page i's, where it has one.
   std::vector<std::size_t> index_of(m.npages, SIZE_MAX);
-  // The application unmapped the range while it was in transit and uhmm has
-  // processed that: only holes can still be held then (it waited for every
-  // page-holding entry), locked after its sweep; they stay holes
-  // (process_unmap sweeps again once the region is closed, so a hole locked
-  // before that is dropped there, one locked after sees the flag here).
-  const bool range_gone = (*static_cast<mm::RegionPin*>(m.internal_pin))->closing.load(std::memory_order_acquire);
 
   for (std::uint64_t i = 0; i < m.npages; ++i) {
     const std::uint64_t s = m.src[i];
@@ -1100,9 +1237,31 @@ void migrate_vma_finalize(MigrateVma& m) {
   for (DevicePage* page : old_device_pages) release_old_device_page(page, m.fault_page);
   for (const mm::SlotRun& r : freed_staging) as.staging.give_back_ready(r.start, r.pages);
   if (wake_now) installer.wake();
+}
+}  // namespace
 
-  delete static_cast<mm::RegionPin*>(m.internal_pin);
-  m.internal_pin = nullptr;
+void migrate_vma_finalize(MigrateVma& m) {
+  if (m.internal_pin == nullptr) return;
+  AddressSpace::Impl& as = m.address_space->impl();
+  MigrateState& st = state_of(m);
+  if (st.pin->backend) {
+    finalize_backed(m, as, *st.pin);
+  } else {
+    MigrateVma per_page = m;
+    if (!st.units.empty()) {
+      if (st.dst.empty()) expand_destinations(m, as, st);  // migrate_vma_pages was not called
+      per_page.src = st.src.data();
+      per_page.dst = st.dst.data();
+    }
+    // The application unmapped the range while it was in transit and uhmm
+    // has processed that: only holes can still be held then (it waited for
+    // every page-holding entry), locked after its sweep; they stay holes
+    // (process_unmap sweeps again once the region is closed, so a hole
+    // locked before that is dropped there, one locked after sees the flag
+    // here).
+    finalize_entries(per_page, as, st.pin->closing.load(std::memory_order_acquire));
+  }
+  end_state(m);
   as.migration_end();
 }
 

@@ -94,6 +94,33 @@ class TestDriver {
     return &page;
   }
 
+  /// Takes 512 free pages that make one large device page
+  /// (zone_device_folio_init): the head, or nullptr if no aligned run of
+  /// free pages is left.
+  DevicePage* alloc_large() {
+    const std::uint64_t first_pfn = map_->range().first.value;
+    std::uint64_t head = npages_;
+    {
+      std::lock_guard lock(mutex_);
+      for (std::uint64_t h = (kPagesPerHugePage - first_pfn % kPagesPerHugePage) % kPagesPerHugePage;
+           h + kPagesPerHugePage <= npages_ && head == npages_; h += kPagesPerHugePage) {
+        bool free = true;
+        for (std::uint64_t k = 0; k < kPagesPerHugePage && free; ++k) free = !allocated_[h + k];
+        if (free) head = h;
+      }
+      if (head == npages_) return nullptr;
+      std::erase_if(free_, [&](std::uint64_t i) { return i >= head && i < head + kPagesPerHugePage; });
+      for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) {
+        allocated_[head + k] = true;
+        ++allocs_[head + k];
+      }
+    }
+    DevicePage& page = map_->page_at(head);
+    const Status s = zone_device_folio_init(page, kDeviceFolioOrder);
+    EXPECT_TRUE(s.is_ok()) << s.to_string();
+    return &page;
+  }
+
   std::size_t free_pages() const {
     std::lock_guard lock(mutex_);
     return free_.size();
@@ -246,6 +273,14 @@ struct RawMigration {
     args.pgmap_owner = owner;
     args.flags = flags;
   }
+  // A test that stops early (a failed ASSERT) still ends the migration, so
+  // that tearing the address space down does not wait for its entries.
+  ~RawMigration() {
+    if (args.internal_pin != nullptr) migrate_vma_finalize(args);
+  }
+  RawMigration(const RawMigration&) = delete;
+  RawMigration& operator=(const RawMigration&) = delete;
+
   Status setup() { return setup_status = migrate_vma_setup(args); }
   void pages_and_finalize() {
     migrate_vma_pages(args);
