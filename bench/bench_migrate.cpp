@@ -13,12 +13,15 @@
 // Environment: UHMM_BENCH_BYTES (default 256MiB, rounded up to 2 MiB),
 //              UHMM_BENCH_FAULT_THREADS (AddressSpaceOptions::fault_threads;
 //              unset: the library's default),
-//              UHMM_BENCH_ITERS (default 20).
+//              UHMM_BENCH_ITERS (default 20),
+//              UHMM_BENCH_LARGE_PAGES (0 or 1: SimDeviceOptions::large_pages;
+//              unset: the device's default).
 #include <benchmark/benchmark.h>
 #include <sys/mman.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -68,6 +71,8 @@ void BM_ExplicitMigration(benchmark::State& state) {
   sim::SimDeviceOptions dopt;
   dopt.memory_bytes = bytes + kHugePageSize;
   dopt.warm_memory = true;
+  if (std::getenv("UHMM_BENCH_LARGE_PAGES") != nullptr)
+    dopt.large_pages = env_count("UHMM_BENCH_LARGE_PAGES", 0) != 0;
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
 
   const VirtAddr base = check(as->map(bytes), "map");

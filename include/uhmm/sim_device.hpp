@@ -89,6 +89,16 @@ struct SimDeviceOptions {
   std::size_t prefetch_blocks = 2;
   std::size_t prefetch_max_blocks = 32;
   FilePages file_pages = FilePages::kCopiedBack;
+  /// Explicit migrations (and prefetch) ask for MIGRATE_VMA_SELECT_COMPOUND
+  /// (docs/migration.md, "Large pages"): a whole 2 MiB unit goes to one
+  /// large device page (one allocation, zone_device_folio_init) when the
+  /// device has an aligned free 2 MiB, to base pages otherwise (or when the
+  /// large allocation fails), and a unit still whole comes back into one
+  /// 2 MiB system page.  A copy failure anywhere in a large page leaves the
+  /// whole unit where it was.  kPrivate memory only.  Large pages make
+  /// explicit migration faster (docs/performance.md); CPU faults still
+  /// bring pages back as base pages (fault-around fills the unit).
+  bool large_pages = true;
 };
 
 /// Fault injection, for tests: each knob fires once per arming.
@@ -224,7 +234,11 @@ class SimDevice {
  private:
   SimDevice(SimDeviceOptions options);
   Status init();
+  /// Whether a fault injection knob fails this allocation (counted).
+  bool injected_alloc_failure(FaultInjection* client_faults);
   DevicePage* alloc_page(FaultInjection* client_faults);
+  /// 512 aligned free pages as one large page (their head), or nullptr.
+  DevicePage* alloc_large_page(FaultInjection* client_faults);
   void free_page(DevicePage& page);
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   Status copy_to_pagecache(DevicePage& page, std::span<std::byte> dst);
@@ -242,7 +256,7 @@ class SimDevice {
   Status mirrored_access(AddressSpace& as, VirtAddr first_page, std::size_t npages, Need need, Fn&& fn);
   struct Transfer;
   bool prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r);
-  bool complete(Transfer& t, std::span<const std::uint64_t> src, std::span<std::uint64_t> dst, AddressSpace& as);
+  bool complete(Transfer& t, std::span<std::uint64_t> dst, AddressSpace& as);
   bool copy_to_system(std::span<std::uint64_t> src, std::span<std::uint64_t> dst, bool may_skip,
                       AddressSpace& as);
 

@@ -37,6 +37,7 @@ namespace uhmm {
   X(device_pages_dropped, "device pages released because their range was unmapped or discarded") \
   X(device_page_free, "device pages freed (page_free calls)")                           \
   X(device_alloc_fail, "device page allocations that failed")                           \
+  X(device_large_fallback, "2 MiB units a device took as base pages (no large page)")   \
   X(dma_copy_fail, "device copies that failed")                                         \
   X(dma_bytes_to_device, "bytes copied by DMA into device memory")                      \
   X(dma_bytes_from_device, "bytes copied by DMA out of device memory")                  \

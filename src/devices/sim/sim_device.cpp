@@ -105,6 +105,21 @@ struct SimDevice::FreeList {
     if (index) --free_pages;
     return index;
   }
+  // 512 free pages making one large page: aligned in pfns and in one
+  // chunk (page numbers line up with pfns only where the chunks before
+  // are whole 2 MiB units, so the first fit is checked).
+  DevicePage* take_large() UHMM_REQUIRES(mutex) {
+    const std::optional<std::uint64_t> index = runs.take_aligned(kPagesPerHugePage, kPagesPerHugePage);
+    if (!index) return nullptr;
+    DevicePage& head = page(*index);
+    if (head.pfn().value % kPagesPerHugePage != 0 ||
+        head.index() + kPagesPerHugePage > head.pagemap().range().count.value) {
+      runs.add(*index, *index + kPagesPerHugePage);
+      return nullptr;
+    }
+    free_pages -= kPagesPerHugePage;
+    return &head;
+  }
   void give(std::uint64_t index) {
     MutexLock lock(mutex);
     runs.add(index, index + 1);
@@ -451,11 +466,14 @@ std::byte* SimDevice::page_memory(const DevicePage& page) {
   return chunk_of(page).arena + page.index() * kPageSize;
 }
 
+bool SimDevice::injected_alloc_failure(FaultInjection* client_faults) {
+  if ((client_faults == nullptr || !client_faults->should_fail_alloc()) && !faults_.should_fail_alloc()) return false;
+  stats_.add(Counter::device_alloc_fail);
+  return true;
+}
+
 DevicePage* SimDevice::alloc_page(FaultInjection* client_faults) {
-  if ((client_faults != nullptr && client_faults->should_fail_alloc()) || faults_.should_fail_alloc()) {
-    stats_.add(Counter::device_alloc_fail);
-    return nullptr;
-  }
+  if (injected_alloc_failure(client_faults)) return nullptr;
   DevicePage* page = nullptr;
   {
     FreeList& fl = *free_list_;
@@ -479,6 +497,21 @@ DevicePage* SimDevice::alloc_page(FaultInjection* client_faults) {
   return page;
 }
 
+DevicePage* SimDevice::alloc_large_page(FaultInjection* client_faults) {
+  if (injected_alloc_failure(client_faults)) return nullptr;
+  DevicePage* head = nullptr;
+  {
+    FreeList& fl = *free_list_;
+    MutexLock lock(fl.mutex);
+    head = fl.take_large();
+  }
+  // No aligned free 2 MiB: not a failure, the unit goes to base pages.
+  if (head == nullptr) return nullptr;
+  const Status s = zone_device_folio_init(*head, kDeviceFolioOrder);
+  UHMM_CHECK(s.is_ok(), "free device pages in use");
+  return head;
+}
+
 void SimDevice::free_page(DevicePage& page) {
   stats_.add(Counter::device_page_free);
   free_list_->give(chunk_of(page).first_index + page.index());
@@ -495,71 +528,131 @@ Status SimDevice::copy_to_pagecache(DevicePage& page, std::span<std::byte> dst) 
   return Status::ok();
 }
 
+namespace {
+// The 512 pfns of the 2 MiB system page starting at `first`.
+std::vector<std::uint64_t> large_pfns(std::uint64_t first) {
+  std::vector<std::uint64_t> pfns(kPagesPerHugePage);
+  for (std::size_t k = 0; k < kPagesPerHugePage; ++k) pfns[k] = first + k;
+  return pfns;
+}
+}  // namespace
+
 // One batch's device copy, in three steps: prepare (allocate destinations
 // and list the copies), run (the DMA engine), complete (write dst[] for the
 // pages that copied; give back the destinations of those that did not).
+// Each destination is one page, or one 2 MiB large page for a COMPOUND
+// entry, copied as 512 page ops in a row (the engine coalesces them).
 struct SimDevice::Transfer {
   bool to_device = true;
   std::vector<CopyOp> ops;
-  std::vector<std::size_t> index;          // ops[k] is for entry index[k]
-  std::vector<DevicePage*> device_pages;   // destinations, to the device
-  std::vector<std::uint64_t> system_pfns;  // destinations, to system memory
+  struct Destination {
+    std::size_t entry;           // dst[entry] gets it
+    std::size_t first_op, nops;  // its copies: ops[first_op, first_op + nops)
+    DevicePage* device_page;     // to the device (a large page's head)
+    std::uint64_t system_pfn;    // to system memory (a large page's first)
+    bool writable;
+  };
+  std::vector<Destination> dests;
   FaultInjection* client_faults = nullptr;  // to the device: see migrate_to_device
 };
 
 bool SimDevice::prepare(Transfer& t, std::span<const std::uint64_t> src, AddressSpace& as, MigrateReport* r) {
+  // One destination of `pages` pages for entry `entry`, its data at `from`
+  // (nullptr: zeros) going to `to`.
+  auto add = [&t](std::size_t entry, std::size_t pages, const std::byte* from, std::byte* to, DevicePage* page,
+                  std::uint64_t pfn, bool writable) {
+    t.dests.push_back(Transfer::Destination{entry, t.ops.size(), pages, page, pfn, writable});
+    for (std::size_t k = 0; k < pages; ++k)
+      t.ops.push_back(CopyOp{from == nullptr ? nullptr : from + k * kPageSize, to + k * kPageSize});
+  };
   if (t.to_device) {
     for (std::size_t i = 0; i < src.size(); ++i) {
       if (!(src[i] & MIGRATE_PFN_MIGRATE)) continue;
-      DevicePage* page = alloc_page(t.client_faults);
-      if (page == nullptr) continue;  // out of device memory: stays on the CPU
       const bool hole = !(src[i] & MIGRATE_PFN_VALID);
-      if (hole && r != nullptr) ++r->holes;
-      t.ops.push_back(CopyOp{hole ? nullptr : static_cast<const std::byte*>(migrate_pfn_to_host(src[i])),
-                             page_memory(*page)});
-      t.index.push_back(i);
-      t.device_pages.push_back(page);
+      const bool writable = hole || (src[i] & MIGRATE_PFN_WRITE);
+      const auto* from = static_cast<const std::byte*>(migrate_pfn_to_host(src[i]));
+      const std::size_t pages = (src[i] & MIGRATE_PFN_COMPOUND) ? kPagesPerHugePage : 1;
+      if (hole && r != nullptr) r->holes += pages;
+      if (pages > 1) {
+        if (DevicePage* head = alloc_large_page(t.client_faults); head != nullptr) {
+          add(i, pages, from, page_memory(*head), head, 0, writable);
+          continue;
+        }
+        stats_.add(Counter::device_large_fallback);
+      }
+      // Base pages (a COMPOUND entry's unit is split; pages fills in its
+      // source entries).
+      for (std::size_t k = 0; k < pages; ++k) {
+        DevicePage* page = alloc_page(t.client_faults);
+        if (page == nullptr) continue;  // out of device memory: stays on the CPU
+        add(i + k, 1, from == nullptr ? nullptr : from + k * kPageSize, page_memory(*page), page, 0, writable);
+      }
     }
     return true;
   }
-  for (std::size_t i = 0; i < src.size(); ++i)
-    if ((src[i] & MIGRATE_PFN_MIGRATE) && (src[i] & MIGRATE_PFN_VALID)) t.index.push_back(i);
-  t.system_pfns.resize(t.index.size());
-  if (!t.index.empty() && !alloc_system_pages(as, t.system_pfns).is_ok()) {
-    t.index.clear();
-    t.system_pfns.clear();
+  std::vector<std::size_t> entries;  // base entries that need a system page
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    if (!(src[i] & MIGRATE_PFN_MIGRATE) || !(src[i] & MIGRATE_PFN_VALID)) continue;
+    const std::byte* from = page_memory(*migrate_pfn_to_device_page(src[i]));
+    if (src[i] & MIGRATE_PFN_COMPOUND) {
+      std::uint64_t pfn = 0;
+      if (alloc_system_huge_page(as, &pfn).is_ok()) {
+        add(i, kPagesPerHugePage, from, reinterpret_cast<std::byte*>(pfn << kPageShift), nullptr, pfn, true);
+        continue;
+      }
+      for (std::size_t k = 0; k < kPagesPerHugePage; ++k) entries.push_back(i + k);
+      continue;
+    }
+    entries.push_back(i);
+  }
+  std::vector<std::uint64_t> pfns(entries.size());
+  if (!entries.empty() && !alloc_system_pages(as, pfns).is_ok()) {
+    for (const Transfer::Destination& d : t.dests) free_system_pages(as, large_pfns(d.system_pfn));
+    t.dests.clear();
+    t.ops.clear();
     return false;
   }
-  for (std::size_t k = 0; k < t.index.size(); ++k) {
-    DevicePage* page = migrate_pfn_to_device_page(src[t.index[k]]);
-    t.ops.push_back(CopyOp{page_memory(*page), reinterpret_cast<std::byte*>(t.system_pfns[k] << kPageShift)});
+  for (std::size_t k = 0; k < entries.size(); ++k) {
+    // A split unit's pages lie after its head, in the unit's large page.
+    const std::size_t e = entries[k];
+    std::size_t head = e;
+    while (src[head] == 0) --head;
+    const std::byte* from = page_memory(*migrate_pfn_to_device_page(src[head])) + (e - head) * kPageSize;
+    add(e, 1, from, reinterpret_cast<std::byte*>(pfns[k] << kPageShift), nullptr, pfns[k], true);
   }
   return true;
 }
 
-bool SimDevice::complete(Transfer& t, std::span<const std::uint64_t> src, std::span<std::uint64_t> dst,
-                         AddressSpace& as) {
+bool SimDevice::complete(Transfer& t, std::span<std::uint64_t> dst, AddressSpace& as) {
   bool all_ok = true;
-  for (std::size_t k = 0; k < t.ops.size(); ++k) {
-    if (!t.ops[k].ok) {
+  for (const Transfer::Destination& d : t.dests) {
+    bool ok = true;
+    for (std::size_t k = d.first_op; k < d.first_op + d.nops; ++k) ok = ok && t.ops[k].ok;
+    const bool large = d.nops > 1;
+    if (!ok) {
       stats_.add(Counter::dma_copy_fail);
       all_ok = false;
       if (t.to_device) {
-        t.device_pages[k]->unlock();
-        t.device_pages[k]->put();  // back to the free list; the source is untouched
+        // Back to the free list, every page of a large one; the source is untouched.
+        for (std::size_t k = 0; k < d.nops; ++k) {
+          DevicePage& page = d.device_page->pagemap().page_at(d.device_page->index() + k);
+          page.unlock();
+          page.put();
+        }
+      } else if (large) {
+        free_system_pages(as, large_pfns(d.system_pfn));
       } else {
-        free_system_pages(as, std::span<const std::uint64_t>(&t.system_pfns[k], 1));
+        free_system_pages(as, std::span<const std::uint64_t>(&d.system_pfn, 1));
       }
       continue;
     }
+    const std::uint64_t compound = large ? MIGRATE_PFN_COMPOUND : 0;
     if (t.to_device) {
-      stats_.add(Counter::dma_bytes_to_device, kPageSize);
-      const std::uint64_t s = src[t.index[k]];
-      const bool writable = (s & MIGRATE_PFN_WRITE) || !(s & MIGRATE_PFN_VALID);
-      dst[t.index[k]] = migrate_pfn(t.device_pages[k]->pfn()) | (writable ? MIGRATE_PFN_WRITE : 0);
+      stats_.add(Counter::dma_bytes_to_device, d.nops * kPageSize);
+      dst[d.entry] = migrate_pfn(d.device_page->pfn()) | compound | (d.writable ? MIGRATE_PFN_WRITE : 0);
     } else {
-      stats_.add(Counter::dma_bytes_from_device, kPageSize);
-      dst[t.index[k]] = migrate_pfn(t.system_pfns[k]);
+      stats_.add(Counter::dma_bytes_from_device, d.nops * kPageSize);
+      dst[d.entry] = migrate_pfn(d.system_pfn) | compound;
     }
   }
   return all_ok;
@@ -571,7 +664,7 @@ bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint
   t.to_device = false;
   if (!prepare(t, src, as, nullptr)) return false;
   dma_->copy(t.ops);
-  return complete(t, src, dst, as) || may_skip;
+  return complete(t, dst, as) || may_skip;
 }
 
 Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
@@ -595,10 +688,10 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
   std::unique_ptr<InFlight> previous;
   auto commit = [&](InFlight& f) {
     f.copied.wait();
-    (void)complete(f.transfer, f.mig->src(), f.mig->dst(), as);
+    (void)complete(f.transfer, f.mig->dst(), as);
     f.mig->pages();
     for (std::uint64_t s : f.mig->src())
-      if (s & MIGRATE_PFN_MIGRATE) ++report.pages_migrated;
+      if (s & MIGRATE_PFN_MIGRATE) report.pages_migrated += (s & MIGRATE_PFN_COMPOUND) ? kPagesPerHugePage : 1;
     f.mig->finalize();
   };
   const std::size_t batch = options_.batch_pages * kPageSize;
@@ -610,8 +703,11 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     auto flight = std::make_unique<InFlight>();
     const std::uint32_t back = options_.memory_type == PagemapType::kCoherent ? MIGRATE_VMA_SELECT_DEVICE_COHERENT
                                                                               : MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+    const std::uint32_t large = options_.large_pages && options_.memory_type == PagemapType::kPrivate
+                                    ? std::uint32_t{MIGRATE_VMA_SELECT_COMPOUND}
+                                    : std::uint32_t{0};
     flight->mig = std::make_unique<ScopedMigrateVma>(as, cur, next, owner(),
-                                                     to_device ? MIGRATE_VMA_SELECT_SYSTEM : back);
+                                                     (to_device ? MIGRATE_VMA_SELECT_SYSTEM : back) | large);
     if (Status s = flight->mig->setup(); !s) {
       failed = s;
       break;

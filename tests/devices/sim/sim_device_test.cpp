@@ -39,10 +39,13 @@ struct SimDeviceTest : ::testing::Test {
     dev.reset();
     as.reset();
   }
-  void make_device(std::size_t bytes) {
+  // Base pages unless asked: most tests here count allocations and copy
+  // failures page by page.
+  void make_device(std::size_t bytes, bool large_pages = false) {
     dev.reset();
     sim::SimDeviceOptions o;
     o.memory_bytes = bytes;
+    o.large_pages = large_pages;
     o.warm_memory = false;
     auto dev_r = sim::SimDevice::create(o);
     ASSERT_TRUE(dev_r.is_ok()) << dev_r.status().to_string();
@@ -283,6 +286,99 @@ TEST_F(SimDeviceTest, FailAllAllocsLeavesEverythingOnTheCpu) {
   ASSERT_TRUE(again.is_ok());
   EXPECT_EQ(again->pages_migrated, n);
   EXPECT_TRUE(range_has_pattern(base, n));
+}
+
+// ---- large pages (SimDeviceOptions::large_pages) ----------------------------
+
+// Whether the device pages at [base, base + 512 pages) are one large page:
+// consecutive pfns from a 2 MiB-aligned head.
+bool one_large_page(const AddressSpace& as, VirtAddr base) {
+  const DevicePage* head = as.page_info(base).device_page;
+  if (head == nullptr || head->pfn().value % kPagesPerHugePage != 0) return false;
+  for (std::size_t k = 1; k < kPagesPerHugePage; ++k) {
+    const DevicePage* p = as.page_info(base + k * kPageSize).device_page;
+    if (p == nullptr || p->pfn() != head->pfn() + k) return false;
+  }
+  return true;
+}
+
+TEST_F(SimDeviceTest, LargePagesTakeWholeUnitsAndRoundTripsKeepEveryByte) {
+  make_device(kDeviceBytes, /*large_pages=*/true);
+  constexpr std::size_t kRegionPages = 1536;  // three units
+  const VirtAddr base = map_bytes(kRegionPages * kPageSize);
+  ASSERT_TRUE(base.huge_aligned());
+  fill(base, kRegionPages, 77);
+  // Unaligned at both ends: a piece of unit 0, unit 1 whole, a piece of unit 2.
+  const VirtAddr start = base + 17 * kPageSize;
+  const std::size_t pages = 1300;
+  auto to = dev->migrate_to_device(*as, start, pages * kPageSize);
+  ASSERT_TRUE(to.is_ok()) << to.status().to_string();
+  EXPECT_EQ(to->pages_migrated, pages);
+  EXPECT_EQ(count_states(*as, base, kRegionPages).device, pages);
+  EXPECT_TRUE(one_large_page(*as, base + kHugePageSize)) << "the whole unit went to one large page";
+  EXPECT_EQ(dev->free_pages(), kDevicePages - pages);
+  EXPECT_EQ(dev->stats().get(Counter::device_large_fallback), 0u);
+  EXPECT_EQ(dev->stats().get(Counter::dma_bytes_to_device), pages * kPageSize);
+  UHMM_EXPECT_INVARIANTS(*as);
+
+  auto back = dev->migrate_to_system(*as, start, pages * kPageSize);
+  ASSERT_TRUE(back.is_ok()) << back.status().to_string();
+  EXPECT_EQ(back->pages_migrated, pages);
+  EXPECT_EQ(count_states(*as, base, kRegionPages).system, kRegionPages);
+  EXPECT_EQ(dev->free_pages(), kDevicePages);
+  EXPECT_EQ(dev->stats().get(Counter::dma_bytes_from_device), pages * kPageSize);
+  EXPECT_EQ(dev->stats().get(Counter::device_page_free), pages) << "page_free once per page";
+  EXPECT_EQ(counter(Counter::device_private_faults), 0u);
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(range_has_pattern(base, kRegionPages, 77));
+}
+
+TEST_F(SimDeviceTest, AFailedLargeAllocationFallsBackToBasePages) {
+  make_device(kDeviceBytes, /*large_pages=*/true);
+  const VirtAddr base = map_bytes(kHugePageSize);
+  fill(base, kPagesPerHugePage, 5);
+  dev->faults().fail_alloc_after(0);  // the large page's allocation
+  auto to = dev->migrate_to_device(*as, base, kHugePageSize);
+  ASSERT_TRUE(to.is_ok());
+  EXPECT_EQ(to->pages_migrated, kPagesPerHugePage) << "a large source falls back to small pages";
+  EXPECT_EQ(count_states(*as, base, kPagesPerHugePage).device, kPagesPerHugePage);
+  EXPECT_EQ(dev->stats().get(Counter::device_alloc_fail), 1u);
+  EXPECT_EQ(dev->stats().get(Counter::device_large_fallback), 1u);
+  EXPECT_EQ(counter(Counter::thp_migration_split), 1u);
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(range_has_pattern(base, kPagesPerHugePage, 5));
+}
+
+TEST_F(SimDeviceTest, WithoutAnAlignedFree2MiBAUnitGoesToBasePages) {
+  make_device(3 << 20, /*large_pages=*/true);  // 768 pages: one aligned 2 MiB
+  const VirtAddr base = map_bytes(2 * kHugePageSize);
+  fill(base, 2 * kPagesPerHugePage, 9);
+  ASSERT_TRUE(dev->migrate_to_device(*as, base + kHugePageSize, kPageSize).is_ok());  // takes device page 0
+  auto to = dev->migrate_to_device(*as, base, kHugePageSize);
+  ASSERT_TRUE(to.is_ok());
+  EXPECT_EQ(to->pages_migrated, kPagesPerHugePage);
+  EXPECT_EQ(dev->stats().get(Counter::device_large_fallback), 1u);
+  EXPECT_EQ(dev->stats().get(Counter::device_alloc_fail), 0u);
+  EXPECT_EQ(dev->free_pages(), 768u - 1 - kPagesPerHugePage);
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(range_has_pattern(base, 2 * kPagesPerHugePage, 9));
+}
+
+TEST_F(SimDeviceTest, ACopyFailureInALargePageLeavesTheWholeUnitIntact) {
+  make_device(kDeviceBytes, /*large_pages=*/true);
+  const VirtAddr base = map_bytes(kHugePageSize);
+  fill(base, kPagesPerHugePage, 31);
+  dev->faults().fail_copy_after(100);
+  auto to = dev->migrate_to_device(*as, base, kHugePageSize);
+  ASSERT_TRUE(to.is_ok());
+  EXPECT_EQ(to->pages_migrated, 0u);
+  EXPECT_EQ(count_states(*as, base, kPagesPerHugePage).system, kPagesPerHugePage);
+  EXPECT_EQ(dev->stats().get(Counter::dma_copy_fail), 1u);
+  ASSERT_TRUE(test::settles_to(dev->pagemap(), 0));
+  EXPECT_EQ(dev->free_pages(), kDevicePages);
+  EXPECT_EQ(counter(Counter::device_private_faults), 0u);
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(range_has_pattern(base, kPagesPerHugePage, 31));
 }
 
 TEST_F(SimDeviceTest, FailAllocAfterNSkipsExactlyOnePageMidBatch) {
