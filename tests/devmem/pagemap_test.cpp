@@ -304,6 +304,7 @@ TEST(RequestFreeMemRegion, RangesNeverOverlap) {
     ASSERT_TRUE(r.is_ok()) << r.status().to_string();
     EXPECT_EQ(r->count.value, 1 + (i * 7) % 50);
     EXPECT_TRUE(is_device_pfn(r->first.value));
+    EXPECT_EQ(r->first.value % kPagesPerHugePage, 0u) << "ranges start on 2 MiB boundaries (large pages)";
     got.push_back(*r);
   }
   for (std::size_t i = 0; i < got.size(); ++i)

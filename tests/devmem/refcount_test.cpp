@@ -26,6 +26,50 @@ struct RefcountTest : ::testing::Test {
   std::unique_ptr<DevicePagemap> map;
 };
 
+TEST(FolioInit, TakesAnAlignedLargePageWholeOrNothing) {
+  FreeCounter frees;
+  constexpr std::uint64_t kPages = kPagesPerHugePage + 100;  // one large page fits, at index 0
+  auto m = DevicePagemap::create(valid_config(PagemapType::kPrivate, kPages, &frees));
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  DevicePagemap& map = **m;
+  ASSERT_EQ(map.range().first.value % kPagesPerHugePage, 0u);
+  EXPECT_EQ(zone_device_folio_init(map.page_at(1), kDeviceFolioOrder).code(), EINVAL) << "misaligned head";
+  EXPECT_EQ(zone_device_folio_init(map.page_at(0), 3).code(), EINVAL) << "unsupported order";
+  // A page of the folio in use: refused, and no page taken.
+  zone_device_page_init(map.page_at(300));
+  EXPECT_EQ(zone_device_folio_init(map.page_at(0), kDeviceFolioOrder).code(), EINVAL);
+  EXPECT_EQ(map.page_at(0).refcount(), 0u);
+  EXPECT_EQ(map.pages_in_use(), 1u);
+  map.page_at(300).unlock();
+  map.page_at(300).put();
+  // Order 0 is one page.
+  ASSERT_TRUE(zone_device_folio_init(map.page_at(7), 0).is_ok());
+  EXPECT_EQ(map.pages_in_use(), 1u);
+  EXPECT_EQ(zone_device_folio_init(map.page_at(7), 0).code(), EINVAL) << "in use";
+  map.page_at(7).unlock();
+  map.page_at(7).put();
+  // One that fits: 512 pages, each referenced and locked; page_free for each.
+  ASSERT_TRUE(zone_device_folio_init(map.page_at(0), kDeviceFolioOrder).is_ok());
+  EXPECT_EQ(map.pages_in_use(), kPagesPerHugePage);
+  for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) {
+    DevicePage& p = map.page_at(k);
+    ASSERT_EQ(p.refcount(), 1u) << k;
+    ASSERT_TRUE(p.is_locked()) << k;
+    p.unlock();
+    p.put();
+  }
+  EXPECT_EQ(frees.calls.load(), static_cast<int>(2 + kPagesPerHugePage));
+  EXPECT_EQ(map.pages_in_use(), 0u);
+}
+
+TEST(FolioInit, ALargePagePastTheEndOfItsMapIsRefused) {
+  auto m = DevicePagemap::create(valid_config(PagemapType::kPrivate, kPagesPerHugePage + 100));
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  // Page 512 is aligned, but only 100 pages follow it.
+  EXPECT_EQ(zone_device_folio_init((*m)->page_at(kPagesPerHugePage), kDeviceFolioOrder).code(), EINVAL);
+  EXPECT_EQ((*m)->pages_in_use(), 0u);
+}
+
 TEST_F(RefcountTest, InitMakesRefcountOneAndLocked) {
   DevicePage& p = map->page_at(3);
   EXPECT_EQ(p.refcount(), 0u);

@@ -310,39 +310,5 @@ TEST_F(CompoundTest, ACompoundDestinationThatIsNotALargePageIsRefused) {
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
-TEST_F(CompoundTest, ZoneDeviceFolioInitChecksOrderAlignmentBoundsAndUse) {
-  DevicePagemap& map = drv->pagemap();
-  ASSERT_EQ(map.range().first.value % kUnit, 0u) << "request_free_mem_region hands out aligned ranges";
-  EXPECT_EQ(zone_device_folio_init(map.page_at(1), kDeviceFolioOrder).code(), EINVAL) << "misaligned head";
-  EXPECT_EQ(zone_device_folio_init(map.page_at(0), 3).code(), EINVAL) << "unsupported order";
-  // A page of the folio in use: refused, and no page taken.
-  DevicePage* used = drv->alloc();  // index 0
-  ASSERT_NE(used, nullptr);
-  ASSERT_EQ(used->index(), 0u);
-  EXPECT_EQ(zone_device_folio_init(map.page_at(0), kDeviceFolioOrder).code(), EINVAL);
-  EXPECT_EQ(map.page_at(1).refcount(), 0u);
-  EXPECT_EQ(map.pages_in_use(), 1u);
-  used->unlock();
-  used->put();
-  // Past the end of its map.
-  auto small = TestDriver::create(kUnit + 100);
-  ASSERT_NE(small, nullptr);
-  EXPECT_EQ(zone_device_folio_init(small->pagemap().page_at(kUnit), kDeviceFolioOrder).code(), EINVAL);
-  EXPECT_EQ(small->pagemap().pages_in_use(), 0u);
-  // And one that fits: 512 pages, each referenced and locked.
-  DevicePage* head = small->alloc_large();
-  ASSERT_NE(head, nullptr);
-  EXPECT_EQ(small->pagemap().pages_in_use(), kUnit);
-  for (std::size_t k = 0; k < kUnit; ++k) {
-    DevicePage& p = small->pagemap().page_at(head->index() + k);
-    ASSERT_EQ(p.refcount(), 1u) << k;
-    ASSERT_TRUE(p.is_locked()) << k;
-    p.unlock();
-    p.put();
-  }
-  EXPECT_EQ(small->page_free_calls(), kUnit);
-  EXPECT_TRUE(small->books_balanced());
-}
-
 }  // namespace
 }  // namespace uhmm
