@@ -39,8 +39,8 @@ inline constexpr unsigned MIGRATE_PFN_SHIFT = 6;
 // 511 entries 0.  The driver answers with one COMPOUND destination (a 2 MiB
 // system page, alloc_system_huge_page, or a large device page,
 // zone_device_folio_init), or splits the unit by writing a base page into
-// each of its 512 dst[] entries (pages then fills the unit's src[] entries
-// in), or 0 to leave it.  A unit that stays whole migrates all or nothing.
+// its dst[] entries (pages then fills the unit's src[] entries in), or 0 in
+// all of them to leave it.  A unit that stays whole migrates all or nothing.
 
 // Selection flags (request side; a different type from entry flags).
 enum MigrateSelect : std::uint32_t {

@@ -647,25 +647,28 @@ void make_compound_entries(MigrateVma& m, AddressSpace::Impl& as, MigrateState& 
 }
 
 // The destinations of the units, one entry a page, from what the driver
-// wrote: a COMPOUND destination gives each page its page of the large page;
-// one that is not (a base page in dst[i], and the others in dst[i + k])
-// splits the unit, and the caller's src[] gets the unit's entries back, as
-// the kernel splits a large source for small destinations; 0 leaves the
-// whole unit.  Entries outside the units are the caller's.
+// wrote: a COMPOUND destination in dst[i] gives each page its page of the
+// large page; base pages (in any of dst[i .. i + 511]) split the unit, and
+// the caller's src[] gets the unit's entries back, as the kernel splits a
+// large source for small destinations; all 0 leaves the whole unit.
+// Entries outside the units are the caller's.
 void expand_destinations(MigrateVma& m, AddressSpace::Impl& as, MigrateState& st) {
   st.dst.assign(m.dst, m.dst + m.npages);
   for (std::size_t u = 0; u < st.units.size(); ++u) {
     const std::uint64_t i = st.units[u];
     const std::uint64_t d = m.dst[i];
-    if (entry_valid(d) && !(d & MIGRATE_PFN_COMPOUND)) {
+    if (!(d & MIGRATE_PFN_COMPOUND) &&
+        std::any_of(m.dst + i, m.dst + i + kPagesPerHugePage, [](std::uint64_t e) { return entry_valid(e); })) {
       st.split[u] = true;
       for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) m.src[i + k] = st.src[i + k];
       as.stats.add(Counter::thp_migration_split);
       continue;
     }
     const bool large = (d & MIGRATE_PFN_COMPOUND) && names_large_page(as, d);
-    for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) st.dst[i + k] = large ? unit_entry(d, k) : 0;
     if (!large) release_unused_dst(&as, d & ~MIGRATE_PFN_COMPOUND);
+    // Base pages written after a COMPOUND destination are not used: back.
+    for (std::uint64_t k = 1; k < kPagesPerHugePage; ++k) release_unused_dst(&as, m.dst[i + k]);
+    for (std::uint64_t k = 0; k < kPagesPerHugePage; ++k) st.dst[i + k] = large ? unit_entry(d, k) : 0;
   }
 }
 

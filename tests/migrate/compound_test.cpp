@@ -205,6 +205,45 @@ TEST_F(CompoundTest, BasePageDestinationsSplitTheUnitAndFillItsSourceEntries) {
   EXPECT_TRUE(range_has_pattern(base, kUnit, 40));
 }
 
+TEST_F(CompoundTest, BasePagesAfterAZeroFirstDestinationStillSplitTheUnit) {
+  const VirtAddr base = map_units(1);
+  auto collected = collect_filled_unit(base, 23);
+  RawMigration& m = *collected;
+  const auto* data = static_cast<const std::byte*>(migrate_pfn_to_host(m.src[0]));
+  for (std::size_t k = 1; k < 4; ++k) {  // page 0 stays; pages 1..3 go
+    DevicePage* page = drv->alloc();
+    ASSERT_NE(page, nullptr);
+    std::memcpy(drv->memory(*page), data + k * kPageSize, kPageSize);
+    m.dst[k] = migrate_pfn(page->pfn()) | MIGRATE_PFN_WRITE;
+  }
+  m.pages_and_finalize();
+  EXPECT_EQ(m.src[0] & MIGRATE_PFN_MIGRATE, 0u);
+  EXPECT_NE(m.src[1] & MIGRATE_PFN_MIGRATE, 0u);
+  EXPECT_EQ(counter(Counter::thp_migration_split), 1u);
+  const auto states = count_states(*as, base, kUnit);
+  EXPECT_EQ(states.device, 3u);
+  EXPECT_EQ(states.system, kUnit - 3);
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(range_has_pattern(base, kUnit, 23));
+}
+
+TEST_F(CompoundTest, BasePagesWrittenBesideACompoundDestinationGoBack) {
+  const VirtAddr base = map_units(1);
+  auto collected = collect_filled_unit(base, 29);
+  RawMigration& m = *collected;
+  ASSERT_TRUE(copy_unit_to_large_page(m.src.data(), m.dst.data(), 0));
+  DevicePage* stray = drv->alloc();
+  ASSERT_NE(stray, nullptr);
+  m.dst[5] = migrate_pfn(stray->pfn()) | MIGRATE_PFN_WRITE;
+  m.pages_and_finalize();
+  EXPECT_NE(m.src[0] & MIGRATE_PFN_MIGRATE, 0u);
+  EXPECT_EQ(count_states(*as, base, kUnit).device, kUnit);
+  EXPECT_NE(as->page_info(base + 5 * kPageSize).device_page, stray);
+  ASSERT_TRUE(test::settles_to(drv->pagemap(), kUnit)) << "the stray page went back";
+  UHMM_EXPECT_INVARIANTS(*as);
+  EXPECT_TRUE(range_has_pattern(base, kUnit, 29));
+}
+
 TEST_F(CompoundTest, DstZeroLeavesTheWholeUnitWithItsData) {
   const VirtAddr base = map_units(1);
   auto collected = collect_filled_unit(base, 7);
