@@ -224,6 +224,9 @@ void BM_FaultLatency(benchmark::State& state) {
   state.counters["svc_p50_us"] = static_cast<double>(h.quantile(0.5).count()) / 1e3;
   state.counters["svc_p99_us"] = static_cast<double>(h.quantile(0.99).count()) / 1e3;
   state.counters["faults"] = static_cast<double>(as->stats().get(Counter::device_private_faults));
+  // kServiceThreads: how often a service thread moved behind the one on
+  // the faulting thread's CPU.
+  state.counters["requeues"] = static_cast<double>(as->stats().get(Counter::fault_service_requeues));
 }
 
 BENCHMARK(BM_FaultLatency)

@@ -32,6 +32,7 @@ namespace uhmm {
   X(device_exclusive_made, "pages made exclusive to a device (make_device_exclusive)")  \
   X(device_exclusive_revoked, "exclusive pages given back to the CPU (an access, fork, ...)") \
   X(faults_parked, "faults that waited for a migration in progress")                    \
+  X(fault_service_requeues, "service threads that moved behind the one on a faulting thread's CPU") \
   X(faults_spurious, "faults found already resolved by another thread")                 \
   X(uffd_events, "changes behind uhmm's back processed (munmap, madvise, mremap)")     \
   X(device_pages_dropped, "device pages released because their range was unmapped or discarded") \

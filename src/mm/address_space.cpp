@@ -29,7 +29,7 @@ Status AddressSpace::Impl::init() {
   // reach uhmm (mm/uffd_events.cpp).
   constexpr std::uint64_t kEvents = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
   const std::uint64_t features =
-      platform::kFeatureMove | platform::kFeaturePoison | kEvents | (in_thread ? UFFD_FEATURE_SIGBUS : 0);
+      platform::kFeatureMove | platform::kFeaturePoison | kEvents | (in_thread ? UFFD_FEATURE_SIGBUS : UFFD_FEATURE_THREAD_ID);
   // Shared and file-backed regions track written pages with asynchronous
   // write-protection, and take minor faults so that a page the cache holds
   // can be kept from the CPU while it moves to a device

@@ -3,9 +3,9 @@
 // map's migrate_to_ram for device pages, a nap for pages under migration
 // (the migration wakes them when it unlocks the entry).
 // The full story, layer by layer: docs/walkthrough-cpu-fault.md.
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -54,36 +54,85 @@ void AddressSpace::Impl::stop_fault_service() {
 }
 
 void AddressSpace::Impl::fault_thread_main(unsigned index) {
-  // One thread per CPU, each kept on its CPU: every poller wakes on a fault,
-  // and the one on the faulting thread's CPU runs first, as soon as the
-  // faulting thread sleeps (the cheapest hand-off, platform-costs.md).
+  // One thread per CPU, each kept on its CPU, each waiting in an epoll set
+  // of its own on the userfaultfd, exclusively: a fault wakes one waiting
+  // thread, not all.  Waking a thread whose CPU is idle costs the faulting
+  // thread an interrupt to that CPU, which on a virtual machine with guest
+  // halt-polling off is an exit to the host: 13-15 us, paid before the
+  // fault is served (docs/performance.md).  The kernel wakes the first
+  // idle waiter in a fixed order, so a thread that served a fault of a
+  // thread on another CPU moves itself to the back of that order, and the
+  // thread on the faulting CPU comes first next time.
   const unsigned cpus = std::thread::hardware_concurrency();
-  if (cpus > 1 && index < cpus) {
+  const bool pinned = cpus > 1 && index < cpus;
+  if (pinned) {
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(index, &set);
     (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
   }
-  struct pollfd fds[3] = {{uffd.fd(), POLLIN, 0}, {stop_fd, POLLIN, 0}, {deferred_fd, POLLIN, 0}};
+  struct EpollFd {
+    int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    ~EpollFd() {
+      if (fd >= 0) ::close(fd);
+    }
+  } epoll;
+  auto watch = [&](int fd, std::uint32_t events) {
+    struct epoll_event ev {};
+    ev.events = events;
+    ev.data.fd = fd;
+    return ::epoll_ctl(epoll.fd, EPOLL_CTL_ADD, fd, &ev) == 0;
+  };
+  constexpr std::uint32_t kUffdEvents = EPOLLIN | EPOLLEXCLUSIVE;
+  if (epoll.fd < 0 || !watch(uffd.fd(), kUffdEvents) || !watch(stop_fd, EPOLLIN) || !watch(deferred_fd, EPOLLIN)) {
+    std::fprintf(stderr, "uhmm: fault service cannot wait: %s\n", platform::errno_text(errno).c_str());
+    return;
+  }
+  // Whose faults this thread served last, and how many since it looked
+  // where that thread runs (threads move between CPUs now and then).
+  std::uint32_t last_tid = 0;
+  unsigned served_since_look = 0;
+  constexpr unsigned kLookEvery = 64;
   for (;;) {
-    const int rc = ::poll(fds, 3, -1);
+    struct epoll_event ready[3];
+    const int rc = ::epoll_wait(epoll.fd, ready, 3, -1);
     if (rc < 0) {
       if (errno == EINTR) continue;
-      std::fprintf(stderr, "uhmm: fault service poll failed: %s\n", platform::errno_text(errno).c_str());
+      std::fprintf(stderr, "uhmm: fault service wait failed: %s\n", platform::errno_text(errno).c_str());
       return;
     }
-    if (fds[1].revents & POLLIN) return;
-    if (fds[2].revents & POLLIN) {
-      std::uint64_t ignored;
-      (void)!::read(deferred_fd, &ignored, sizeof ignored);
+    bool uffd_ready = false;
+    for (int k = 0; k < rc; ++k) {
+      if (ready[k].data.fd == stop_fd) return;
+      if (ready[k].data.fd == uffd.fd()) uffd_ready = true;
+      if (ready[k].data.fd == deferred_fd) {
+        std::uint64_t ignored;
+        (void)!::read(deferred_fd, &ignored, sizeof ignored);
+      }
     }
     // Events go to the event worker's queue (in the kernel's order); page
     // faults come back here.
     struct uffd_msg faults[16];
-    const std::size_t count = (fds[0].revents & POLLIN) ? read_messages(faults, 16) : 0;
+    const std::size_t count = uffd_ready ? read_messages(faults, 16) : 0;
     for (std::size_t i = 0; i < count; ++i) serve_fault_message(faults[i]);
     struct uffd_msg deferred;
     while (take_deferred_fault(&deferred)) serve_fault_message(deferred);
+    // After the faulting thread is on its way: a look at /proc costs a few
+    // microseconds.
+    if (!pinned || count == 0) continue;
+    const std::uint32_t tid = faults[count - 1].arg.pagefault.feat.ptid;
+    if (tid == last_tid && ++served_since_look < kLookEvery) continue;
+    last_tid = tid;
+    served_since_look = 0;
+    Result<int> cpu = platform::last_cpu_of_thread(tid);
+    if (!cpu || static_cast<unsigned>(*cpu) == index) continue;
+    (void)::epoll_ctl(epoll.fd, EPOLL_CTL_DEL, uffd.fd(), nullptr);
+    if (!watch(uffd.fd(), kUffdEvents)) {
+      std::fprintf(stderr, "uhmm: fault service cannot wait: %s\n", platform::errno_text(errno).c_str());
+      return;
+    }
+    stats.add(Counter::fault_service_requeues);
+    last_tid = 0;  // look again after the next one
   }
 }
 

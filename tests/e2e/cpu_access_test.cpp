@@ -5,12 +5,16 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <latch>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -112,6 +116,44 @@ TEST_F(CpuAccessTest, WithoutFaultAroundOnlyTheFaultingPageComesBack) {
   settle_all_back();
   EXPECT_EQ(counter(Counter::device_private_faults), kBlock);
   EXPECT_EQ(counter(Counter::pgmigrate_to_ram), kBlock);
+}
+
+// Voluntary context switches of every thread of the process but the
+// caller: how often they went to sleep, so (roughly) how often they woke.
+std::uint64_t other_threads_sleeps() {
+  const auto self = static_cast<long>(::syscall(SYS_gettid));
+  std::uint64_t total = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+    if (std::stol(entry.path().filename().string()) == self) continue;
+    std::ifstream status(entry.path() / "status");
+    std::string line;
+    while (std::getline(status, line))
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) total += std::stoull(line.substr(24));
+  }
+  return total;
+}
+
+TEST_F(CpuAccessTest, AFaultWakesOneServiceThreadNotEveryOne) {
+  make(1);
+  AddressSpaceOptions options;
+  options.fault_threads = 4;
+  auto as_r = AddressSpace::create(options);
+  ASSERT_TRUE(as_r.is_ok()) << as_r.status().to_string();
+  as = std::move(*as_r);
+  const VirtAddr base = on_device(kBlock);
+  ASSERT_TRUE(test::settles(*as));
+  constexpr std::size_t kFaults = 256;
+  const std::uint64_t sleeps_before = other_threads_sleeps();
+  for (std::size_t i = 0; i < kFaults; ++i)
+    ASSERT_EQ((base + i * kPageSize).as<volatile std::uint64_t>()[3], pattern_word(i, 3)) << i;
+  const std::uint64_t sleeps = other_threads_sleeps() - sleeps_before;
+  EXPECT_EQ(counter(Counter::device_private_faults) - base_faults, kFaults);
+  // Each fault wakes one of the four threads waiting on the userfaultfd,
+  // which serves it and sleeps again: about one sleep per fault.  Waking
+  // all four would make four.
+  EXPECT_LT(sleeps, 2 * kFaults);
+  EXPECT_GE(sleeps, kFaults / 2) << "the faults were served by these threads";
+  EXPECT_TRUE(range_has_pattern(base, kBlock));
 }
 
 TEST_F(CpuAccessTest, WriteFaultKeepsTheRestOfThePage) {
