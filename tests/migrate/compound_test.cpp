@@ -89,6 +89,26 @@ struct CompoundTest : ::testing::Test {
     return m;
   }
 
+  // The driver takes page k of a collected unit as a base page (its data
+  // from `unit_data`, the unit's 2 MiB in staging): dst[k] is set.
+  void give_base_page(RawMigration& m, const std::byte* unit_data, std::size_t k) {
+    DevicePage* page = drv->alloc();
+    ASSERT_NE(page, nullptr);
+    std::memcpy(drv->memory(*page), unit_data + k * kPageSize, kPageSize);
+    m.dst[k] = migrate_pfn(page->pfn()) | MIGRATE_PFN_WRITE;
+  }
+
+  // After a split that moved `moved` pages of the unit at `base`.
+  void expect_split(VirtAddr base, std::size_t moved, std::uint64_t seed) {
+    const auto states = count_states(*as, base, kUnit);
+    EXPECT_EQ(states.device, moved);
+    EXPECT_EQ(states.system, kUnit - moved);
+    EXPECT_EQ(counter(Counter::pgmigrate_to_device), moved);
+    EXPECT_EQ(counter(Counter::thp_migration_split), 1u);
+    UHMM_EXPECT_INVARIANTS(*as);
+    EXPECT_TRUE(range_has_pattern(base, kUnit, seed));
+  }
+
   // Moves `units` units starting at `base` to one large device page each.
   void units_to_large_pages(VirtAddr base, std::size_t units) {
     RawMigration m(*as, base, base + units * kHugePageSize, drv->owner(), kToDevice);
@@ -182,13 +202,7 @@ TEST_F(CompoundTest, BasePageDestinationsSplitTheUnitAndFillItsSourceEntries) {
   // one left out (dst 0: that page stays).
   const auto* data = static_cast<const std::byte*>(migrate_pfn_to_host(m.src[0]));
   std::size_t given = 0;
-  for (std::size_t k = 0; k < kUnit; k += 2) {
-    DevicePage* page = drv->alloc();
-    ASSERT_NE(page, nullptr);
-    std::memcpy(drv->memory(*page), data + k * kPageSize, kPageSize);
-    m.dst[k] = migrate_pfn(page->pfn()) | MIGRATE_PFN_WRITE;
-    ++given;
-  }
+  for (std::size_t k = 0; k < kUnit; k += 2, ++given) give_base_page(m, data, k);
   migrate_vma_pages(m.args);
   EXPECT_EQ(counter(Counter::thp_migration_split), 1u);
   for (std::size_t k = 0; k < kUnit; ++k) {
@@ -197,12 +211,7 @@ TEST_F(CompoundTest, BasePageDestinationsSplitTheUnitAndFillItsSourceEntries) {
     ASSERT_EQ(m.src[k], k % 2 == 0 ? expected : expected & ~MIGRATE_PFN_MIGRATE);
   }
   migrate_vma_finalize(m.args);
-  const auto states = count_states(*as, base, kUnit);
-  EXPECT_EQ(states.device, given);
-  EXPECT_EQ(states.system, kUnit - given);
-  EXPECT_EQ(counter(Counter::pgmigrate_to_device), given);
-  UHMM_EXPECT_INVARIANTS(*as);
-  EXPECT_TRUE(range_has_pattern(base, kUnit, 40));
+  expect_split(base, given, 40);
 }
 
 TEST_F(CompoundTest, BasePagesAfterAZeroFirstDestinationStillSplitTheUnit) {
@@ -210,21 +219,11 @@ TEST_F(CompoundTest, BasePagesAfterAZeroFirstDestinationStillSplitTheUnit) {
   auto collected = collect_filled_unit(base, 23);
   RawMigration& m = *collected;
   const auto* data = static_cast<const std::byte*>(migrate_pfn_to_host(m.src[0]));
-  for (std::size_t k = 1; k < 4; ++k) {  // page 0 stays; pages 1..3 go
-    DevicePage* page = drv->alloc();
-    ASSERT_NE(page, nullptr);
-    std::memcpy(drv->memory(*page), data + k * kPageSize, kPageSize);
-    m.dst[k] = migrate_pfn(page->pfn()) | MIGRATE_PFN_WRITE;
-  }
+  for (std::size_t k = 1; k < 4; ++k) give_base_page(m, data, k);  // page 0 stays; pages 1..3 go
   m.pages_and_finalize();
   EXPECT_EQ(m.src[0] & MIGRATE_PFN_MIGRATE, 0u);
   EXPECT_NE(m.src[1] & MIGRATE_PFN_MIGRATE, 0u);
-  EXPECT_EQ(counter(Counter::thp_migration_split), 1u);
-  const auto states = count_states(*as, base, kUnit);
-  EXPECT_EQ(states.device, 3u);
-  EXPECT_EQ(states.system, kUnit - 3);
-  UHMM_EXPECT_INVARIANTS(*as);
-  EXPECT_TRUE(range_has_pattern(base, kUnit, 23));
+  expect_split(base, 3, 23);
 }
 
 TEST_F(CompoundTest, BasePagesWrittenBesideACompoundDestinationGoBack) {
