@@ -93,10 +93,11 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
   std::uint32_t last_tid = 0;
   unsigned served_since_look = 0;
   // Every 8th: the scheduler may move the faulting thread to the other,
-  // idle CPU when the local service thread wakes it, and at 64 a run could
-  // stay in that state (every fault served across CPUs, p50 22 us) for
-  // half its faults; 8 and 16 measured 7.7-8.5 us in every run, 1-2 more
-  // (the look itself delays the next fault), docs/performance.md.
+  // idle CPU when the local service thread wakes it, and looking only every
+  // 64th fault let some runs stay that way (every fault served across CPUs,
+  // p50 18-20 us).  Every 8th or 16th measured 7.7-8.5 us in every run;
+  // every 1st or 2nd costs more (a look delays the next fault), 12 us
+  // (docs/performance.md).
   constexpr unsigned kLookEvery = 8;
   for (;;) {
     struct epoll_event ready[3];

@@ -12,6 +12,7 @@
 #include <future>
 #include <map>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/assert.hpp"
@@ -590,7 +591,9 @@ bool SimDevice::prepare(Transfer& t, std::span<const std::uint64_t> src, Address
     }
     return true;
   }
-  std::vector<std::size_t> entries;  // base entries that need a system page
+  // Base pages that need a system page: their entry, and their data (a
+  // split unit's pages lie one after another in its large page).
+  std::vector<std::pair<std::size_t, const std::byte*>> bases;
   for (std::size_t i = 0; i < src.size(); ++i) {
     if (!(src[i] & MIGRATE_PFN_MIGRATE) || !(src[i] & MIGRATE_PFN_VALID)) continue;
     const std::byte* from = page_memory(*migrate_pfn_to_device_page(src[i]));
@@ -600,26 +603,21 @@ bool SimDevice::prepare(Transfer& t, std::span<const std::uint64_t> src, Address
         add(i, kPagesPerHugePage, from, reinterpret_cast<std::byte*>(pfn << kPageShift), nullptr, pfn, true);
         continue;
       }
-      for (std::size_t k = 0; k < kPagesPerHugePage; ++k) entries.push_back(i + k);
+      for (std::size_t k = 0; k < kPagesPerHugePage; ++k) bases.emplace_back(i + k, from + k * kPageSize);
       continue;
     }
-    entries.push_back(i);
+    bases.emplace_back(i, from);
   }
-  std::vector<std::uint64_t> pfns(entries.size());
-  if (!entries.empty() && !alloc_system_pages(as, pfns).is_ok()) {
+  std::vector<std::uint64_t> pfns(bases.size());
+  if (!bases.empty() && !alloc_system_pages(as, pfns).is_ok()) {
     for (const Transfer::Destination& d : t.dests) free_system_pages(as, large_pfns(d.system_pfn));
     t.dests.clear();
     t.ops.clear();
     return false;
   }
-  for (std::size_t k = 0; k < entries.size(); ++k) {
-    // A split unit's pages lie after its head, in the unit's large page.
-    const std::size_t e = entries[k];
-    std::size_t head = e;
-    while (src[head] == 0) --head;
-    const std::byte* from = page_memory(*migrate_pfn_to_device_page(src[head])) + (e - head) * kPageSize;
-    add(e, 1, from, reinterpret_cast<std::byte*>(pfns[k] << kPageShift), nullptr, pfns[k], true);
-  }
+  for (std::size_t k = 0; k < bases.size(); ++k)
+    add(bases[k].first, 1, bases[k].second, reinterpret_cast<std::byte*>(pfns[k] << kPageShift), nullptr, pfns[k],
+        true);
   return true;
 }
 
