@@ -149,6 +149,14 @@ class AddressSpace {
   std::optional<RegionInfo> find_region(VirtAddr addr) const;
   PageInfo page_info(VirtAddr addr) const;
 
+  /// Returns once every change the application made to managed memory that
+  /// has returned to it (munmap, madvise MADV_DONTNEED/MADV_FREE, mremap) is
+  /// applied to uhmm's page table and told to the mirrors.  uhmm applies
+  /// those on a worker thread just after the call returns (userfaultfd
+  /// reports them asynchronously); page_info() may show the state before
+  /// until then.  Call it from a thread that holds no migration.
+  void await_changes() const;
+
   /// Fault-safe copies between managed memory and a private buffer, usable
   /// from any thread except the fault service (process_vm_readv/writev: the
   /// kernel faults device pages back like any syscall would).
@@ -160,7 +168,8 @@ class AddressSpace {
 
   /// Walks every structure and checks every invariant (page table against
   /// device-page reverse maps and refcounts, staging pool accounting).
-  /// Meant for tests: slow.  Must be called while no migration runs.
+  /// Meant for tests: slow.  Must be called while no migration runs; waits
+  /// for the application's changes first (await_changes).
   Status check_invariants() const;
 
   /// Resident memory uhmm holds for this address space (page-table nodes and

@@ -587,7 +587,13 @@ std::size_t AddressSpace::overhead_bytes() const {
   return impl_->table.bytes() + impl_->staging.ready_pages() * kPageSize;
 }
 
+void AddressSpace::await_changes() const {
+  impl_->await_returned_changes(VirtAddr{0}, VirtAddr{~std::uintptr_t{0}});
+}
+
 Status AddressSpace::check_invariants() const {
+  // Processing a change locks the entries it touches, like a migration.
+  await_changes();
   std::vector<std::shared_ptr<mm::Region>> regions;
   {
     ReaderLock lock(impl_->regions_mutex);

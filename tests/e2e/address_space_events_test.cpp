@@ -76,6 +76,24 @@ TEST_P(AddressSpaceEvents, MunmapReleasesTheDevicePagesAndTheRange) {
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
+TEST_P(AddressSpaceEvents, AwaitChangesReturnsOnceTheChangeIsApplied) {
+  // No polling: everything below must hold the moment await_changes returns.
+  for (int round = 0; round < 20; ++round) {
+    const std::size_t first = 16 * static_cast<std::size_t>(round);
+    ASSERT_EQ(::madvise(page(first).ptr(), 8 * kPageSize, MADV_DONTNEED), 0);
+    as->await_changes();
+    const auto states = count_states(*as, page(first), 8);
+    EXPECT_EQ(states.device, 0u) << "round " << round;
+    EXPECT_EQ(states.locked, 0u) << "round " << round;
+    EXPECT_EQ(dev->pagemap().pages_in_use(), kPages - 8 * (round + 1u)) << "round " << round;
+  }
+  ASSERT_EQ(::munmap(base.ptr(), kLen), 0);
+  as->await_changes();
+  EXPECT_FALSE(as->find_region(base).has_value());
+  EXPECT_EQ(dev->pagemap().pages_in_use(), 0u);
+  EXPECT_TRUE(recorder.saw(NotifyEvent::kUnmap));
+}
+
 TEST_P(AddressSpaceEvents, PartialMunmapOfA2MiBDeviceBlockKeepsTheRest) {
   // The middle half of the first 2 MiB block goes.
   const std::size_t lo = 128, hi = 384;
