@@ -20,6 +20,7 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/threads.hpp"
 
 namespace uhmm {
 
@@ -475,6 +476,7 @@ void populate_for_write_off_thread(AddressSpace::Impl& as, VirtAddr start, VirtA
   };
   auto shared = std::make_shared<Shared>();
   std::thread([shared, runs = std::move(runs)] {
+    platform::name_this_thread("populate");
     populate_for_write(runs, shared->abandoned);
     {
       std::lock_guard<std::mutex> lock(shared->mutex);

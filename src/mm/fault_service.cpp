@@ -18,6 +18,7 @@
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
 #include "platform/maps.hpp"
+#include "platform/threads.hpp"
 #include "uhmm/device_memory.hpp"
 
 namespace uhmm {
@@ -54,6 +55,8 @@ void AddressSpace::Impl::stop_fault_service() {
 }
 
 void AddressSpace::Impl::fault_thread_main(unsigned index) {
+  platform::name_this_thread(options.fault_mode == FaultMode::kInThread ? "evread" : "fault",
+                             options.fault_mode == FaultMode::kInThread ? std::nullopt : std::optional(index));
   // One thread per CPU, each kept on its CPU, each waiting in an epoll set
   // of its own on the userfaultfd, exclusively: a fault wakes one waiting
   // thread, not all.  Waking a thread whose CPU is idle costs the faulting

@@ -19,6 +19,7 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/threads.hpp"
 #include "uhmm/device_memory.hpp"
 
 namespace uhmm {
@@ -59,9 +60,17 @@ bool covers(const struct uffd_msg& m, VirtAddr addr) {
 }  // namespace
 
 Status AddressSpace::Impl::start_event_worker() {
-  event_worker = std::thread([this] { event_worker_main(); });
+  event_worker = std::thread([this] {
+    platform::name_this_thread("events");
+    event_worker_main();
+  });
   // In SIGBUS mode the event reader never blocks; service threads can.
-  if (options.fault_mode == FaultMode::kServiceThreads) backup_reader = std::thread([this] { backup_reader_main(); });
+  if (options.fault_mode == FaultMode::kServiceThreads) {
+    backup_reader = std::thread([this] {
+      platform::name_this_thread("evbackup");
+      backup_reader_main();
+    });
+  }
   return Status::ok();
 }
 

@@ -37,13 +37,4 @@ Result<std::vector<Mapping>> read_maps();
 /// The mapping holding `addr`, if any (nullopt also when the maps cannot be read).
 std::optional<Mapping> mapping_at(VirtAddr addr);
 
-/// The CPU field ("processor", the 39th) of the text of /proc/<pid>/stat,
-/// or nullopt if it does not parse.  The command name may hold spaces and
-/// parentheses: fields are counted from the last ')'.
-std::optional<int> parse_stat_cpu(std::string_view stat);
-/// The CPU a thread of this process last ran on (where it is running, or
-/// will most likely resume).  EIO if its /proc entry cannot be read (the
-/// thread is gone).  Costs a few microseconds: not for a fast path.
-Result<int> last_cpu_of_thread(std::uint32_t tid);
-
 }  // namespace uhmm::platform

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -131,6 +132,38 @@ struct AppMapping {
 };
 
 // ---- creation ------------------------------------------------------------------
+
+// The names of this process's threads, as top and perf show them.
+std::vector<std::string> thread_names() {
+  std::vector<std::string> names;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    if (std::getline(comm, name)) names.push_back(name);
+  }
+  return names;
+}
+
+TEST(AddressSpaceCreate, ItsThreadsSayWhatTheyAre) {
+  auto before = thread_names();
+  {
+    auto as = make_space();  // two service threads
+    ASSERT_NE(as, nullptr);
+    // Each thread names itself once it runs.
+    std::vector<std::string> names;
+    auto count = [&](const char* name) { return std::count(names.begin(), names.end(), name); };
+    for (int i = 0; i < 2000; ++i) {
+      names = thread_names();
+      if (count("uhmm-fault0") + count("uhmm-fault1") + count("uhmm-events") + count("uhmm-evbackup") == 4) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_EQ(count("uhmm-fault0"), 1);
+    EXPECT_EQ(count("uhmm-fault1"), 1);
+    EXPECT_EQ(count("uhmm-events"), 1);
+    EXPECT_EQ(count("uhmm-evbackup"), 1);
+  }
+  EXPECT_EQ(thread_names().size(), before.size()) << "every thread ends with its address space";
+}
 
 TEST(AddressSpaceCreate, TwoInOneProcessAreIndependent) {
   auto a = make_space(1);

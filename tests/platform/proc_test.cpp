@@ -1,4 +1,4 @@
-// platform: what uhmm reads of /proc about its own threads.
+// platform: what uhmm reads of /proc about its own threads, and their names.
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <sched.h>
@@ -6,9 +6,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <string>
 #include <thread>
 
 #include "platform/maps.hpp"
+#include "platform/threads.hpp"
 
 namespace uhmm::platform {
 namespace {
@@ -55,6 +57,18 @@ TEST(ProcStat, AThreadThatIsGoneIsEio) {
   const Result<int> r = last_cpu_of_thread(tid);
   ASSERT_FALSE(r.is_ok());
   EXPECT_EQ(r.status().code(), EIO);
+}
+
+TEST(ThreadNames, AThreadNamedByUhmmShowsItsNameInProc) {
+  std::string seen, cut;
+  std::thread([&] {
+    name_this_thread("fault", 3);
+    seen = *read_proc_text(("/proc/self/task/" + std::to_string(::syscall(SYS_gettid)) + "/comm").c_str());
+    name_this_thread("a-role-far-too-long");
+    cut = *read_proc_text(("/proc/self/task/" + std::to_string(::syscall(SYS_gettid)) + "/comm").c_str());
+  }).join();
+  EXPECT_EQ(seen, "uhmm-fault3\n");
+  EXPECT_EQ(cut, "uhmm-a-role-far\n");  // the kernel keeps 15 bytes
 }
 
 }  // namespace

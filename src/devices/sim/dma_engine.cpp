@@ -3,11 +3,18 @@
 #include <cstring>
 #include <latch>
 
+#include "platform/threads.hpp"
+
 namespace uhmm::sim {
 
 DmaEngine::DmaEngine(unsigned threads, LinkModel link, std::size_t inline_bytes, FaultInjection& faults)
     : link_(link), inline_bytes_(inline_bytes), faults_(faults) {
-  for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { worker(); });
+  for (unsigned i = 0; i < threads; ++i) {
+    threads_.emplace_back([this, i] {
+      platform::name_this_thread("dma", i);
+      worker();
+    });
+  }
 }
 
 DmaEngine::~DmaEngine() {

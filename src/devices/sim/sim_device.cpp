@@ -20,6 +20,7 @@
 #include "core/sync.hpp"
 #include "devices/sim/dma_engine.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/threads.hpp"
 #include "platform/uffd.hpp"
 #include "uhmm/hmm.hpp"
 #include "uhmm/migrate.hpp"
@@ -210,6 +211,7 @@ class SimDevice::Prefetcher {
   };
 
   void run() {
+    platform::name_this_thread("prefetch");
     for (;;) {
       // Consecutive queued blocks of one address space go as one range, so
       // that migrate_range pipelines their copies.

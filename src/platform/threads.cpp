@@ -1,0 +1,49 @@
+// platform: the process's threads (threads.hpp).
+#include "platform/threads.hpp"
+
+#include <sys/prctl.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstdio>
+#include <string>
+
+#include "platform/maps.hpp"
+
+namespace uhmm::platform {
+
+std::optional<int> parse_stat_cpu(std::string_view stat) {
+  const std::size_t name_end = stat.rfind(')');
+  if (name_end == std::string_view::npos) return std::nullopt;
+  // After the name: " state ppid ...", the state being field 3.
+  std::size_t at = name_end + 1;
+  for (int field = 2; field < 39; ++field) {
+    at = stat.find(' ', at);
+    if (at == std::string_view::npos) return std::nullopt;
+    ++at;
+  }
+  int cpu = 0;
+  const auto [end, ec] = std::from_chars(stat.data() + at, stat.data() + stat.size(), cpu);
+  if (ec != std::errc() || end == stat.data() + at) return std::nullopt;
+  return cpu;
+}
+
+Result<int> last_cpu_of_thread(std::uint32_t tid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%u/stat", tid);
+  auto text = read_proc_text(path);
+  if (!text) return text.status();
+  const std::optional<int> cpu = parse_stat_cpu(*text);
+  if (!cpu) return Status::error(EIO, std::string("cannot parse ") + path);
+  return *cpu;
+}
+
+void name_this_thread(std::string_view role, std::optional<unsigned> index) {
+  std::string name = "uhmm-";
+  name.append(role);
+  if (index) name += std::to_string(*index);
+  if (name.size() > 15) name.resize(15);
+  (void)::prctl(PR_SET_NAME, name.c_str(), 0, 0, 0);
+}
+
+}  // namespace uhmm::platform
