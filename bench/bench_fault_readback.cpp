@@ -140,6 +140,10 @@ void BM_FaultReadback(benchmark::State& state) {
   state.counters["fault_x_explicit_read"] = t_explicit_read / t_fault;
   state.counters["faults_per_iter"] =
       static_cast<double>(as->stats().get(Counter::device_private_faults)) / static_cast<double>(n + 1);
+  // Faults that found their page in a migration (the prefetcher's, mostly)
+  // and waited for it.
+  state.counters["parked_per_iter"] =
+      static_cast<double>(as->stats().get(Counter::faults_parked)) / static_cast<double>(n + 1);
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes * n));
 }
 
