@@ -26,7 +26,10 @@
 // Environment: UHMM_BENCH_BYTES (default 256MiB, rounded up to 2 MiB),
 //              UHMM_BENCH_FAULT_THREADS (AddressSpaceOptions::fault_threads;
 //              unset: the library's default),
-//              UHMM_BENCH_ITERS (default 10).
+//              UHMM_BENCH_ITERS (default 10),
+//              UHMM_BENCH_BATCH_PAGES (SimDeviceOptions::batch_pages, for the
+//              explicit migrations and the prefetcher's alike; unset: the
+//              device's default).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -70,6 +73,8 @@ void BM_FaultReadback(benchmark::State& state) {
   dopt.memory_bytes = bytes + kHugePageSize;
   dopt.warm_memory = true;
   if (const char* depth = std::getenv("UHMM_BENCH_PREFETCH")) dopt.prefetch_blocks = std::strtoul(depth, nullptr, 10);
+  if (std::getenv("UHMM_BENCH_BATCH_PAGES") != nullptr)
+    dopt.batch_pages = env_count("UHMM_BENCH_BATCH_PAGES", dopt.batch_pages);
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
   const std::uint64_t dev_pages = dev->free_pages();
   const VirtAddr base = check(as->map(bytes), "map");

@@ -14,6 +14,8 @@
 //              UHMM_BENCH_FAULT_THREADS (AddressSpaceOptions::fault_threads;
 //              unset: the library's default),
 //              UHMM_BENCH_ITERS (default 20),
+//              UHMM_BENCH_BATCH_PAGES (SimDeviceOptions::batch_pages; default
+//              512, the 2 MiB batches the target is stated for),
 //              UHMM_BENCH_LARGE_PAGES (0 or 1: SimDeviceOptions::large_pages;
 //              unset: the device's default).
 #include <benchmark/benchmark.h>
@@ -71,6 +73,7 @@ void BM_ExplicitMigration(benchmark::State& state) {
   sim::SimDeviceOptions dopt;
   dopt.memory_bytes = bytes + kHugePageSize;
   dopt.warm_memory = true;
+  dopt.batch_pages = env_count("UHMM_BENCH_BATCH_PAGES", kPagesPerHugePage);  // the target's 2 MiB batches
   if (std::getenv("UHMM_BENCH_LARGE_PAGES") != nullptr)
     dopt.large_pages = env_count("UHMM_BENCH_LARGE_PAGES", 0) != 0;
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
