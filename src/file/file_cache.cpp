@@ -1154,10 +1154,12 @@ FileCache::FileCache(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 namespace {
 Status start(FileCache::Impl& c) {
-  if (c.options.flush_interval.count() > 0 && !c.anonymous()) c.flusher = std::thread([&c] {
-    platform::name_this_thread("flush");
-    c.flusher_main();
-  });
+  if (c.options.flush_interval.count() > 0 && !c.anonymous()) {
+    c.flusher = std::thread([&c] {
+      platform::name_this_thread("flush");
+      c.flusher_main();
+    });
+  }
   return Status::ok();
 }
 }  // namespace
