@@ -20,6 +20,7 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/maps.hpp"
 #include "platform/threads.hpp"
 
 namespace uhmm {
@@ -140,17 +141,25 @@ class Installer {
   // locked by this migration, so their page tables can go (a zap, before
   // the window) and huge pages move in whole.  Not where a change queued
   // touches the run: the addresses may belong to someone else by now.
+  // Where the page table is known gone already (PageTable::
+  // note_no_kernel_table), the zap is skipped; every block the runs touch
+  // is then no longer known to be without one, as pages go in.
   void empty_blocks() {
     for (const Run& r : runs_) {
-      if (r.home || r.pages < kPagesPerHugePage ||
-          (r.origin.value & (kHugePageSize - 1)) != (r.slot.value & (kHugePageSize - 1)))
-        continue;
       const VirtAddr end = r.origin + r.pages * kPageSize;
-      as_.await_read_in_progress();
-      if (!as_.pending_event_ranges(r.origin, end).empty()) continue;
-      for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
-           b = b + kHugePageSize)
-        as_.as_empty_block(b);
+      const bool whole_blocks = !r.home && r.pages >= kPagesPerHugePage &&
+                                (r.origin.value & (kHugePageSize - 1)) == (r.slot.value & (kHugePageSize - 1));
+      bool zap = whole_blocks;
+      if (zap) {
+        as_.await_read_in_progress();
+        zap = as_.pending_event_ranges(r.origin, end).empty();
+      }
+      if (zap) {
+        for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
+             b = b + kHugePageSize)
+          if (!as_.table.take_no_kernel_table(b.vpn())) as_.as_empty_block(b);
+      }
+      as_.table.note_kernel_table_maybe(r.origin.vpn(), r.pages);
     }
   }
 
@@ -945,8 +954,12 @@ Status migrate_vma_setup(MigrateVma& m) {
       while (done + run < len && !changed(done + run)) ++run;
       platform::PartialResult r;
       if (run == kPagesPerHugePage && addr0.huge_aligned()) {
+        // A huge page moves out with the page table the kernel keeps
+        // deposited beside it: none is left behind.
+        Result<bool> huge = platform::huge_mapped(addr0, kHugePageSize);
         const BlockTransit block(as);
         r = as.move_out_in_window(addr0, slot0, run, block.at());
+        if (r.bytes_done == kHugePageSize && huge.is_ok() && *huge) as.table.note_no_kernel_table(addr0.vpn());
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
       }

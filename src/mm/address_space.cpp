@@ -200,6 +200,7 @@ void AddressSpace::Impl::as_empty_block(VirtAddr block) {
   // With CONFIG_PT_RECLAIM (Linux >= 6.14) MADV_DONTNEED frees the empty
   // page table, so a huge page can then move in as one entry; elsewhere it
   // changes nothing.
+  stats.add(Counter::empty_table_zaps);
   zap_own(block, kHugePageSize);
 }
 
@@ -409,6 +410,7 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
       impl_->table.slot(start.vpn() + i, true)->store(PageEntry::system().with(PageEntry::kForkShared).bits());
   }
   UHMM_TRY(impl_->uffd.register_range(start, length, UFFDIO_REGISTER_MODE_MISSING));
+  impl_->table.note_kernel_table_maybe(start.vpn(), length / kPageSize);  // the application's own tables
   auto region = std::make_shared<mm::Region>();
   region->info = RegionInfo{start, length, RegionKind::kPrivateAnonymous, prot, true};
   impl_->regions.emplace(start.value, std::move(region));
@@ -469,6 +471,7 @@ Status AddressSpace::protect(VirtAddr start, std::size_t length, int prot) {
   mm::ScopedInvalidation invalidation(impl_->notifiers, NotifyRange{start, end, NotifyEvent::kProtectionVma});
   if (::mprotect(start.ptr(), length, prot) != 0)
     return Status::error(errno, "mprotect: " + platform::errno_text(errno));
+  impl_->table.note_kernel_table_maybe(start.vpn(), length / kPageSize);  // a huge page split at the edge
   // Device entries of a range that is no longer writable lose the write bit,
   // as the kernel downgrades its device-private entries.
   if (!(prot & PROT_WRITE)) {

@@ -31,6 +31,7 @@ bool AddressSpace::Impl::restore_exclusive(mm::EntrySlot& slot, VirtAddr addr) {
     return false;
   }
   const VirtAddr frame = before.held_frame();
+  table.note_kernel_table_maybe(addr.vpn(), 1);  // one page goes in
   // Inside the install window, as migrations put pages back: the frame goes
   // home only if no change queued touches the address (a REMAP still unread
   // moves the entry with the range; an UNMAP or REMOVE drops it).  The kernel

@@ -31,11 +31,12 @@ EntrySlot* PageTable::slot(Vpn vpn, bool create) {
     if (child == nullptr) {
       if (!create) return nullptr;
       // Zeroed memory is a valid Node and a valid Leaf (all entries none).
-      void* fresh = std::calloc(1, kNodeBytes);
+      const std::size_t size = level == kLevels - 2 ? sizeof(Leaf) : sizeof(Node);
+      void* fresh = std::calloc(1, size);
       UHMM_CHECK(fresh != nullptr, "out of memory for page-table nodes");
       if (ref.compare_exchange_strong(child, fresh, std::memory_order_acq_rel)) {
         child = fresh;
-        nodes_.fetch_add(1, std::memory_order_relaxed);
+        bytes_.fetch_add(size, std::memory_order_relaxed);
       } else {
         std::free(fresh);  // another thread won; `child` holds its node
       }
@@ -55,6 +56,27 @@ const PageTable::Leaf* PageTable::find_leaf(Vpn vpn) const {
     node = static_cast<const Node*>(child);
   }
   return nullptr;
+}
+
+PageTable::Leaf* PageTable::find_leaf(Vpn vpn) {
+  return const_cast<Leaf*>(static_cast<const PageTable*>(this)->find_leaf(vpn));
+}
+
+void PageTable::note_no_kernel_table(Vpn vpn) {
+  Leaf* leaf = find_leaf(vpn);
+  UHMM_DCHECK(leaf != nullptr, "note_no_kernel_table for a block uhmm never saw");
+  if (leaf != nullptr) leaf->no_kernel_table.store(true, std::memory_order_release);
+}
+
+bool PageTable::take_no_kernel_table(Vpn vpn) {
+  Leaf* leaf = find_leaf(vpn);
+  return leaf != nullptr && leaf->no_kernel_table.exchange(false, std::memory_order_acq_rel);
+}
+
+void PageTable::note_kernel_table_maybe(Vpn first, std::uint64_t count) {
+  for (std::uint64_t v = first.value & ~std::uint64_t{kFanout - 1}; v < first.value + count; v += kFanout) {
+    if (Leaf* leaf = find_leaf(Vpn{v})) leaf->no_kernel_table.store(false, std::memory_order_release);
+  }
 }
 
 PageEntry PageTable::load(Vpn vpn) const {

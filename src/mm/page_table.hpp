@@ -104,7 +104,24 @@ class PageTable {
   PageEntry load(Vpn vpn) const;
 
   /// Bytes of page-table nodes allocated.
-  std::size_t bytes() const { return nodes_.load(std::memory_order_relaxed) * kNodeBytes; }
+  std::size_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+
+  // Whether the kernel holds a page table under an aligned 2 MiB block of
+  // the managed range.  A huge page moves in as one entry only where it
+  // does not, so before moving one in uhmm drops the table with a zap,
+  // which costs ~60 us (its REMOVE event must be read).  Where uhmm knows
+  // there is none, it skips the zap.  Known only between a huge page's
+  // move out of the block (the table goes with it) and the next install;
+  // any fault on the block (the kernel builds a table before it asks uhmm)
+  // or smaller install in between makes it unknown again.  Wrong "none"
+  // costs speed only: the huge page is then split on its way in.
+  /// The block holding `vpn` has no kernel page table (its leaf must exist).
+  void note_no_kernel_table(Vpn vpn);
+  /// Whether the block was known to have no kernel page table; it is no
+  /// longer known afterwards (the caller is about to install there).
+  bool take_no_kernel_table(Vpn vpn);
+  /// The blocks touching [first, first + count) may have kernel page tables.
+  void note_kernel_table_maybe(Vpn first, std::uint64_t count);
 
   /// Calls fn(vpn, entry) for every entry that is not an unlocked none entry
   /// (so locked holes are visited too), in order, within [first, first + count).
@@ -115,13 +132,13 @@ class PageTable {
   static constexpr unsigned kBits = 9;
   static constexpr unsigned kFanout = 1u << kBits;
   static constexpr unsigned kLevels = 4;
-  static constexpr std::size_t kNodeBytes = kFanout * sizeof(void*);
 
   struct Node {
     std::atomic<void*> child[kFanout];
   };
   struct Leaf {
     EntrySlot entry[kFanout];
+    std::atomic<bool> no_kernel_table;  // see note_no_kernel_table
   };
   static unsigned index_at(Vpn vpn, unsigned level) {
     return static_cast<unsigned>((vpn.value >> (kBits * (kLevels - 1 - level))) & (kFanout - 1));
@@ -129,8 +146,9 @@ class PageTable {
   void free_node(void* node, unsigned level);
   const Leaf* find_leaf(Vpn vpn) const;
 
+  Leaf* find_leaf(Vpn vpn);
   Node root_{};
-  std::atomic<std::size_t> nodes_{0};
+  std::atomic<std::size_t> bytes_{0};
 };
 
 /// Tries to lock the entry; on success returns true and the entry as it was.

@@ -377,6 +377,7 @@ void AddressSpace::Impl::process_remove(VirtAddr start, VirtAddr end) {
   // MADV_DONTNEED and MADV_FREE look the same from here; both discard device
   // pages (MADV_FREE allows it: docs/address-space-events.md).
   mm::ScopedInvalidation invalidation(notifiers, NotifyRange{start, end, NotifyEvent::kClear});
+  table.note_kernel_table_maybe(start.vpn(), (end - start) / kPageSize);  // part of a huge page split
   for (const auto& region : overlapping(*this, start, end)) {
     const VirtAddr lo = std::max(start, region->info.start);
     const VirtAddr hi = std::min(end, region->info.end());
@@ -388,6 +389,7 @@ void AddressSpace::Impl::process_remove(VirtAddr start, VirtAddr end) {
 
 void AddressSpace::Impl::process_unmap(VirtAddr start, VirtAddr end) {
   mm::ScopedInvalidation invalidation(notifiers, NotifyRange{start, end, NotifyEvent::kUnmap});
+  table.note_kernel_table_maybe(start.vpn(), (end - start) / kPageSize);  // part of a huge page split
   for (const auto& region : overlapping(*this, start, end)) {
     const VirtAddr lo = std::max(start, region->info.start);
     const VirtAddr hi = std::min(end, region->info.end());
@@ -420,6 +422,8 @@ void AddressSpace::Impl::process_remap(VirtAddr from, VirtAddr to, std::size_t l
   // range either went (an UNMAP event follows) or stays, empty
   // (MREMAP_DONTUNMAP).  Mirrors of the old range drop it.
   mm::ScopedInvalidation invalidation(notifiers, NotifyRange{from, from + len, NotifyEvent::kUnmap});
+  table.note_kernel_table_maybe(from.vpn(), len / kPageSize);
+  table.note_kernel_table_maybe(to.vpn(), len / kPageSize);
   const auto sources = overlapping(*this, from, from + len);
   if (sources.empty()) return;  // not managed (any more)
   {

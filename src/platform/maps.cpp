@@ -1,7 +1,8 @@
-// platform: /proc/self/maps (maps.hpp).
+// platform: /proc/self/maps and /proc/self/pagemap (maps.hpp).
 #include "platform/maps.hpp"
 
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -9,6 +10,9 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
+#include <mutex>
+
+#include "platform/uffd.hpp"
 
 namespace uhmm::platform {
 
@@ -83,6 +87,59 @@ Result<std::string> read_proc_text(const char* path) {
   }
   ::close(fd);
   return text;
+}
+
+namespace {
+
+// The PAGEMAP_SCAN interface of <linux/fs.h> (Linux 6.7), which Debian 12's
+// headers predate.
+struct PageRegion {
+  std::uint64_t start, end, categories;
+};
+struct PagemapScanArg {
+  std::uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  std::uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PagemapScanArg);
+constexpr std::uint64_t kPageIsHuge = 1u << 6;
+
+// /proc/self/pagemap names the process that opened it: a fork child opens
+// its own.
+int pagemap_fd() {
+  static std::mutex mutex;
+  static int fd = -1;
+  static pid_t owner = 0;
+  std::lock_guard lock(mutex);
+  const pid_t self = ::getpid();
+  if (owner != self) {
+    if (fd >= 0) ::close(fd);
+    fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    owner = self;
+  }
+  return fd;
+}
+
+}  // namespace
+
+Result<bool> huge_mapped(VirtAddr start, std::size_t length) {
+  const int fd = pagemap_fd();
+  if (fd < 0) return Status::error(EOPNOTSUPP, "/proc/self/pagemap cannot be opened");
+  PageRegion regions[2];
+  PagemapScanArg arg{};
+  arg.size = sizeof arg;
+  arg.start = start.value;
+  arg.end = start.value + length;
+  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
+  arg.vec_len = 2;
+  arg.category_mask = kPageIsHuge;  // only huge-mapped pages are reported
+  arg.return_mask = kPageIsHuge;
+  const int n = ::ioctl(fd, kPagemapScan, &arg);
+  if (n < 0) {
+    const int failed = errno;
+    return Status::error(failed == ENOTTY || failed == EINVAL ? EOPNOTSUPP : failed,
+                         "PAGEMAP_SCAN: " + errno_text(failed));
+  }
+  return n == 1 && regions[0].start == arg.start && regions[0].end == arg.end;
 }
 
 Result<std::vector<Mapping>> read_maps() {

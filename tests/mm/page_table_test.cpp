@@ -110,8 +110,36 @@ TEST(PageTable, SlotsAllocateOnDemand) {
   const Vpn far{v.value + (std::uint64_t{1} << 27)};
   EXPECT_EQ(t.slot(far, false), nullptr);
   ASSERT_NE(t.slot(far, true), nullptr);
-  EXPECT_EQ(t.bytes(), one_path + leaf_bytes + 3 * leaf_bytes);
-  EXPECT_EQ(one_path, 3 * leaf_bytes);
+  EXPECT_EQ(t.bytes(), one_path + leaf_bytes + one_path) << "a far vpn costs a whole path again";
+  EXPECT_GT(one_path, 2 * leaf_bytes) << "a path is two inner nodes and a leaf";
+}
+
+TEST(PageTable, AKernelTableKnownGoneIsKnownOnceAndPerBlock) {
+  PageTable t;
+  const Vpn block{512 * 7};
+  EXPECT_FALSE(t.take_no_kernel_table(block)) << "no leaf: nothing is known";
+  ASSERT_NE(t.slot(block + 3, true), nullptr);
+  EXPECT_FALSE(t.take_no_kernel_table(block)) << "a new leaf knows nothing";
+  t.note_no_kernel_table(block + 5);  // any page of the block names it
+  EXPECT_FALSE(t.take_no_kernel_table(block + 512)) << "the next block is another";
+  EXPECT_TRUE(t.take_no_kernel_table(block + 511));
+  EXPECT_FALSE(t.take_no_kernel_table(block)) << "taking it forgets it: pages go in next";
+  // A fault or a small install anywhere in the block makes it unknown.
+  t.note_no_kernel_table(block);
+  t.note_kernel_table_maybe(block + 100, 1);
+  EXPECT_FALSE(t.take_no_kernel_table(block));
+  // A range reaching into the block from the one before does too.
+  const Vpn before{block.value - 1};
+  ASSERT_NE(t.slot(before, true), nullptr);
+  t.note_no_kernel_table(block);
+  t.note_no_kernel_table(before);
+  t.note_kernel_table_maybe(Vpn{block.value - 2}, 3);
+  EXPECT_FALSE(t.take_no_kernel_table(before));
+  EXPECT_FALSE(t.take_no_kernel_table(block));
+  // Nor does it reach a block it does not touch.
+  t.note_no_kernel_table(block);
+  t.note_kernel_table_maybe(Vpn{block.value - 2}, 2);
+  EXPECT_TRUE(t.take_no_kernel_table(block));
 }
 
 TEST(PageTable, LoadSeesStores) {

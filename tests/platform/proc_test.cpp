@@ -1,11 +1,15 @@
-// platform: what uhmm reads of /proc about its own threads, and their names.
+// platform: what uhmm reads of /proc about its own threads and memory, and
+// the names it gives its threads.
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <thread>
 
@@ -69,6 +73,28 @@ TEST(ThreadNames, AThreadNamedByUhmmShowsItsNameInProc) {
   }).join();
   EXPECT_EQ(seen, "uhmm-fault3\n");
   EXPECT_EQ(cut, "uhmm-a-role-far\n");  // the kernel keeps 15 bytes
+}
+
+TEST(HugeMapped, TellsAHugeMappedBlockFromASplitOneAndAnEmptyOne) {
+  constexpr std::size_t kBlock = std::size_t{2} << 20;
+  void* raw = ::mmap(nullptr, 3 * kBlock, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(raw, MAP_FAILED);
+  auto* p = reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(raw) + kBlock - 1) & ~(kBlock - 1));
+  const VirtAddr first = VirtAddr::of(p), second = VirtAddr::of(p + kBlock);
+  ASSERT_EQ(::madvise(p, 2 * kBlock, MADV_HUGEPAGE), 0);
+  Result<bool> empty = huge_mapped(first, kBlock);
+  if (!empty && empty.status().code() == EOPNOTSUPP) GTEST_SKIP() << "no PAGEMAP_SCAN (Linux < 6.7)";
+  ASSERT_TRUE(empty.is_ok()) << empty.status().to_string();
+  EXPECT_FALSE(*empty) << "nothing is mapped yet";
+  std::memset(p, 1, 2 * kBlock);
+  if (!*huge_mapped(first, kBlock) || !*huge_mapped(second, kBlock)) GTEST_SKIP() << "the kernel gave no huge pages";
+  EXPECT_TRUE(*huge_mapped(first, 2 * kBlock));
+  // Dropping one small page splits the second block's huge mapping.
+  ASSERT_EQ(::madvise(p + kBlock + 4096, 4096, MADV_DONTNEED), 0);
+  EXPECT_TRUE(*huge_mapped(first, kBlock));
+  EXPECT_FALSE(*huge_mapped(second, kBlock));
+  EXPECT_FALSE(*huge_mapped(first, 2 * kBlock)) << "every page must be huge-mapped";
+  ::munmap(raw, 3 * kBlock);
 }
 
 }  // namespace
