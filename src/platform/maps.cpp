@@ -10,7 +10,6 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
-#include <mutex>
 
 #include "platform/uffd.hpp"
 
@@ -103,26 +102,13 @@ struct PagemapScanArg {
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PagemapScanArg);
 constexpr std::uint64_t kPageIsHuge = 1u << 6;
 
-// /proc/self/pagemap names the process that opened it: a fork child opens
-// its own.
-int pagemap_fd() {
-  static std::mutex mutex;
-  static int fd = -1;
-  static pid_t owner = 0;
-  std::lock_guard lock(mutex);
-  const pid_t self = ::getpid();
-  if (owner != self) {
-    if (fd >= 0) ::close(fd);
-    fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    owner = self;
-  }
-  return fd;
-}
-
 }  // namespace
 
 Result<bool> huge_mapped(VirtAddr start, std::size_t length) {
-  const int fd = pagemap_fd();
+  // Opened for each call (a few microseconds): a cached descriptor would
+  // name the parent after a fork, and could be closed and its number
+  // reused by the application.
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Status::error(EOPNOTSUPP, "/proc/self/pagemap cannot be opened");
   PageRegion regions[2];
   PagemapScanArg arg{};
@@ -134,8 +120,9 @@ Result<bool> huge_mapped(VirtAddr start, std::size_t length) {
   arg.category_mask = kPageIsHuge;  // only huge-mapped pages are reported
   arg.return_mask = kPageIsHuge;
   const int n = ::ioctl(fd, kPagemapScan, &arg);
+  const int failed = errno;
+  ::close(fd);
   if (n < 0) {
-    const int failed = errno;
     return Status::error(failed == ENOTTY || failed == EINVAL ? EOPNOTSUPP : failed,
                          "PAGEMAP_SCAN: " + errno_text(failed));
   }
