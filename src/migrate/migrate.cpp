@@ -959,7 +959,10 @@ Status migrate_vma_setup(MigrateVma& m) {
         Result<bool> huge = platform::huge_mapped(addr0, kHugePageSize);
         const BlockTransit block(as);
         r = as.move_out_in_window(addr0, slot0, run, block.at());
-        if (r.bytes_done == kHugePageSize && huge.is_ok() && *huge) as.table.note_no_kernel_table(addr0.vpn());
+        // (Through the shared transit, which has a page table, the huge
+        // page would be split on its way out and leave one here.)
+        if (r.bytes_done == kHugePageSize && block.at() && huge.is_ok() && *huge)
+          as.table.note_no_kernel_table(addr0.vpn());
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
       }
