@@ -73,8 +73,7 @@ void BM_FaultReadback(benchmark::State& state) {
   dopt.memory_bytes = bytes + kHugePageSize;
   dopt.warm_memory = true;
   if (const char* depth = std::getenv("UHMM_BENCH_PREFETCH")) dopt.prefetch_blocks = std::strtoul(depth, nullptr, 10);
-  if (std::getenv("UHMM_BENCH_BATCH_PAGES") != nullptr)
-    dopt.batch_pages = env_count("UHMM_BENCH_BATCH_PAGES", dopt.batch_pages);
+  dopt.batch_pages = env_count("UHMM_BENCH_BATCH_PAGES", dopt.batch_pages);
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
   const std::uint64_t dev_pages = dev->free_pages();
   const VirtAddr base = check(as->map(bytes), "map");

@@ -74,8 +74,7 @@ void BM_ExplicitMigration(benchmark::State& state) {
   dopt.memory_bytes = bytes + kHugePageSize;
   dopt.warm_memory = true;
   dopt.batch_pages = env_count("UHMM_BENCH_BATCH_PAGES", kPagesPerHugePage);  // the target's 2 MiB batches
-  if (std::getenv("UHMM_BENCH_LARGE_PAGES") != nullptr)
-    dopt.large_pages = env_count("UHMM_BENCH_LARGE_PAGES", 0) != 0;
+  dopt.large_pages = env_count("UHMM_BENCH_LARGE_PAGES", dopt.large_pages ? 1 : 0) != 0;
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
 
   const VirtAddr base = check(as->map(bytes), "map");

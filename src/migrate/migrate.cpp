@@ -20,8 +20,8 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
-#include "platform/maps.hpp"
 #include "platform/threads.hpp"
+#include "platform/uffd.hpp"
 
 namespace uhmm {
 
@@ -146,21 +146,20 @@ class Installer {
   // is then no longer known to be without one, as pages go in.
   void empty_blocks() {
     for (const Run& r : runs_) {
-      const VirtAddr end = r.origin + r.pages * kPageSize;
-      const bool whole_blocks = !r.home && r.pages >= kPagesPerHugePage &&
-                                (r.origin.value & (kHugePageSize - 1)) == (r.slot.value & (kHugePageSize - 1));
-      bool zap = whole_blocks;
-      if (zap) {
-        as_.await_read_in_progress();
-        zap = as_.pending_event_ranges(r.origin, end).empty();
-      }
-      if (zap) {
-        for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
-             b = b + kHugePageSize)
-          if (!as_.table.take_no_kernel_table(b.vpn())) as_.as_empty_block(b);
-      }
+      empty_blocks_of(r);
       as_.table.note_kernel_table_maybe(r.origin.vpn(), r.pages);
     }
+  }
+  void empty_blocks_of(const Run& r) {
+    if (r.home || r.pages < kPagesPerHugePage ||
+        (r.origin.value & (kHugePageSize - 1)) != (r.slot.value & (kHugePageSize - 1)))
+      return;
+    const VirtAddr end = r.origin + r.pages * kPageSize;
+    as_.await_read_in_progress();
+    if (!as_.pending_event_ranges(r.origin, end).empty()) return;
+    for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
+         b = b + kHugePageSize)
+      if (!as_.table.take_no_kernel_table(b.vpn())) as_.as_empty_block(b);
   }
 
   // One pass inside the window, from where the last one stopped.

@@ -55,8 +55,12 @@ void AddressSpace::Impl::stop_fault_service() {
 }
 
 void AddressSpace::Impl::fault_thread_main(unsigned index) {
-  platform::name_this_thread(options.fault_mode == FaultMode::kInThread ? "evread" : "fault",
-                             options.fault_mode == FaultMode::kInThread ? std::nullopt : std::optional(index));
+  // In SIGBUS mode the one thread here only reads events.
+  if (options.fault_mode == FaultMode::kInThread) {
+    platform::name_this_thread("evread");
+  } else {
+    platform::name_this_thread("fault", index);
+  }
   // One thread per CPU, each kept on its CPU, each waiting in an epoll set
   // of its own on the userfaultfd, exclusively: a fault wakes one waiting
   // thread, not all.  Waking a thread whose CPU is idle costs the faulting

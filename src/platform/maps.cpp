@@ -1,8 +1,7 @@
-// platform: /proc/self/maps and /proc/self/pagemap (maps.hpp).
+// platform: /proc/self/maps (maps.hpp).
 #include "platform/maps.hpp"
 
 #include <fcntl.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -10,8 +9,6 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
-
-#include "platform/uffd.hpp"
 
 namespace uhmm::platform {
 
@@ -86,47 +83,6 @@ Result<std::string> read_proc_text(const char* path) {
   }
   ::close(fd);
   return text;
-}
-
-namespace {
-
-// The PAGEMAP_SCAN interface of <linux/fs.h> (Linux 6.7), which Debian 12's
-// headers predate.
-struct PageRegion {
-  std::uint64_t start, end, categories;
-};
-struct PagemapScanArg {
-  std::uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-  std::uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-constexpr unsigned long kPagemapScan = _IOWR('f', 16, PagemapScanArg);
-constexpr std::uint64_t kPageIsHuge = 1u << 6;
-
-}  // namespace
-
-Result<bool> huge_mapped(VirtAddr start, std::size_t length) {
-  // Opened for each call (a few microseconds): a cached descriptor would
-  // name the parent after a fork, and could be closed and its number
-  // reused by the application.
-  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::error(EOPNOTSUPP, "/proc/self/pagemap cannot be opened");
-  PageRegion regions[2];
-  PagemapScanArg arg{};
-  arg.size = sizeof arg;
-  arg.start = start.value;
-  arg.end = start.value + length;
-  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
-  arg.vec_len = 2;
-  arg.category_mask = kPageIsHuge;  // only huge-mapped pages are reported
-  arg.return_mask = kPageIsHuge;
-  const int n = ::ioctl(fd, kPagemapScan, &arg);
-  const int failed = errno;
-  ::close(fd);
-  if (n < 0) {
-    return Status::error(failed == ENOTTY || failed == EINVAL ? EOPNOTSUPP : failed,
-                         "PAGEMAP_SCAN: " + errno_text(failed));
-  }
-  return n == 1 && regions[0].start == arg.start && regions[0].end == arg.end;
 }
 
 Result<std::vector<Mapping>> read_maps() {

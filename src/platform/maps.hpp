@@ -37,10 +37,4 @@ Result<std::vector<Mapping>> read_maps();
 /// The mapping holding `addr`, if any (nullopt also when the maps cannot be read).
 std::optional<Mapping> mapping_at(VirtAddr addr);
 
-/// Whether every page of [start, start + length) is present and mapped by
-/// huge (PMD) entries of the kernel's page table, asked with the
-/// PAGEMAP_SCAN ioctl of /proc/self/pagemap.  EOPNOTSUPP on kernels without
-/// it (before Linux 6.7).
-Result<bool> huge_mapped(VirtAddr start, std::size_t length);
-
 }  // namespace uhmm::platform

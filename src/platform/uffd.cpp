@@ -311,6 +311,7 @@ constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
 constexpr std::uint64_t kPmScanWpMatching = 1u << 0;
 constexpr std::uint64_t kPmScanCheckWpAsync = 1u << 1;
 constexpr std::uint64_t kPageIsWritten = 1u << 1;
+constexpr std::uint64_t kPageIsHuge = 1u << 6;
 }  // namespace
 
 Status scan_written(VirtAddr start, std::size_t len, bool reprotect,
@@ -345,6 +346,31 @@ Status scan_written(VirtAddr start, std::size_t len, bool reprotect,
   }
   ::close(fd);
   return result;
+}
+
+Result<bool> huge_mapped(VirtAddr start, std::size_t length) {
+  // Opened for each call (a few microseconds), as above: a cached
+  // descriptor would name the parent after a fork, and the application
+  // could close it and reuse its number for a file that then gets our ioctl.
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(EOPNOTSUPP, "/proc/self/pagemap cannot be opened");
+  PageRegion regions[2];
+  PmScanArg arg{};
+  arg.size = sizeof arg;
+  arg.start = start.value;
+  arg.end = start.value + length;
+  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
+  arg.vec_len = 2;
+  arg.category_mask = kPageIsHuge;  // only huge-mapped pages are reported
+  arg.return_mask = kPageIsHuge;
+  const long n = ::ioctl(fd, kPagemapScan, &arg);
+  const int failed = errno;
+  ::close(fd);
+  if (n < 0) {
+    return Status::error(failed == ENOTTY || failed == EINVAL ? EOPNOTSUPP : failed,
+                         "PAGEMAP_SCAN: " + errno_text(failed));
+  }
+  return n == 1 && regions[0].start == arg.start && regions[0].end == arg.end;
 }
 
 }  // namespace uhmm::platform

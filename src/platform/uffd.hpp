@@ -111,6 +111,11 @@ class Uffd {
 Status scan_written(VirtAddr start, std::size_t len, bool reprotect,
                     std::vector<std::pair<VirtAddr, VirtAddr>>* out);
 
+/// PAGEMAP_SCAN too: whether every page of [start, start + length) is
+/// present and mapped by huge (PMD) entries of the kernel's page table.
+/// EOPNOTSUPP on kernels without PAGEMAP_SCAN.
+Result<bool> huge_mapped(VirtAddr start, std::size_t length);
+
 /// Maps anonymous private memory, PROT_READ|PROT_WRITE unless told otherwise.
 Result<VirtAddr> map_anonymous(std::size_t len, int prot, bool noreserve);
 /// Same, aligned to `align` (a power of two).

@@ -8,7 +8,7 @@
 #include <sstream>
 #include <string>
 
-#include "platform/maps.hpp"
+#include "platform/uffd.hpp"
 #include "uhmm/uhmm.hpp"
 
 namespace uhmm {

@@ -15,6 +15,7 @@
 
 #include "platform/maps.hpp"
 #include "platform/threads.hpp"
+#include "platform/uffd.hpp"
 
 namespace uhmm::platform {
 namespace {
