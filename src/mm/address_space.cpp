@@ -71,6 +71,7 @@ void AddressSpace::Impl::abandon_in_child() {
   fault_threads.clear();
   if (event_worker.joinable()) event_worker.detach();
   if (backup_reader.joinable()) backup_reader.detach();
+  if (zap_readers) zap_readers->abandon();
   for (int* fd : {&stop_fd, &deferred_fd}) {
     if (*fd >= 0) ::close(*fd);
     *fd = -1;

@@ -19,6 +19,7 @@
 #include "mm/notifier_table.hpp"
 #include "mm/page_table.hpp"
 #include "mm/staging_pool.hpp"
+#include "mm/zap_readers.hpp"
 #include "platform/uffd.hpp"
 #include "uhmm/address_space.hpp"
 #include "uhmm/device_memory.hpp"
@@ -190,9 +191,11 @@ struct AddressSpace::Impl {
   /// zap_own calls waiting for their REMOVE event to be read.
   int zaps_waiting UHMM_GUARDED_BY(events_mutex) = 0;
   std::thread event_worker;
-  /// Service mode: reads the uffd when a zap_own waits long, in case every
-  /// service thread is blocked (e.g. one in zap_own, the other waiting for
-  /// a page lock the first holds).
+  /// Read the event of a zap_own on the zapping thread's CPU.
+  std::unique_ptr<mm::LocalZapReaders> zap_readers;
+  /// Service mode: reads the uffd when a zap_own waits long and no zap
+  /// reader reads it, in case every service thread is blocked (e.g. one in
+  /// zap_own, the other waiting for a page lock the first holds).
   std::thread backup_reader;
 
   Status init();

@@ -3,8 +3,6 @@
 // map's migrate_to_ram for device pages, a nap for pages under migration
 // (the migration wakes them when it unlocks the entry).
 // The full story, layer by layer: docs/walkthrough-cpu-fault.md.
-#include <pthread.h>
-#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -72,12 +70,7 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
   // thread on the faulting CPU comes first next time.
   const unsigned cpus = std::thread::hardware_concurrency();
   const bool pinned = cpus > 1 && index < cpus;
-  if (pinned) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(index, &set);
-    (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-  }
+  if (pinned) (void)platform::pin_this_thread(index);
   struct EpollFd {
     int fd = ::epoll_create1(EPOLL_CLOEXEC);
     ~EpollFd() {

@@ -60,6 +60,15 @@ bool covers(const struct uffd_msg& m, VirtAddr addr) {
 }  // namespace
 
 Status AddressSpace::Impl::start_event_worker() {
+  zap_readers = std::make_unique<mm::LocalZapReaders>(
+      uffd.fd(), mm::LocalZapReaders::Hooks{
+                     [this] { drain_events(); },
+                     [this] {
+                       MutexLock lock(events_mutex);
+                       return !own_zaps.empty();
+                     },
+                     [this] { events_cv.notify_all(); },
+                 });
   event_worker = std::thread([this] {
     platform::name_this_thread("events");
     event_worker_main();
@@ -75,6 +84,7 @@ Status AddressSpace::Impl::start_event_worker() {
 }
 
 void AddressSpace::Impl::stop_event_worker() {
+  if (zap_readers) zap_readers->stop();
   if (!event_worker.joinable()) return;
   {
     MutexLock lock(events_mutex);
@@ -286,7 +296,9 @@ void AddressSpace::Impl::zap_own(VirtAddr start, std::size_t len) {
     own_zaps.push_back(range);
     ++zaps_waiting;
   }
-  events_cv.notify_all();
+  // The reader on this CPU reads the event the moment this thread blocks
+  // (mm/zap_readers.hpp); without one, the backup reader stands by.
+  if (!zap_readers || !zap_readers->before_zap()) events_cv.notify_all();
   // Returns once a reader has read the REMOVE event; that reader drops the
   // event and the record.
   (void)platform::advise(start, len, MADV_DONTNEED);

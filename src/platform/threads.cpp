@@ -1,6 +1,8 @@
 // platform: the process's threads (threads.hpp).
 #include "platform/threads.hpp"
 
+#include <pthread.h>
+#include <sched.h>
 #include <sys/prctl.h>
 
 #include <cerrno>
@@ -9,6 +11,7 @@
 #include <string>
 
 #include "platform/maps.hpp"
+#include "platform/uffd.hpp"
 
 namespace uhmm::platform {
 
@@ -36,6 +39,16 @@ Result<int> last_cpu_of_thread(std::uint32_t tid) {
   const std::optional<int> cpu = parse_stat_cpu(*text);
   if (!cpu) return Status::error(EIO, std::string("cannot parse ") + path);
   return *cpu;
+}
+
+Status pin_this_thread(unsigned cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (cpu >= CPU_SETSIZE) return Status::error(EINVAL, "no such CPU: " + std::to_string(cpu));
+  CPU_SET(cpu, &set);
+  if (const int rc = ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set); rc != 0)
+    return Status::error(rc, "pthread_setaffinity_np(" + std::to_string(cpu) + "): " + errno_text(rc));
+  return Status::ok();
 }
 
 void name_this_thread(std::string_view role, std::optional<unsigned> index) {

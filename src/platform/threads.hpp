@@ -20,6 +20,10 @@ std::optional<int> parse_stat_cpu(std::string_view stat);
 /// thread is gone).  Costs a few microseconds: not for a fast path.
 Result<int> last_cpu_of_thread(std::uint32_t tid);
 
+/// Keeps the calling thread on `cpu`.  An error if the CPU does not exist
+/// or the thread may not run there (its cpuset).
+Status pin_this_thread(unsigned cpu);
+
 /// Names the calling thread: "uhmm-" followed by `role` and, if given,
 /// `index` ("uhmm-fault1").  The kernel keeps 15 bytes; the rest is cut.
 /// Best effort: a thread that cannot be named runs the same.
