@@ -73,10 +73,10 @@ void LocalZapReaders::run(const Reader& reader) const {
     // kernel queues a message, which is the zap's event the moment the
     // zapping thread blocks in MADV_DONTNEED (or a fault, which drain
     // passes on to the service threads); the timeout only bounds a round
-    // whose zap has not started yet.  After about 100 ms the fallback
-    // reader takes over.
+    // whose zap has not started yet.  After 100 rounds (100 ms at most)
+    // the fallback reader takes over.
     bool read_all = false;
-    for (int round = 0; round < 100 && !read_all; ++round) {
+    for (int round = 0; round < 100; ++round) {
       hooks_.drain();
       read_all = !hooks_.zap_unread();
       if (read_all) break;

@@ -150,7 +150,8 @@ TEST(AddressSpaceCreate, ItsThreadsSayWhatTheyAre) {
   auto uhmm_threads = [] {
     const auto names = thread_names();
     return std::count_if(names.begin(), names.end(), [](const std::string& n) {
-      return n.starts_with("uhmm-fault") || n == "uhmm-events" || n == "uhmm-evbackup" || n == "uhmm-evread";
+      return n.starts_with("uhmm-fault") || n.starts_with("uhmm-zap") || n == "uhmm-events" ||
+             n == "uhmm-evbackup" || n == "uhmm-evread";
     });
   };
   ASSERT_EQ(uhmm_threads(), 0);
@@ -169,6 +170,20 @@ TEST(AddressSpaceCreate, ItsThreadsSayWhatTheyAre) {
     EXPECT_EQ(count("uhmm-fault1"), 1);
     EXPECT_EQ(count("uhmm-events"), 1);
     EXPECT_EQ(count("uhmm-evbackup"), 1);
+
+    // A hole fault on a whole 2 MiB block zaps its empty page table; the
+    // zap's event is read by a reader on the zapping CPU, started then.
+    const auto zap_readers = [] {
+      const auto all = thread_names();
+      return std::count_if(all.begin(), all.end(), [](const std::string& n) { return n.starts_with("uhmm-zap"); });
+    };
+    EXPECT_EQ(zap_readers(), 0) << "started by the first zap, not before";
+    auto block = as->map(kHugePageSize);
+    ASSERT_TRUE(block.is_ok());
+    block->as<char>()[0] = 1;
+    EXPECT_EQ(as->stats().get(Counter::empty_table_zaps), 1u);
+    for (int i = 0; i < 2000 && zap_readers() == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT_EQ(zap_readers(), 1);
   }
   // (Not a count of all threads: a sanitizer runtime may start one of its own.)
   EXPECT_EQ(uhmm_threads(), 0) << "every thread ends with its address space";
