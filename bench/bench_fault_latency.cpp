@@ -12,16 +12,24 @@
 //   raw_warm the raw round trip of a page dropped an iteration earlier,
 //            right after uhmm's fault: what this benchmark used as its
 //            baseline before 2026-11-22 (bench/README.md says why it moved).
+//   raw_handler  the same as raw, but with a userfaultfd without
+//            UFFD_FEATURE_SIGBUS, resolved by a handler thread on the
+//            faulting thread's CPU: the floor of any design that serves
+//            faults on another thread, as kServiceThreads must to serve
+//            syscalls; measured with pinned:1 only (below).
 // Both raw and uhmm thus fault right after their page left the CPU's page
 // table, which on this machine costs the next fault about 1 us by itself.
 // Run twice: with the default FaultMode::kServiceThreads (the fault goes to
 // a service thread; syscalls on device buffers work) and with
 // FaultMode::kInThread (the faulting thread serves it in uhmm's SIGBUS
-// handler, like the raw baseline; syscalls on device buffers get EFAULT).
+// handler, like the raw baseline; syscalls on device buffers get EFAULT),
+// each with the benchmark thread left to the scheduler (pinned:0) and
+// kept on its CPU (pinned:1).
 // All are timed with steady_clock around a single volatile load.  The
 // counters give p50 and p99 of each (microseconds) and
 //   p50_x_raw = uhmm p50 / raw p50      (target <= 2)
 //   p50_x_raw_warm = uhmm p50 / raw_warm p50
+//   p50_x_raw_handler = uhmm p50 / raw_handler p50
 // plus uhmm's own service-time histogram (fault service's view) for
 // comparison.
 //
@@ -32,6 +40,10 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <signal.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -41,6 +53,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "bench_util.hpp"
@@ -161,7 +175,96 @@ struct RawUffd {
   struct sigaction old_action;
 };
 
+// ---- raw userfaultfd, resolved by a handler thread on the same CPU ----------
+
+struct RawHandlerUffd {
+  RawHandlerUffd(std::size_t npages, unsigned cpu) : len(npages * kPageSize) {
+    fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+    if (fd < 0) RawUffd::die("userfaultfd");
+    struct uffdio_api api;
+    std::memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    if (::ioctl(fd, UFFDIO_API, &api) != 0) RawUffd::die("UFFDIO_API");
+    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) RawUffd::die("mmap");
+    region = static_cast<unsigned char*>(p);
+    (void)::madvise(region, len, MADV_NOHUGEPAGE);
+    struct uffdio_register reg;
+    std::memset(&reg, 0, sizeof reg);
+    reg.range.start = reinterpret_cast<std::uintptr_t>(region);
+    reg.range.len = len;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) RawUffd::die("UFFDIO_REGISTER");
+    stop_fd = ::eventfd(0, EFD_CLOEXEC);
+    if (stop_fd < 0) RawUffd::die("eventfd");
+    handler = std::thread([this, cpu] { serve(cpu); });
+  }
+  ~RawHandlerUffd() {
+    const std::uint64_t one = 1;
+    (void)!::write(stop_fd, &one, sizeof one);
+    handler.join();
+    ::munmap(region, len);
+    ::close(stop_fd);
+    ::close(fd);
+  }
+  RawHandlerUffd(const RawHandlerUffd&) = delete;
+  RawHandlerUffd& operator=(const RawHandlerUffd&) = delete;
+
+  void serve(unsigned cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    (void)::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
+    alignas(kPageSize) static unsigned char src[kPageSize];
+    for (std::size_t i = 0; i < kPageSize / 8; ++i) reinterpret_cast<std::uint64_t*>(src)[i] = 0xabcdef01u + i;
+    for (;;) {
+      struct pollfd fds[2] = {{fd, POLLIN, 0}, {stop_fd, POLLIN, 0}};
+      if (::poll(fds, 2, -1) < 0) continue;
+      if (fds[1].revents != 0) return;
+      struct uffd_msg msg;
+      if (::read(fd, &msg, sizeof msg) != static_cast<ssize_t>(sizeof msg)) continue;
+      if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
+      struct uffdio_copy c;
+      c.dst = msg.arg.pagefault.address & ~(std::uint64_t{kPageSize} - 1);
+      c.src = reinterpret_cast<std::uintptr_t>(src);
+      c.len = kPageSize;
+      c.mode = 0;
+      c.copy = 0;
+      if (::ioctl(fd, UFFDIO_COPY, &c) != 0 && errno != EEXIST) RawUffd::die("UFFDIO_COPY in the handler thread");
+    }
+  }
+
+  // Drops the page (untimed), then times its first read, as RawUffd does.
+  double sample_after_drop(std::size_t page, std::uint64_t* value) {
+    (void)::madvise(region + page * kPageSize, kPageSize, MADV_DONTNEED);
+    auto* at = reinterpret_cast<volatile std::uint64_t*>(region + page * kPageSize);
+    const auto t0 = Clock::now();
+    const std::uint64_t v = *at;
+    const auto t1 = Clock::now();
+    *value = v;
+    return std::chrono::duration<double, std::micro>(t1 - t0).count();
+  }
+
+  std::size_t len;
+  int fd = -1;
+  int stop_fd = -1;
+  unsigned char* region = nullptr;
+  std::thread handler;
+};
+
 // ---- the benchmark -------------------------------------------------------
+
+cpu_set_t previous_affinity;
+
+// Keeps the calling thread on `cpu`, remembering where it could run.
+bool pin_to(unsigned cpu) {
+  if (::pthread_getaffinity_np(::pthread_self(), sizeof previous_affinity, &previous_affinity) != 0) return false;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) == 0;
+}
+void unpin(const cpu_set_t& set) { (void)::pthread_setaffinity_np(::pthread_self(), sizeof set, &set); }
 
 void BM_FaultLatency(benchmark::State& state) {
   const std::size_t pages = env_count("UHMM_BENCH_PAGES", 1024);
@@ -184,19 +287,33 @@ void BM_FaultLatency(benchmark::State& state) {
 
   // Pages [0, pages) for raw, [pages, 2 * pages) for raw_warm.
   RawUffd raw(2 * pages);
+  // pinned:1 keeps this thread on its CPU, as a latency-minded application
+  // would; the raw handler thread shares that CPU (and uhmm's service
+  // thread of that CPU serves uhmm's faults).  pinned:0 leaves placement to
+  // the scheduler, and raw_handler is not measured.
+  const bool pinned = state.range(1) != 0;
+  const int cpu = pinned ? ::sched_getcpu() : -1;
+  if (pinned && (cpu < 0 || !pin_to(static_cast<unsigned>(cpu)))) {
+    state.SkipWithError("cannot pin the benchmark thread");
+    return;
+  }
+  std::unique_ptr<RawHandlerUffd> raw_handler;
+  if (pinned) raw_handler = std::make_unique<RawHandlerUffd>(pages, static_cast<unsigned>(cpu));
 
   // Warm-up pass over every page on both sides, not timed.
   std::uint64_t v = 0;
   for (std::size_t p = 0; p < pages; ++p) {
     (void)raw.sample_after_drop(p, &v);
     (void)raw.sample_then_drop(pages + p, &v);
+    if (raw_handler) (void)raw_handler->sample_after_drop(p, &v);
     check(dev->migrate_to_device(*as, base + p * kPageSize, kPageSize), "warm-up migrate_to_device");
     v = *reinterpret_cast<volatile std::uint64_t*>(words + p * (kPageSize / 8));
   }
   as->stats().reset();
 
-  std::vector<double> raw_us, raw_warm_us, uhmm_us;
+  std::vector<double> raw_us, raw_warm_us, raw_handler_us, uhmm_us;
   raw_us.reserve(static_cast<std::size_t>(state.max_iterations));
+  raw_handler_us.reserve(static_cast<std::size_t>(state.max_iterations));
   raw_warm_us.reserve(static_cast<std::size_t>(state.max_iterations));
   uhmm_us.reserve(static_cast<std::size_t>(state.max_iterations));
   std::size_t i = 0;
@@ -234,7 +351,16 @@ void BM_FaultLatency(benchmark::State& state) {
       state.SkipWithError("raw userfaultfd page has the wrong data");
       break;
     }
+
+    if (raw_handler) {
+      raw_handler_us.push_back(raw_handler->sample_after_drop(p, &v));
+      if (v != 0xabcdef01u) {
+        state.SkipWithError("raw handler-thread page has the wrong data");
+        break;
+      }
+    }
   }
+  if (pinned) unpin(previous_affinity);
   if (uhmm_us.empty()) return;
 
   const double raw_p50 = percentile(raw_us, 0.50), raw_p99 = percentile(raw_us, 0.99);
@@ -249,6 +375,11 @@ void BM_FaultLatency(benchmark::State& state) {
   const double raw_warm_p50 = percentile(raw_warm_us, 0.50);
   state.counters["raw_warm_p50_us"] = raw_warm_p50;
   state.counters["p50_x_raw_warm"] = p50 / raw_warm_p50;
+  if (!raw_handler_us.empty()) {
+    const double raw_handler_p50 = percentile(raw_handler_us, 0.50);
+    state.counters["raw_handler_p50_us"] = raw_handler_p50;
+    state.counters["p50_x_raw_handler"] = p50 / raw_handler_p50;
+  }
   state.counters["svc_p50_us"] = static_cast<double>(h.quantile(0.5).count()) / 1e3;
   state.counters["svc_p99_us"] = static_cast<double>(h.quantile(0.99).count()) / 1e3;
   state.counters["faults"] = static_cast<double>(as->stats().get(Counter::device_private_faults));
@@ -258,9 +389,8 @@ void BM_FaultLatency(benchmark::State& state) {
 }
 
 BENCHMARK(BM_FaultLatency)
-    ->ArgName("in_thread")
-    ->Arg(0)
-    ->Arg(1)
+    ->ArgNames({"in_thread", "pinned"})
+    ->ArgsProduct({{0, 1}, {0, 1}})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond)
     ->Iterations(static_cast<benchmark::IterationCount>(env_count("UHMM_BENCH_SAMPLES", 20000)));
