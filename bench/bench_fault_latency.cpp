@@ -63,48 +63,37 @@
 namespace uhmm::bench {
 namespace {
 
-// ---- raw userfaultfd, resolved in the faulting thread's SIGBUS handler ----
+// ---- raw userfaultfd regions ----------------------------------------------
 
-int g_raw_fd = -1;
-std::uintptr_t g_raw_lo = 0, g_raw_hi = 0;
-const unsigned char* g_raw_src = nullptr;
-struct sigaction g_raw_previous;
+[[noreturn]] void die(const char* what) {
+  std::fprintf(stderr, "bench_fault_latency: %s: %s\n", what, std::strerror(errno));
+  std::exit(3);
+}
 
-void raw_sigbus(int sig, siginfo_t* si, void* uc) {
-  const auto a = reinterpret_cast<std::uintptr_t>(si->si_addr);
-  if (a < g_raw_lo || a >= g_raw_hi) {
-    // Not ours: uhmm's in-thread handler (installed first), or the default.
-    if (g_raw_previous.sa_flags & SA_SIGINFO) {
-      g_raw_previous.sa_sigaction(sig, si, uc);
-    } else {
-      signal(sig, SIG_DFL);
-    }
-    return;
-  }
-  const int saved = errno;
+// Installs one 4 KiB page of `src` at the page holding `addr`; false if the
+// kernel refused (EEXIST, someone was first, is success).  Async-signal-safe.
+bool copy_page_in(int fd, std::uintptr_t addr, const unsigned char* src) {
   struct uffdio_copy c;
-  c.dst = a & ~(std::uintptr_t{kPageSize} - 1);
-  c.src = reinterpret_cast<std::uintptr_t>(g_raw_src);
+  c.dst = addr & ~(std::uintptr_t{kPageSize} - 1);
+  c.src = reinterpret_cast<std::uintptr_t>(src);
   c.len = kPageSize;
   c.mode = 0;
   c.copy = 0;
-  if (::ioctl(g_raw_fd, UFFDIO_COPY, &c) != 0 && errno != EEXIST) {
-    static const char msg[] = "bench_fault_latency: UFFDIO_COPY in SIGBUS handler failed\n";
-    (void)!::write(2, msg, sizeof msg - 1);
-    _exit(4);
-  }
-  errno = saved;
+  return ::ioctl(fd, UFFDIO_COPY, &c) == 0 || errno == EEXIST;
 }
 
-struct RawUffd {
-  explicit RawUffd(std::size_t npages) : len(npages * kPageSize) {
+// An anonymous region of `npages` registered (MISSING) with a userfaultfd
+// of its own opened with `features`, and the page its faults are filled
+// from.  Samples time one read of a page.
+struct RawRegion {
+  RawRegion(std::size_t npages, std::uint64_t features) : len(npages * kPageSize) {
     fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
     if (fd < 0) die("userfaultfd");
     struct uffdio_api api;
     std::memset(&api, 0, sizeof api);
     api.api = UFFD_API;
-    api.features = UFFD_FEATURE_SIGBUS;
-    if (::ioctl(fd, UFFDIO_API, &api) != 0) die("UFFDIO_API(SIGBUS)");
+    api.features = features;
+    if (::ioctl(fd, UFFDIO_API, &api) != 0) die("UFFDIO_API");
     void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) die("mmap");
     region = static_cast<unsigned char*>(p);
@@ -118,47 +107,29 @@ struct RawUffd {
     void* s = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (s == MAP_FAILED) die("mmap");
     src = static_cast<unsigned char*>(s);
-    for (std::size_t i = 0; i < kPageSize / 8; ++i) reinterpret_cast<std::uint64_t*>(src)[i] = 0xabcdef01u + i;
-
-    g_raw_fd = fd;
-    g_raw_lo = reinterpret_cast<std::uintptr_t>(region);
-    g_raw_hi = g_raw_lo + len;
-    g_raw_src = src;
-    struct sigaction sa;
-    std::memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = raw_sigbus;
-    sa.sa_flags = SA_SIGINFO;
-    sigemptyset(&sa.sa_mask);
-    if (::sigaction(SIGBUS, &sa, &old_action) != 0) die("sigaction");
-    g_raw_previous = old_action;
+    for (std::size_t i = 0; i < kPageSize / 8; ++i) reinterpret_cast<std::uint64_t*>(src)[i] = kFirstWord + i;
   }
-  ~RawUffd() {
-    (void)::sigaction(SIGBUS, &old_action, nullptr);
-    g_raw_lo = g_raw_hi = 0;
+  ~RawRegion() {
     ::munmap(region, len);
     ::munmap(src, kPageSize);
     ::close(fd);
   }
-  RawUffd(const RawUffd&) = delete;
-  RawUffd& operator=(const RawUffd&) = delete;
-
-  [[noreturn]] static void die(const char* what) {
-    std::fprintf(stderr, "bench_fault_latency: %s: %s\n", what, std::strerror(errno));
-    std::exit(3);
-  }
+  RawRegion(const RawRegion&) = delete;
+  RawRegion& operator=(const RawRegion&) = delete;
 
   // Drops the page (untimed), then times its first read: like uhmm's
   // sample, the fault comes right after the page left the page table.
   double sample_after_drop(std::size_t page, std::uint64_t* value) {
-    (void)::madvise(region + page * kPageSize, kPageSize, MADV_DONTNEED);
+    drop(page);
     return timed_read(page, value);
   }
   // Times the first read of a page dropped earlier, then drops it again.
   double sample_then_drop(std::size_t page, std::uint64_t* value) {
     const double us = timed_read(page, value);
-    (void)::madvise(region + page * kPageSize, kPageSize, MADV_DONTNEED);
+    drop(page);
     return us;
   }
+  void drop(std::size_t page) { (void)::madvise(region + page * kPageSize, kPageSize, MADV_DONTNEED); }
   double timed_read(std::size_t page, std::uint64_t* value) {
     auto* p = reinterpret_cast<volatile std::uint64_t*>(region + page * kPageSize);
     const auto t0 = Clock::now();
@@ -168,55 +139,76 @@ struct RawUffd {
     return std::chrono::duration<double, std::micro>(t1 - t0).count();
   }
 
+  static constexpr std::uint64_t kFirstWord = 0xabcdef01u;  // what a sample reads
   std::size_t len;
   int fd = -1;
   unsigned char* region = nullptr;
   unsigned char* src = nullptr;
-  struct sigaction old_action;
 };
 
-// ---- raw userfaultfd, resolved by a handler thread on the same CPU ----------
+// ---- raw: resolved in the faulting thread's SIGBUS handler -----------------
 
-struct RawHandlerUffd {
-  RawHandlerUffd(std::size_t npages, unsigned cpu) : len(npages * kPageSize) {
-    fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-    if (fd < 0) RawUffd::die("userfaultfd");
-    struct uffdio_api api;
-    std::memset(&api, 0, sizeof api);
-    api.api = UFFD_API;
-    if (::ioctl(fd, UFFDIO_API, &api) != 0) RawUffd::die("UFFDIO_API");
-    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) RawUffd::die("mmap");
-    region = static_cast<unsigned char*>(p);
-    (void)::madvise(region, len, MADV_NOHUGEPAGE);
-    struct uffdio_register reg;
-    std::memset(&reg, 0, sizeof reg);
-    reg.range.start = reinterpret_cast<std::uintptr_t>(region);
-    reg.range.len = len;
-    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-    if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) RawUffd::die("UFFDIO_REGISTER");
+const RawRegion* g_raw = nullptr;
+struct sigaction g_raw_previous;
+
+void raw_sigbus(int sig, siginfo_t* si, void* uc) {
+  const auto a = reinterpret_cast<std::uintptr_t>(si->si_addr);
+  const RawRegion* raw = g_raw;
+  const auto lo = raw == nullptr ? 0 : reinterpret_cast<std::uintptr_t>(raw->region);
+  if (raw == nullptr || a < lo || a >= lo + raw->len) {
+    // Not ours: uhmm's in-thread handler (installed first), or the default.
+    if (g_raw_previous.sa_flags & SA_SIGINFO) {
+      g_raw_previous.sa_sigaction(sig, si, uc);
+    } else {
+      signal(sig, SIG_DFL);
+    }
+    return;
+  }
+  const int saved = errno;
+  if (!copy_page_in(raw->fd, a, raw->src)) {
+    static const char msg[] = "bench_fault_latency: UFFDIO_COPY in SIGBUS handler failed\n";
+    (void)!::write(2, msg, sizeof msg - 1);
+    _exit(4);
+  }
+  errno = saved;
+}
+
+struct RawUffd : RawRegion {
+  explicit RawUffd(std::size_t npages) : RawRegion(npages, UFFD_FEATURE_SIGBUS) {
+    g_raw = this;
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = raw_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    if (::sigaction(SIGBUS, &sa, &g_raw_previous) != 0) die("sigaction");
+  }
+  ~RawUffd() {
+    (void)::sigaction(SIGBUS, &g_raw_previous, nullptr);
+    g_raw = nullptr;
+  }
+};
+
+// ---- raw_handler: resolved by a handler thread on the same CPU -------------
+
+struct RawHandlerUffd : RawRegion {
+  RawHandlerUffd(std::size_t npages, unsigned cpu) : RawRegion(npages, 0) {
     stop_fd = ::eventfd(0, EFD_CLOEXEC);
-    if (stop_fd < 0) RawUffd::die("eventfd");
+    if (stop_fd < 0) die("eventfd");
     handler = std::thread([this, cpu] { serve(cpu); });
   }
   ~RawHandlerUffd() {
     const std::uint64_t one = 1;
     (void)!::write(stop_fd, &one, sizeof one);
     handler.join();
-    ::munmap(region, len);
     ::close(stop_fd);
-    ::close(fd);
   }
-  RawHandlerUffd(const RawHandlerUffd&) = delete;
-  RawHandlerUffd& operator=(const RawHandlerUffd&) = delete;
 
   void serve(unsigned cpu) {
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
     (void)::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
-    alignas(kPageSize) static unsigned char src[kPageSize];
-    for (std::size_t i = 0; i < kPageSize / 8; ++i) reinterpret_cast<std::uint64_t*>(src)[i] = 0xabcdef01u + i;
     for (;;) {
       struct pollfd fds[2] = {{fd, POLLIN, 0}, {stop_fd, POLLIN, 0}};
       if (::poll(fds, 2, -1) < 0) continue;
@@ -224,31 +216,11 @@ struct RawHandlerUffd {
       struct uffd_msg msg;
       if (::read(fd, &msg, sizeof msg) != static_cast<ssize_t>(sizeof msg)) continue;
       if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
-      struct uffdio_copy c;
-      c.dst = msg.arg.pagefault.address & ~(std::uint64_t{kPageSize} - 1);
-      c.src = reinterpret_cast<std::uintptr_t>(src);
-      c.len = kPageSize;
-      c.mode = 0;
-      c.copy = 0;
-      if (::ioctl(fd, UFFDIO_COPY, &c) != 0 && errno != EEXIST) RawUffd::die("UFFDIO_COPY in the handler thread");
+      if (!copy_page_in(fd, msg.arg.pagefault.address, src)) die("UFFDIO_COPY in the handler thread");
     }
   }
 
-  // Drops the page (untimed), then times its first read, as RawUffd does.
-  double sample_after_drop(std::size_t page, std::uint64_t* value) {
-    (void)::madvise(region + page * kPageSize, kPageSize, MADV_DONTNEED);
-    auto* at = reinterpret_cast<volatile std::uint64_t*>(region + page * kPageSize);
-    const auto t0 = Clock::now();
-    const std::uint64_t v = *at;
-    const auto t1 = Clock::now();
-    *value = v;
-    return std::chrono::duration<double, std::micro>(t1 - t0).count();
-  }
-
-  std::size_t len;
-  int fd = -1;
   int stop_fd = -1;
-  unsigned char* region = nullptr;
   std::thread handler;
 };
 
@@ -321,7 +293,7 @@ void BM_FaultLatency(benchmark::State& state) {
     const std::size_t p = i++ % pages;
 
     raw_us.push_back(raw.sample_after_drop(p, &v));
-    if (v != 0xabcdef01u) {
+    if (v != RawRegion::kFirstWord) {
       state.SkipWithError("raw userfaultfd page has the wrong data");
       break;
     }
@@ -347,14 +319,14 @@ void BM_FaultLatency(benchmark::State& state) {
     }
 
     raw_warm_us.push_back(raw.sample_then_drop(pages + p, &v));
-    if (v != 0xabcdef01u) {
+    if (v != RawRegion::kFirstWord) {
       state.SkipWithError("raw userfaultfd page has the wrong data");
       break;
     }
 
     if (raw_handler) {
       raw_handler_us.push_back(raw_handler->sample_after_drop(p, &v));
-      if (v != 0xabcdef01u) {
+      if (v != RawRegion::kFirstWord) {
         state.SkipWithError("raw handler-thread page has the wrong data");
         break;
       }
