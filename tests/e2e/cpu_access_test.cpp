@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <latch>
 #include <string>
 #include <thread>
@@ -120,15 +121,30 @@ TEST_F(CpuAccessTest, WithoutFaultAroundOnlyTheFaultingPageComesBack) {
 
 // Voluntary context switches of every thread of the process but the
 // caller: how often they went to sleep, so (roughly) how often they woke.
-std::uint64_t other_threads_sleeps() {
+// Voluntary context switches (sleeps) of every thread but the caller, by
+// thread id.
+std::map<long, std::uint64_t> other_threads_sleeps() {
   const auto self = static_cast<long>(::syscall(SYS_gettid));
-  std::uint64_t total = 0;
+  std::map<long, std::uint64_t> sleeps;
   for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
-    if (std::stol(entry.path().filename().string()) == self) continue;
+    const long tid = std::stol(entry.path().filename().string());
+    if (tid == self) continue;
     std::ifstream status(entry.path() / "status");
     std::string line;
     while (std::getline(status, line))
-      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) total += std::stoull(line.substr(24));
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) sleeps[tid] = std::stoull(line.substr(24));
+  }
+  return sleeps;
+}
+
+// Sleeps between two snapshots.  A thread that ended in between (a detached
+// helper of an earlier migration) is left out, not subtracted; one that
+// started counts from zero.
+std::uint64_t sleeps_since(const std::map<long, std::uint64_t>& before) {
+  std::uint64_t total = 0;
+  for (const auto& [tid, now] : other_threads_sleeps()) {
+    const auto was = before.find(tid);
+    total += was == before.end() ? now : now - was->second;
   }
   return total;
 }
@@ -143,16 +159,19 @@ TEST_F(CpuAccessTest, AFaultWakesOneServiceThreadNotEveryOne) {
   const VirtAddr base = on_device(kBlock);
   ASSERT_TRUE(test::settles(*as));
   constexpr std::size_t kFaults = 256;
-  const std::uint64_t sleeps_before = other_threads_sleeps();
+  const auto sleeps_before = other_threads_sleeps();
   for (std::size_t i = 0; i < kFaults; ++i)
     ASSERT_EQ((base + i * kPageSize).as<volatile std::uint64_t>()[3], pattern_word(i, 3)) << i;
-  const std::uint64_t sleeps = other_threads_sleeps() - sleeps_before;
+  const std::uint64_t sleeps = sleeps_since(sleeps_before);
   EXPECT_EQ(counter(Counter::device_private_faults) - base_faults, kFaults);
   // Each fault wakes one of the four threads waiting on the userfaultfd,
   // which serves it and sleeps again: about one sleep per fault.  Waking
-  // all four would make four.
+  // all four would make four.  Fewer than one can happen: a service thread
+  // on another CPU than the faulting thread may find the next fault queued
+  // before it sleeps (a CI run on a loaded machine once counted 119), but
+  // some must show, or the count does not see the service threads at all.
   EXPECT_LT(sleeps, 2 * kFaults);
-  EXPECT_GE(sleeps, kFaults / 2) << "the faults were served by these threads";
+  EXPECT_GE(sleeps, kFaults / 4) << "the faults were served by these threads";
   EXPECT_TRUE(range_has_pattern(base, kBlock));
 }
 
