@@ -7,11 +7,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "platform/maps.hpp"
 #include "platform/threads.hpp"
@@ -52,6 +54,50 @@ TEST(ProcStat, AThreadKeptOnACpuIsSeenThere) {
     if (seen == -2) continue;
     EXPECT_EQ(seen, static_cast<int>(cpu));
   }
+}
+
+TEST(ProcStat, AProbeFollowsAThreadThatMoves) {
+  cpu_set_t allowed;
+  ASSERT_EQ(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+  std::vector<unsigned> cpus;
+  for (unsigned c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c)
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  if (cpus.size() < 2) GTEST_SKIP() << "one CPU";
+  // The thread moves itself from one CPU to the other; the same probe,
+  // whose file stays open, sees each.
+  std::atomic<int> step{0};
+  std::atomic<std::uint32_t> tid{0};
+  std::thread t([&] {
+    tid = static_cast<std::uint32_t>(::syscall(SYS_gettid));
+    for (int i = 0; i < 2; ++i) {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(cpus[static_cast<std::size_t>(i)], &set);
+      if (pthread_setaffinity_np(pthread_self(), sizeof set, &set) != 0) {
+        step = -1;
+        return;
+      }
+      step = 2 * i + 1;  // on cpus[i] now
+      while (step.load() != 2 * i + 2) std::this_thread::yield();
+    }
+  });
+  ThreadCpuProbe probe;
+  for (int i = 0; i < 2; ++i) {
+    while (step.load() != 2 * i + 1 && step.load() != -1) std::this_thread::yield();
+    if (step.load() == -1) break;
+    Result<int> r = probe.last_cpu_of(tid.load());
+    EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+    if (r.is_ok()) {
+      EXPECT_EQ(*r, static_cast<int>(cpus[static_cast<std::size_t>(i)]));
+    }
+    step = 2 * i + 2;
+  }
+  t.join();
+  ASSERT_NE(step.load(), -1) << "the thread could not move";
+  // Gone now: the file opened while it lived reads no more.
+  const Result<int> gone = probe.last_cpu_of(tid.load());
+  ASSERT_FALSE(gone.is_ok());
+  EXPECT_EQ(gone.status().code(), EIO);
 }
 
 TEST(ProcStat, AThreadThatIsGoneIsEio) {
