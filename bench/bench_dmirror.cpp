@@ -49,11 +49,6 @@ using compat::dmirror_request;
 
 constexpr std::size_t kChunk = kHugePageSize;
 
-std::size_t bench_bytes() {
-  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
-  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
-}
-
 // A populated, huge-page-advised private anonymous buffer: the memcpy
 // baseline's two buffers, the migrated buffer (which the device adopts on
 // first use, as it would a program's) and the command's read-back buffer.

@@ -42,11 +42,6 @@
 namespace uhmm::bench {
 namespace {
 
-std::size_t bench_bytes() {
-  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
-  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
-}
-
 std::uint64_t pattern(std::size_t i) { return i * 0x9E3779B97F4A7C15ull; }
 
 // Waits until the device holds no page of ours: finalize of the last

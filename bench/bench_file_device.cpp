@@ -35,11 +35,6 @@
 namespace uhmm::bench {
 namespace {
 
-std::size_t bench_bytes() {
-  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
-  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
-}
-
 std::string bench_dir() {
   const char* d = std::getenv("UHMM_BENCH_DIR");
   return d != nullptr && *d != '\0' ? d : "/tmp";

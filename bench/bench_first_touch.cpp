@@ -32,11 +32,6 @@
 namespace uhmm::bench {
 namespace {
 
-std::size_t bench_bytes() {
-  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
-  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
-}
-
 std::uint64_t word_for(std::size_t page) { return 0x5eed0000'00000000ull + page; }
 
 // One store per page, then a check of every stored word (untimed).

@@ -35,11 +35,6 @@ namespace {
 
 constexpr std::size_t kChunk = kHugePageSize;
 
-std::size_t bench_bytes() {
-  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
-  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
-}
-
 // A warm, huge-page-advised anonymous buffer for the memcpy baseline.
 struct WarmBuffer {
   explicit WarmBuffer(std::size_t bytes) : len(bytes) {

@@ -61,6 +61,13 @@ inline std::size_t env_size(const char* name, std::size_t fallback) {
   return s;
 }
 
+/// The buffer size of the benchmarks that move a buffer: UHMM_BENCH_BYTES
+/// (default 256 MiB), rounded up to whole 2 MiB blocks.
+inline std::size_t bench_bytes() {
+  const std::size_t b = env_size("UHMM_BENCH_BYTES", std::size_t{256} << 20);
+  return (b + kHugePageSize - 1) / kHugePageSize * kHugePageSize;
+}
+
 /// A count from the environment variable `name`, or `fallback`.
 inline std::uint64_t env_count(const char* name, std::uint64_t fallback) {
   const char* v = std::getenv(name);
