@@ -54,6 +54,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -189,6 +190,29 @@ struct RawUffd : RawRegion {
   }
 };
 
+// Keeps the calling thread on `cpu` while it lives, then lets it run where
+// it could before.
+class ScopedPin {
+ public:
+  explicit ScopedPin(unsigned cpu) {
+    if (::pthread_getaffinity_np(::pthread_self(), sizeof previous_, &previous_) != 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pinned_ = ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) == 0;
+  }
+  ~ScopedPin() {
+    if (pinned_) (void)::pthread_setaffinity_np(::pthread_self(), sizeof previous_, &previous_);
+  }
+  ScopedPin(const ScopedPin&) = delete;
+  ScopedPin& operator=(const ScopedPin&) = delete;
+  bool pinned() const { return pinned_; }
+
+ private:
+  cpu_set_t previous_;
+  bool pinned_ = false;
+};
+
 // ---- raw_handler: resolved by a handler thread on the same CPU -------------
 
 struct RawHandlerUffd : RawRegion {
@@ -205,10 +229,7 @@ struct RawHandlerUffd : RawRegion {
   }
 
   void serve(unsigned cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    (void)::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
+    const ScopedPin pin(cpu);
     for (;;) {
       struct pollfd fds[2] = {{fd, POLLIN, 0}, {stop_fd, POLLIN, 0}};
       if (::poll(fds, 2, -1) < 0) continue;
@@ -225,18 +246,6 @@ struct RawHandlerUffd : RawRegion {
 };
 
 // ---- the benchmark -------------------------------------------------------
-
-cpu_set_t previous_affinity;
-
-// Keeps the calling thread on `cpu`, remembering where it could run.
-bool pin_to(unsigned cpu) {
-  if (::pthread_getaffinity_np(::pthread_self(), sizeof previous_affinity, &previous_affinity) != 0) return false;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  return ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) == 0;
-}
-void unpin(const cpu_set_t& set) { (void)::pthread_setaffinity_np(::pthread_self(), sizeof set, &set); }
 
 void BM_FaultLatency(benchmark::State& state) {
   const std::size_t pages = env_count("UHMM_BENCH_PAGES", 1024);
@@ -265,7 +274,9 @@ void BM_FaultLatency(benchmark::State& state) {
   // the scheduler, and raw_handler is not measured.
   const bool pinned = state.range(1) != 0;
   const int cpu = pinned ? ::sched_getcpu() : -1;
-  if (pinned && (cpu < 0 || !pin_to(static_cast<unsigned>(cpu)))) {
+  std::optional<ScopedPin> pin;
+  if (pinned && cpu >= 0) pin.emplace(static_cast<unsigned>(cpu));
+  if (pinned && (!pin || !pin->pinned())) {
     state.SkipWithError("cannot pin the benchmark thread");
     return;
   }
@@ -332,7 +343,6 @@ void BM_FaultLatency(benchmark::State& state) {
       }
     }
   }
-  if (pinned) unpin(previous_affinity);
   if (uhmm_us.empty()) return;
 
   const double raw_p50 = percentile(raw_us, 0.50), raw_p99 = percentile(raw_us, 0.99);

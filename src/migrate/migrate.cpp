@@ -953,15 +953,14 @@ Status migrate_vma_setup(MigrateVma& m) {
       while (done + run < len && !changed(done + run)) ++run;
       platform::PartialResult r;
       if (run == kPagesPerHugePage && addr0.huge_aligned()) {
-        // A huge page moves out with the page table the kernel keeps
-        // deposited beside it: none is left behind.
-        Result<bool> huge = platform::huge_mapped(addr0, kHugePageSize);
         const BlockTransit block(as);
+        // A huge page that moves out through a transit of its own takes
+        // the page table the kernel keeps deposited beside it: none is left
+        // behind.  (Through the shared transit, which has a page table, it
+        // would be split on its way out and leave one here.)
+        Result<bool> huge = block.at() ? platform::huge_mapped(addr0, kHugePageSize) : Result<bool>(false);
         r = as.move_out_in_window(addr0, slot0, run, block.at());
-        // (Through the shared transit, which has a page table, the huge
-        // page would be split on its way out and leave one here.)
-        if (r.bytes_done == kHugePageSize && block.at() && huge.is_ok() && *huge)
-          as.table.note_no_kernel_table(addr0.vpn());
+        if (r.bytes_done == kHugePageSize && huge.is_ok() && *huge) as.table.note_no_kernel_table(addr0.vpn());
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
       }

@@ -92,7 +92,6 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
   // where that thread runs (threads move between CPUs now and then).
   std::uint32_t last_tid = 0;
   unsigned served_since_look = 0;
-  platform::ThreadCpuProbe probe;
   // Every 8th: the scheduler may move the faulting thread to the other,
   // idle CPU when the local service thread wakes it, and looking only every
   // 64th fault let some runs stay that way (every fault served across CPUs,
@@ -131,7 +130,7 @@ void AddressSpace::Impl::fault_thread_main(unsigned index) {
     if (tid == last_tid && ++served_since_look < kLookEvery) continue;
     last_tid = tid;
     served_since_look = 0;
-    Result<int> cpu = probe.last_cpu_of(tid);
+    Result<int> cpu = platform::last_cpu_of_thread(tid);
     if (!cpu || static_cast<unsigned>(*cpu) == index) continue;
     (void)::epoll_ctl(epoll.fd, EPOLL_CTL_DEL, uffd.fd(), nullptr);
     if (!watch(uffd.fd(), kUffdEvents)) {

@@ -108,8 +108,8 @@ class PageTable {
 
   // Whether the kernel holds a page table under an aligned 2 MiB block of
   // the managed range.  A huge page moves in as one entry only where it
-  // does not, so before moving one in uhmm drops the table with a zap,
-  // which costs ~60 us (its REMOVE event must be read).  Where uhmm knows
+  // does not, so before moving one in uhmm drops the table with a zap
+  // (what that costs: docs/migration.md, "Batching").  Where uhmm knows
   // there is none, it skips the zap.  Known only between a huge page's
   // move out of the block (the table goes with it) and the next install;
   // any fault on the block (the kernel builds a table before it asks uhmm)

@@ -3,15 +3,14 @@
 
 #include <pthread.h>
 #include <sched.h>
-#include <fcntl.h>
 #include <sys/prctl.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
 #include <string>
 
+#include "platform/maps.hpp"
 #include "platform/uffd.hpp"
 
 namespace uhmm::platform {
@@ -33,38 +32,11 @@ std::optional<int> parse_stat_cpu(std::string_view stat) {
 }
 
 Result<int> last_cpu_of_thread(std::uint32_t tid) {
-  ThreadCpuProbe probe;
-  return probe.last_cpu_of(tid);
-}
-
-ThreadCpuProbe::~ThreadCpuProbe() { forget(); }
-
-void ThreadCpuProbe::forget() {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = -1;
-  tid_ = 0;
-}
-
-Result<int> ThreadCpuProbe::last_cpu_of(std::uint32_t tid) {
   char path[64];
   std::snprintf(path, sizeof path, "/proc/self/task/%u/stat", tid);
-  if (fd_ < 0 || tid != tid_) {
-    forget();
-    fd_ = ::open(path, O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) return Status::error(EIO, std::string("cannot open ") + path);
-    tid_ = tid;
-  }
-  // The whole line fits: about 300 bytes, the command name at most 64.
-  char text[1024];
-  ssize_t n;
-  do {
-    n = ::pread(fd_, text, sizeof text, 0);
-  } while (n < 0 && errno == EINTR);
-  if (n <= 0) {
-    forget();  // the thread is gone (ESRCH)
-    return Status::error(EIO, std::string("cannot read ") + path);
-  }
-  const std::optional<int> cpu = parse_stat_cpu(std::string_view(text, static_cast<std::size_t>(n)));
+  auto text = read_proc_text(path);
+  if (!text) return text.status();
+  const std::optional<int> cpu = parse_stat_cpu(*text);
   if (!cpu) return Status::error(EIO, std::string("cannot parse ") + path);
   return *cpu;
 }

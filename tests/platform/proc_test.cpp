@@ -56,15 +56,15 @@ TEST(ProcStat, AThreadKeptOnACpuIsSeenThere) {
   }
 }
 
-TEST(ProcStat, AProbeFollowsAThreadThatMoves) {
+TEST(ProcStat, ALookFollowsAThreadThatMoves) {
   cpu_set_t allowed;
   ASSERT_EQ(sched_getaffinity(0, sizeof allowed, &allowed), 0);
   std::vector<unsigned> cpus;
   for (unsigned c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c)
     if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
   if (cpus.size() < 2) GTEST_SKIP() << "one CPU";
-  // The thread moves itself from one CPU to the other; the same probe,
-  // whose file stays open, sees each.
+  // The thread moves itself from one CPU to the other; each look sees
+  // where it is now.
   std::atomic<int> step{0};
   std::atomic<std::uint32_t> tid{0};
   std::thread t([&] {
@@ -81,11 +81,10 @@ TEST(ProcStat, AProbeFollowsAThreadThatMoves) {
       while (step.load() != 2 * i + 2) std::this_thread::yield();
     }
   });
-  ThreadCpuProbe probe;
   for (int i = 0; i < 2; ++i) {
     while (step.load() != 2 * i + 1 && step.load() != -1) std::this_thread::yield();
     if (step.load() == -1) break;
-    Result<int> r = probe.last_cpu_of(tid.load());
+    Result<int> r = last_cpu_of_thread(tid.load());
     EXPECT_TRUE(r.is_ok()) << r.status().to_string();
     if (r.is_ok()) {
       EXPECT_EQ(*r, static_cast<int>(cpus[static_cast<std::size_t>(i)]));
@@ -94,10 +93,6 @@ TEST(ProcStat, AProbeFollowsAThreadThatMoves) {
   }
   t.join();
   ASSERT_NE(step.load(), -1) << "the thread could not move";
-  // Gone now: the file opened while it lived reads no more.
-  const Result<int> gone = probe.last_cpu_of(tid.load());
-  ASSERT_FALSE(gone.is_ok());
-  EXPECT_EQ(gone.status().code(), EIO);
 }
 
 TEST(ProcStat, AThreadThatIsGoneIsEio) {
