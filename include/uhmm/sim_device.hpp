@@ -88,7 +88,9 @@ struct SimDeviceOptions {
   /// at `prefetch_blocks` and doubles each time the stream goes on, up to
   /// `prefetch_max_blocks` (like the kernel's readahead ramp), so a long
   /// stream never waits for a synchronous migration while a short one
-  /// costs little.  A fault out of sequence starts over.  0 disables.
+  /// costs little.  A fault inside the window already queued (the reader
+  /// overtook the prefetch) continues the stream; any other fault out of
+  /// sequence starts over.  0 disables.
   std::size_t prefetch_blocks = 2;
   std::size_t prefetch_max_blocks = 32;
   FilePages file_pages = FilePages::kCopiedBack;

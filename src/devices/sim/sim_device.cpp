@@ -19,6 +19,7 @@
 #include "core/run_set.hpp"
 #include "core/sync.hpp"
 #include "devices/sim/dma_engine.hpp"
+#include "devices/sim/prefetch_stream.hpp"
 #include "mm/address_space_impl.hpp"
 #include "platform/threads.hpp"
 #include "platform/uffd.hpp"
@@ -163,27 +164,16 @@ class SimDevice::Prefetcher {
 
   /// Called from migrate_to_ram for the block it just served.
   void on_fault(AddressSpace& as, VirtAddr block, const RegionInfo& region) {
-    const std::size_t initial = dev_.options_.prefetch_blocks;
-    if (initial == 0) return;
-    std::size_t depth = 0;
+    std::optional<PrefetchStream::Window> window;
     {
       MutexLock lock(mutex_);
       if (stopping_) return;
-      Stream& stream = streams_[&as];
-      const bool sequential = stream.last.value != 0 && block == stream.last + kHugePageSize;
-      stream.last = block;
-      if (!sequential) {
-        stream.window = 0;
-        return;
-      }
-      // The readahead ramp: the longer the stream, the further ahead.
-      stream.window = stream.window == 0 ? initial
-                                         : std::min(stream.window * 2, std::max(initial, dev_.options_.prefetch_max_blocks));
-      depth = stream.window;
+      auto it = streams_.try_emplace(&as, dev_.options_.prefetch_blocks, dev_.options_.prefetch_max_blocks).first;
+      window = it->second.on_fault(block);
     }
+    if (!window) return;
     std::vector<Task> tasks;
-    for (std::size_t k = 1; k <= depth; ++k) {
-      const VirtAddr next = block + k * kHugePageSize;
+    for (VirtAddr next = window->from; next <= window->until; next = next + kHugePageSize) {
       if (next + kHugePageSize > region.end()) break;
       const PageInfo first = as.page_info(next);
       if (first.state != PageInfo::State::kDevicePrivate || first.device_page == nullptr ||
@@ -193,13 +183,13 @@ class SimDevice::Prefetcher {
       if (!pin) break;
       tasks.push_back(Task{&as, next, std::move(pin)});
     }
-    if (tasks.empty()) return;
     {
       MutexLock lock(mutex_);
       if (stopping_) return;  // `tasks` goes, and its pins with it
-      streams_[&as].last = tasks.back().block;  // the stream continues after what is prefetched
+      streams_.at(&as).queued(*window, tasks.empty() ? std::nullopt : std::optional(tasks.back().block));
       for (Task& t : tasks) queue_.push_back(std::move(t));
     }
+    if (tasks.empty()) return;
     cv_.notify_one();
   }
 
@@ -241,11 +231,7 @@ class SimDevice::Prefetcher {
   std::condition_variable_any cv_;
   bool stopping_ UHMM_GUARDED_BY(mutex_) = false;
   std::deque<Task> queue_ UHMM_GUARDED_BY(mutex_);
-  struct Stream {
-    VirtAddr last;           // the last block served or queued
-    std::size_t window = 0;  // blocks prefetched at the last step; 0: no stream yet
-  };
-  std::map<AddressSpace*, Stream> streams_ UHMM_GUARDED_BY(mutex_);
+  std::map<AddressSpace*, PrefetchStream> streams_ UHMM_GUARDED_BY(mutex_);
   std::thread thread_;
 };
 
