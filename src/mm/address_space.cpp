@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -168,10 +169,13 @@ platform::PartialResult AddressSpace::Impl::move_out_in_window(VirtAddr managed,
     const platform::PartialResult in =
         move_verified(uffd, through, managed + total.bytes_done, chunk, platform::kMoveModeDontWake);
     if (in.bytes_done > 0) {
-      const platform::PartialResult out =
-          move_verified(staging.uffd(), slot + total.bytes_done, through, in.bytes_done / kPageSize, 0);
-      UHMM_CHECK(out.error == 0, "a page stuck in transit");
-      total.bytes_done += in.bytes_done;
+      const platform::PartialResult out = move_transit_to_staging(through, slot + total.bytes_done, in.bytes_done);
+      total.bytes_done += out.bytes_done;
+      if (out.error != 0) {
+        return_from_transit(through + out.bytes_done, managed + total.bytes_done, in.bytes_done - out.bytes_done);
+        total.error = EAGAIN;
+        return total;
+      }
     }
     if (in.error != 0) {
       total.error = in.error;
@@ -179,6 +183,43 @@ platform::PartialResult AddressSpace::Impl::move_out_in_window(VirtAddr managed,
     }
   }
   return total;
+}
+
+platform::PartialResult AddressSpace::Impl::move_transit_to_staging(VirtAddr through, VirtAddr slot,
+                                                                    std::size_t bytes) {
+  constexpr int kTries = 8;
+  platform::PartialResult out;
+  for (int attempt = 1;; ++attempt) {
+    platform::PartialResult step{0, EBUSY};
+    unsigned refuse = refuse_staging_moves_for_test.load(std::memory_order_relaxed);
+    while (refuse > 0 && !refuse_staging_moves_for_test.compare_exchange_weak(refuse, refuse - 1)) {
+    }
+    if (refuse == 0)
+      step = move_verified(staging.uffd(), slot + out.bytes_done, through + out.bytes_done,
+                           (bytes - out.bytes_done) / kPageSize, 0);
+    out.bytes_done += step.bytes_done;
+    out.error = step.error;
+    if (out.error == 0 || attempt == kTries) return out;
+    std::this_thread::yield();
+  }
+}
+
+void AddressSpace::Impl::return_from_transit(VirtAddr through, VirtAddr managed, std::size_t bytes) {
+  if (bytes == 0) return;
+  // The pages' entries are locked: nobody can have filled `managed` since
+  // they left it.
+  const platform::PartialResult back =
+      move_verified(uffd, managed, through, bytes / kPageSize, platform::kMoveModeDontWake);
+  if (back.error == 0) return;
+  // Refused as well: copy the rest back, and drop what stays in transit.
+  const VirtAddr from = through + back.bytes_done;
+  const std::size_t left = bytes - back.bytes_done;
+  const platform::PartialResult copied = uffd.copy(managed + back.bytes_done, from.ptr(), left, /*wake=*/false);
+  if (copied.error != 0) {
+    const std::string why = "a page stuck in transit: " + platform::errno_text(copied.error);
+    detail::check_failed("copied.error == 0", __FILE__, __LINE__, why.c_str());
+  }
+  zap_own(from, left);
 }
 
 int AddressSpace::Impl::move_to_transit(VirtAddr managed) {

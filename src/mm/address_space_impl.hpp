@@ -250,8 +250,20 @@ struct AddressSpace::Impl {
   /// `via` (up to 2 MiB, registered with `uffd`, empty) replaces `transit`:
   /// a huge page moves whole only into a block without a page table, and
   /// `transit` has one from its first small move.
+  /// The second hop, transit to staging, can be refused too (EBUSY, seen
+  /// rarely under load: a huge page that must split on its way into a
+  /// staging block that kept a page table): after a few tries the pages go
+  /// back to `managed` and the result is EAGAIN for the rest, so the caller
+  /// looks again or leaves them where they are.  Nothing is lost.
   platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
                                              std::optional<VirtAddr> via = std::nullopt);
+  /// Tests: the next `n` moves from transit into staging report EBUSY
+  /// without moving anything, as the kernel rarely does.
+  std::atomic<unsigned> refuse_staging_moves_for_test{0};
+  /// move_out_in_window's second hop, tried a few times.
+  platform::PartialResult move_transit_to_staging(VirtAddr through, VirtAddr staging_slot, std::size_t bytes);
+  /// Puts pages a refused second hop left in transit back at `managed`.
+  void return_from_transit(VirtAddr through, VirtAddr managed, std::size_t bytes);
   /// Inside the install window: moves the one page at `managed` into
   /// `transit` (on the managed userfaultfd, refused with EAGAIN while a
   /// change is unread, as for move_out_in_window); the caller takes it on
