@@ -16,6 +16,7 @@
 #include <string_view>
 #include <vector>
 
+#include "platform/copy.hpp"
 #include "uhmm/status.hpp"
 #include "uhmm/types.hpp"
 
@@ -114,6 +115,15 @@ inline void chunked_memcpy(void* dst, const void* src, std::size_t len, std::siz
   benchmark::ClobberMemory();
 }
 
+/// The same with the copy the sim device's DMA engine uses for long runs
+/// (platform::copy_streaming: non-temporal stores, no read-for-ownership).
+inline void chunked_stream_copy(void* dst, const void* src, std::size_t len, std::size_t chunk) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  for (std::size_t off = 0; off < len; off += chunk) platform::copy_streaming(d + off, s + off, std::min(chunk, len - off));
+  benchmark::ClobberMemory();
+}
+
 /// Reads every word (a real read, not one load per page).
 inline std::uint64_t checksum_words(const std::uint64_t* w, std::size_t nwords) {
   std::uint64_t a = 0, b = 0;
@@ -145,9 +155,10 @@ inline bool round_trip_intact(const std::uint64_t* words, std::size_t bytes) {
 }
 
 /// The counters of a migration round trip, `n` times over `bytes`, against a
-/// memcpy baseline timed in the same run (one memcpy each way).
+/// memcpy baseline timed in the same run (one memcpy each way), and, if
+/// `t_stream` is given, against the streaming copy timed the same way.
 inline void report_round_trip(benchmark::State& state, std::size_t bytes, std::uint64_t n, double t_memcpy,
-                              double t_to_dev, double t_to_sys) {
+                              double t_to_dev, double t_to_sys, double t_stream = 0) {
   const double gb = static_cast<double>(bytes) * static_cast<double>(n) / 1e9;
   const double memcpy_gbps = 2 * gb / t_memcpy;
   const double to_dev_gbps = gb / t_to_dev;
@@ -158,6 +169,12 @@ inline void report_round_trip(benchmark::State& state, std::size_t bytes, std::u
   state.counters["to_system_GBps"] = to_sys_gbps;
   state.counters["to_device_x_memcpy"] = to_dev_gbps / memcpy_gbps;
   state.counters["to_system_x_memcpy"] = to_sys_gbps / memcpy_gbps;
+  if (t_stream > 0) {
+    const double stream_gbps = 2 * gb / t_stream;
+    state.counters["stream_GBps"] = stream_gbps;
+    state.counters["to_device_x_stream"] = to_dev_gbps / stream_gbps;
+    state.counters["to_system_x_stream"] = to_sys_gbps / stream_gbps;
+  }
   state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes * n));
 }
 

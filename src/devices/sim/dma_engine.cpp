@@ -3,6 +3,7 @@
 #include <cstring>
 #include <latch>
 
+#include "platform/copy.hpp"
 #include "platform/threads.hpp"
 
 namespace uhmm::sim {
@@ -56,6 +57,8 @@ void DmaEngine::copy_range(std::span<CopyOp> ops) {
       ++n;
     if (ops[i].src == nullptr) {
       std::memset(ops[i].dst, 0, n * kPageSize);
+    } else if (n * kPageSize >= kStreamingCopyBytes) {
+      platform::copy_streaming(ops[i].dst, ops[i].src, n * kPageSize);
     } else {
       std::memcpy(ops[i].dst, ops[i].src, n * kPageSize);
     }

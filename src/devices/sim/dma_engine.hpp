@@ -2,7 +2,11 @@
 //
 // A batch of page copies is coalesced into contiguous runs and spread over
 // worker threads; small batches are copied by the caller (a hand-off costs
-// more than it saves).  An optional link model adds a set-up latency per
+// more than it saves).  Runs of kStreamingCopyBytes or more bypass the CPU
+// caches (platform::copy_streaming), as a device's DMA does: twice glibc's
+// memcpy here, and no eviction of the application's working set.  Shorter
+// runs, a one-page fault's above all, go through the cache, where the
+// faulting thread reads them next.  An optional link model adds a set-up latency per
 // batch and caps bandwidth.  Worker threads only touch staging pages and
 // device memory, never managed memory.
 //
@@ -22,6 +26,8 @@
 #include "uhmm/sim_device.hpp"
 
 namespace uhmm::sim {
+
+inline constexpr std::size_t kStreamingCopyBytes = std::size_t{64} << 10;
 
 struct CopyOp {
   const std::byte* src = nullptr;  // nullptr: fill the destination with zeros
