@@ -1,5 +1,7 @@
 #include "devices/sim/dma_engine.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <latch>
 
@@ -80,23 +82,42 @@ void DmaEngine::apply_link_model(std::size_t bytes, std::chrono::steady_clock::t
 }
 
 std::future<void> DmaEngine::start(std::span<CopyOp> ops) {
-  auto done = std::make_shared<std::promise<void>>();
-  std::future<void> result = done->get_future();
-  auto job = [this, ops, done] {
-    const auto started = std::chrono::steady_clock::now();
-    copy_range(ops);
-    apply_link_model(ops.size() * kPageSize, started);
-    done->set_value();
+  // One share per worker, each of kPagesPerShare pages at least: a share
+  // smaller than that costs more to hand over than it saves.
+  const std::size_t shares =
+      threads_.empty() ? 1 : std::clamp<std::size_t>(ops.size() / kPagesPerShare, 1, threads_.size());
+  struct Transfer {
+    std::promise<void> done;
+    std::atomic<std::size_t> shares_left;
+    std::chrono::steady_clock::time_point started;
+  };
+  auto transfer = std::make_shared<Transfer>();
+  transfer->shares_left.store(shares, std::memory_order_relaxed);
+  transfer->started = std::chrono::steady_clock::now();
+  std::future<void> result = transfer->done.get_future();
+  // The last share to finish completes the transfer: the link model counts
+  // it as one.
+  auto copy_share = [this, transfer, bytes = ops.size() * kPageSize](std::span<CopyOp> share) {
+    copy_range(share);
+    if (transfer->shares_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    apply_link_model(bytes, transfer->started);
+    transfer->done.set_value();
   };
   if (threads_.empty()) {
-    job();
+    copy_share(ops);
     return result;
   }
+  const std::size_t per = (ops.size() + shares - 1) / shares;
   {
     std::lock_guard lock(mutex_);
-    queue_.push_back(std::move(job));
+    for (std::size_t off = 0; off < ops.size(); off += per)
+      queue_.push_back([copy_share, share = ops.subspan(off, std::min(per, ops.size() - off))] { copy_share(share); });
   }
-  cv_.notify_one();
+  if (shares == 1) {
+    cv_.notify_one();
+  } else {
+    cv_.notify_all();
+  }
   return result;
 }
 

@@ -28,6 +28,8 @@
 namespace uhmm::sim {
 
 inline constexpr std::size_t kStreamingCopyBytes = std::size_t{64} << 10;
+/// The least a worker takes of a started batch (1 MiB).
+inline constexpr std::size_t kPagesPerShare = 256;
 
 struct CopyOp {
   const std::byte* src = nullptr;  // nullptr: fill the destination with zeros
@@ -45,8 +47,10 @@ class DmaEngine {
   /// Copies every op (one page each); returns when all are done.  Failed
   /// pages have ok == false and their destination is left unspecified.
   void copy(std::span<CopyOp> ops);
-  /// Starts copying on a worker and returns at once; the ops must stay put
-  /// until the future is ready.  Without workers, copies before returning.
+  /// Starts copying on the workers and returns at once; the ops must stay
+  /// put until the future is ready.  A batch of 2 x kPagesPerShare pages or
+  /// more is shared among the workers, so that one migration batch uses
+  /// every copy channel.  Without workers, copies before returning.
   std::future<void> start(std::span<CopyOp> ops);
 
  private:

@@ -100,5 +100,44 @@ TEST(DmaEngine, LinkModelAddsSetupLatencyAndBandwidthTime) {
   EXPECT_GE(took, std::chrono::milliseconds(20) + std::chrono::microseconds(15600));
 }
 
+// A started batch large enough is shared among the workers: every page
+// arrives, in order or not, and the future is ready only once all have.
+TEST(DmaEngine, StartSharesALargeBatchAmongTheWorkers) {
+  for (bool reverse : {false, true}) {
+    FaultInjection faults;
+    DmaEngine dma(2, LinkModel{}, 0, faults);
+    constexpr std::size_t kPages = 4 * kPagesPerShare + 3;
+    std::vector<std::byte> src(kPages * kPageSize), dst(kPages * kPageSize);
+    for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>(i * 11 + i / kPageSize);
+    auto ops = page_ops(src, dst, kPages, reverse);
+    dma.start(ops).wait();
+    for (std::size_t i = 0; i < kPages; ++i) {
+      EXPECT_TRUE(ops[i].ok);
+      const std::size_t d = reverse ? kPages - 1 - i : i;
+      ASSERT_EQ(std::memcmp(dst.data() + d * kPageSize, src.data() + i * kPageSize, kPageSize), 0)
+          << "page " << i << (reverse ? " reversed" : "");
+    }
+  }
+}
+
+// The link model still counts a shared batch as one transfer: its set-up
+// latency and its bytes at the link's bandwidth.
+TEST(DmaEngine, ASharedBatchTakesTheLinkModelsTimeForTheWholeTransfer) {
+  FaultInjection faults;
+  LinkModel link;
+  link.setup_latency = std::chrono::milliseconds(20);
+  link.bytes_per_second = 64.0 * 1024 * 1024;  // 2 MiB take >= 31.2 ms
+  DmaEngine dma(2, link, 0, faults);
+  constexpr std::size_t kPages = 2 * kPagesPerShare;  // 2 MiB: two shares
+  std::vector<std::byte> src(kPages * kPageSize, std::byte{3}), dst(kPages * kPageSize);
+  auto ops = page_ops(src, dst, kPages, false);
+  const auto t0 = std::chrono::steady_clock::now();
+  dma.start(ops).wait();
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_GE(took, std::chrono::milliseconds(20) + std::chrono::microseconds(31200));
+  EXPECT_EQ(dst.front(), std::byte{3});
+  EXPECT_EQ(dst.back(), std::byte{3});
+}
+
 }  // namespace
 }  // namespace uhmm::sim
