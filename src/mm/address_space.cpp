@@ -8,9 +8,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <tuple>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "core/assert.hpp"

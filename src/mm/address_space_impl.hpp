@@ -251,10 +251,10 @@ struct AddressSpace::Impl {
   /// a huge page moves whole only into a block without a page table, and
   /// `transit` has one from its first small move.
   /// The second hop, transit to staging, can be refused too (EBUSY, seen
-  /// rarely under load: a huge page that must split on its way into a
-  /// staging block that kept a page table): after a few tries the pages go
-  /// back to `managed` and the result is EAGAIN for the rest, so the caller
-  /// looks again or leaves them where they are.  Nothing is lost.
+  /// rarely under load on 6.18; the cause is not pinned down): after a few
+  /// tries the pages go back to `managed` and the result is EAGAIN for the
+  /// rest, so the caller looks again or leaves them where they are.
+  /// Nothing is lost.
   platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
                                              std::optional<VirtAddr> via = std::nullopt);
   /// Tests: the next `n` moves from transit into staging report EBUSY

@@ -6,8 +6,8 @@
 // caches (platform::copy_streaming), as a device's DMA does: twice glibc's
 // memcpy here, and no eviction of the application's working set.  Shorter
 // runs, a one-page fault's above all, go through the cache, where the
-// faulting thread reads them next.  An optional link model adds a set-up latency per
-// batch and caps bandwidth.  Worker threads only touch staging pages and
+// faulting thread reads them next.  An optional link model adds a set-up
+// latency per batch and caps bandwidth.  Worker threads only touch staging pages and
 // device memory, never managed memory.
 //
 // Concurrency: copy() may be called from many threads at once.
