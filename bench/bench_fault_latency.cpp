@@ -59,6 +59,7 @@
 #include <vector>
 
 #include "bench_util.hpp"
+#include "platform/threads.hpp"
 #include "uhmm/uhmm.hpp"
 
 namespace uhmm::bench {
@@ -196,10 +197,7 @@ class ScopedPin {
  public:
   explicit ScopedPin(unsigned cpu) {
     if (::pthread_getaffinity_np(::pthread_self(), sizeof previous_, &previous_) != 0) return;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    pinned_ = ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) == 0;
+    pinned_ = platform::pin_this_thread(cpu).is_ok();
   }
   ~ScopedPin() {
     if (pinned_) (void)::pthread_setaffinity_np(::pthread_self(), sizeof previous_, &previous_);

@@ -104,24 +104,24 @@ inline double percentile(std::vector<double>& v, double q) {
   return v[k];
 }
 
-/// memcpy in `chunk`-byte pieces (the copy bandwidth baseline).
-inline void chunked_memcpy(void* dst, const void* src, std::size_t len, std::size_t chunk) {
+/// `copy` (memcpy's signature) in `chunk`-byte pieces.
+template <typename Copy>
+void chunked_copy(Copy copy, void* dst, const void* src, std::size_t len, std::size_t chunk) {
   auto* d = static_cast<unsigned char*>(dst);
   const auto* s = static_cast<const unsigned char*>(src);
-  for (std::size_t off = 0; off < len; off += chunk) {
-    const std::size_t n = std::min(chunk, len - off);
-    std::memcpy(d + off, s + off, n);
-  }
+  for (std::size_t off = 0; off < len; off += chunk) copy(d + off, s + off, std::min(chunk, len - off));
   benchmark::ClobberMemory();
+}
+
+/// memcpy in `chunk`-byte pieces (the copy bandwidth baseline).
+inline void chunked_memcpy(void* dst, const void* src, std::size_t len, std::size_t chunk) {
+  chunked_copy([](void* d, const void* s, std::size_t n) { std::memcpy(d, s, n); }, dst, src, len, chunk);
 }
 
 /// The same with the copy the sim device's DMA engine uses for long runs
 /// (platform::copy_streaming: non-temporal stores, no read-for-ownership).
 inline void chunked_stream_copy(void* dst, const void* src, std::size_t len, std::size_t chunk) {
-  auto* d = static_cast<unsigned char*>(dst);
-  const auto* s = static_cast<const unsigned char*>(src);
-  for (std::size_t off = 0; off < len; off += chunk) platform::copy_streaming(d + off, s + off, std::min(chunk, len - off));
-  benchmark::ClobberMemory();
+  chunked_copy(platform::copy_streaming, dst, src, len, chunk);
 }
 
 /// Reads every word (a real read, not one load per page).

@@ -189,14 +189,18 @@ platform::PartialResult AddressSpace::Impl::move_transit_to_staging(VirtAddr thr
                                                                     std::size_t bytes) {
   constexpr int kTries = 8;
   platform::PartialResult out;
-  for (int attempt = 1;; ++attempt) {
-    platform::PartialResult step{0, EBUSY};
-    unsigned refuse = refuse_staging_moves_for_test.load(std::memory_order_relaxed);
-    while (refuse > 0 && !refuse_staging_moves_for_test.compare_exchange_weak(refuse, refuse - 1)) {
+  // Takes one injected refusal, if a test left any.
+  auto refused_for_test = [this] {
+    unsigned left = refuse_staging_moves_for_test.load(std::memory_order_relaxed);
+    while (left > 0 && !refuse_staging_moves_for_test.compare_exchange_weak(left, left - 1)) {
     }
-    if (refuse == 0)
-      step = move_verified(staging.uffd(), slot + out.bytes_done, through + out.bytes_done,
-                           (bytes - out.bytes_done) / kPageSize, 0);
+    return left > 0;
+  };
+  for (int attempt = 1;; ++attempt) {
+    const platform::PartialResult step =
+        refused_for_test() ? platform::PartialResult{0, EBUSY}
+                           : move_verified(staging.uffd(), slot + out.bytes_done, through + out.bytes_done,
+                                           (bytes - out.bytes_done) / kPageSize, 0);
     out.bytes_done += step.bytes_done;
     out.error = step.error;
     if (out.error == 0 || attempt == kTries) return out;
