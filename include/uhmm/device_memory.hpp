@@ -253,6 +253,11 @@ class DevicePagemap {
   /// forked child; EINVAL: the protections of the two sides differ).  A
   /// stale frame left in the home slot is discarded first.
   int move_frame_home(const DevicePage& page, VirtAddr from);
+  /// For the migration layer, where the kernel refused move_frame_home for
+  /// a frame in uhmm's own transit area (which it rarely does): the data of
+  /// the page at `from` (present, readable) is copied into the home slot,
+  /// after any stale frame there is discarded.
+  void copy_into_home(const DevicePage& page, VirtAddr from);
   /// For the migration layer, where the kernel will not move the frame (a
   /// range that is not read-write): the frame stays mapped at `from`, to
   /// become the system page the migration leaves there, and its data is

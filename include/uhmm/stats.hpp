@@ -25,6 +25,7 @@ namespace uhmm {
   X(empty_table_zaps, "2 MiB blocks whose empty page table uhmm dropped so a huge page could move in") \
   X(migrate_skipped_pinned, "pages skipped because they were pinned or shared")        \
   X(migrate_skipped_locked, "pages skipped because another migration held them")       \
+  X(transit_copies, "pages the kernel refused to move on into staging (EBUSY), copied there instead") \
   X(migrate_holes, "unpopulated pages collected as holes")                              \
   X(uffd_faults, "page faults on managed memory served")                                \
   X(hole_faults, "faults on never-populated pages, zero-filled")                        \

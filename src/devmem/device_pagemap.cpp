@@ -1,6 +1,7 @@
 // devmem: device page maps, device page descriptors, the device pfn space.
 // Layer rules and locks: src/devmem/README.md.
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <vector>
 #include <thread>
@@ -327,6 +328,14 @@ int DevicePagemap::move_frame_home(const DevicePage& page, VirtAddr from) {
     }
     return r.error;
   }
+}
+
+void DevicePagemap::copy_into_home(const DevicePage& page, VirtAddr from) {
+  UHMM_CHECK(type_ == PagemapType::kCoherent, "copy_into_home on a map that is not coherent");
+  discard_home(page);
+  // The home slots are registered for write protection only: the write
+  // populates the slot and never waits.
+  std::memcpy(home_address(page).ptr(), from.ptr(), kPageSize);
 }
 
 Status DevicePagemap::copy_frame_home(DevicePage& page, VirtAddr from) {

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -169,13 +170,8 @@ platform::PartialResult AddressSpace::Impl::move_out_in_window(VirtAddr managed,
     const platform::PartialResult in =
         move_verified(uffd, through, managed + total.bytes_done, chunk, platform::kMoveModeDontWake);
     if (in.bytes_done > 0) {
-      const platform::PartialResult out = move_transit_to_staging(through, slot + total.bytes_done, in.bytes_done);
-      total.bytes_done += out.bytes_done;
-      if (out.error != 0) {
-        return_from_transit(through + out.bytes_done, managed + total.bytes_done, in.bytes_done - out.bytes_done);
-        total.error = EAGAIN;
-        return total;
-      }
+      move_transit_to_staging(through, slot + total.bytes_done, in.bytes_done);
+      total.bytes_done += in.bytes_done;
     }
     if (in.error != 0) {
       total.error = in.error;
@@ -185,45 +181,44 @@ platform::PartialResult AddressSpace::Impl::move_out_in_window(VirtAddr managed,
   return total;
 }
 
-platform::PartialResult AddressSpace::Impl::move_transit_to_staging(VirtAddr through, VirtAddr slot,
-                                                                    std::size_t bytes) {
-  constexpr int kTries = 8;
-  platform::PartialResult out;
-  // Takes one injected refusal, if a test left any.
-  auto refused_for_test = [this] {
-    unsigned left = refuse_staging_moves_for_test.load(std::memory_order_relaxed);
-    while (left > 0 && !refuse_staging_moves_for_test.compare_exchange_weak(left, left - 1)) {
-    }
-    return left > 0;
-  };
-  for (int attempt = 1;; ++attempt) {
+void AddressSpace::Impl::move_transit_to_staging(VirtAddr through, VirtAddr slot, std::size_t bytes) {
+  constexpr int kTries = 2;
+  std::size_t moved = 0;
+  for (int attempt = 1; attempt <= kTries && moved < bytes; ++attempt) {
     const platform::PartialResult step =
-        refused_for_test() ? platform::PartialResult{0, EBUSY}
-                           : move_verified(staging.uffd(), slot + out.bytes_done, through + out.bytes_done,
-                                           (bytes - out.bytes_done) / kPageSize, 0);
-    out.bytes_done += step.bytes_done;
-    out.error = step.error;
-    if (out.error == 0 || attempt == kTries) return out;
-    std::this_thread::yield();
+        take_injected_refusal() ? platform::PartialResult{0, EBUSY}
+                           : move_verified(staging.uffd(), slot + moved, through + moved, (bytes - moved) / kPageSize, 0);
+    moved += step.bytes_done;
   }
+  if (moved == bytes) return;
+  // Refused: the data goes on as a copy.  The slots are uhmm's own memory,
+  // populated by the writes; the transit's pages are present (the first
+  // hop put them there), so reading them never faults.
+  const std::size_t left = bytes - moved;
+  std::memcpy((slot + moved).ptr(), (through + moved).ptr(), left);
+  stats.add(Counter::transit_copies, left / kPageSize);
+  clear_transit(through, moved, left);
 }
 
-void AddressSpace::Impl::return_from_transit(VirtAddr through, VirtAddr managed, std::size_t bytes) {
-  if (bytes == 0) return;
-  // The pages' entries are locked: nobody can have filled `managed` since
-  // they left it.
-  const platform::PartialResult back =
-      move_verified(uffd, managed, through, bytes / kPageSize, platform::kMoveModeDontWake);
-  if (back.error == 0) return;
-  // Refused as well: copy the rest back, and drop what stays in transit.
-  const VirtAddr from = through + back.bytes_done;
-  const std::size_t left = bytes - back.bytes_done;
-  const platform::PartialResult copied = uffd.copy(managed + back.bytes_done, from.ptr(), left, /*wake=*/false);
-  if (copied.error != 0) {
-    const std::string why = "a page stuck in transit: " + platform::errno_text(copied.error);
-    detail::check_failed("copied.error == 0", __FILE__, __LINE__, why.c_str());
+bool AddressSpace::Impl::take_injected_refusal() {
+  unsigned left = refuse_staging_moves_for_test.load(std::memory_order_relaxed);
+  while (left > 0 && !refuse_staging_moves_for_test.compare_exchange_weak(left, left - 1)) {
   }
-  zap_own(from, left);
+  return left > 0;
+}
+
+void AddressSpace::Impl::clear_transit(VirtAddr through, std::size_t offset, std::size_t bytes) {
+  // A zap of a registered range would wait for its REMOVE event to be read,
+  // and inside the install window nobody reads.  Unregistered, the block
+  // raises no event; registered again, it is a transit as before.  Should
+  // that registration fail, the next first hop into it fails (EINVAL) and
+  // its pages stay on the CPU: refused, never lost.
+  const VirtAddr block = through.huge_down();
+  (void)uffd.unregister_range(block, kHugePageSize);
+  (void)platform::advise(through + offset, bytes, MADV_DONTNEED);
+  if (Status s = uffd.register_range(block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING); !s)
+    std::fprintf(stderr, "uhmm: a transit area could not be registered again (%s): pages it should carry stay on the CPU\n",
+                 s.to_string().c_str());
 }
 
 int AddressSpace::Impl::move_to_transit(VirtAddr managed) {

@@ -251,19 +251,23 @@ struct AddressSpace::Impl {
   /// a huge page moves whole only into a block without a page table, and
   /// `transit` has one from its first small move.
   /// The second hop, transit to staging, can be refused too (EBUSY, seen
-  /// rarely under load on 6.18; the cause is not pinned down): after a few
-  /// tries the pages go back to `managed` and the result is EAGAIN for the
-  /// rest, so the caller looks again or leaves them where they are.
-  /// Nothing is lost.
+  /// rarely under load on 6.18; the cause is not pinned down): the data
+  /// then goes on as a copy (Counter::transit_copies), so the pages still
+  /// leave, and the transit is cleared without an event (clear_transit).
   platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
                                              std::optional<VirtAddr> via = std::nullopt);
-  /// Tests: the next `n` moves from transit into staging report EBUSY
-  /// without moving anything, as the kernel rarely does.
+  /// Tests: the next `n` second hops out of transit (into staging, or a
+  /// coherent frame's home) report EBUSY without moving anything, as the
+  /// kernel rarely does.
   std::atomic<unsigned> refuse_staging_moves_for_test{0};
-  /// move_out_in_window's second hop, tried a few times.
-  platform::PartialResult move_transit_to_staging(VirtAddr through, VirtAddr staging_slot, std::size_t bytes);
-  /// Puts pages a refused second hop left in transit back at `managed`.
-  void return_from_transit(VirtAddr through, VirtAddr managed, std::size_t bytes);
+  /// Takes one of those refusals, if a test left any.
+  bool take_injected_refusal();
+  /// move_out_in_window's second hop: `bytes` present in transit at
+  /// `through` end up in the slots, moved or copied.
+  void move_transit_to_staging(VirtAddr through, VirtAddr staging_slot, std::size_t bytes);
+  /// Drops the pages at [through + offset, + bytes), a part of a transit
+  /// block, inside the install window.
+  void clear_transit(VirtAddr through, std::size_t offset, std::size_t bytes);
   /// Inside the install window: moves the one page at `managed` into
   /// `transit` (on the managed userfaultfd, refused with EAGAIN while a
   /// change is unread, as for move_out_in_window); the caller takes it on

@@ -20,6 +20,7 @@
 
 #include "e2e/test_support.hpp"
 #include "migrate/test_driver.hpp"
+#include "mm/address_space_impl.hpp"
 #include "uhmm/uhmm.hpp"
 
 extern "C" const char* __tsan_default_options() { return "report_signal_unsafe=0"; }  // kInThread: ADR 0004
@@ -191,6 +192,32 @@ TEST_P(CoherentTest, MigrateBackWithSelectDeviceCoherentKeepsDataAndFreesEachPag
   EXPECT_TRUE(range_has_pattern(base, kPages, 77));
   EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
   EXPECT_EQ(page_frees(), 2 * kPages);
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// A frame's second hop, from the transit area into its home slot, can be
+// refused as a system page's can (AStagingMoveTheKernelRefusesGoesOnAsACopy
+// in migration_test.cpp): the frame goes home as a copy, and the migration
+// completes with every byte.
+TEST_P(CoherentTest, AFrameTheKernelWillNotMoveHomeGoesHomeAsACopy) {
+  to_device();
+  fill_range(base, kPages, 91);
+  as->impl().refuse_staging_moves_for_test = 1u << 30;
+  auto rep = dev->migrate_to_system(*as, base, kLen);
+  as->impl().refuse_staging_moves_for_test = 0;
+  ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
+  EXPECT_EQ(rep->pages_migrated, kPages);
+  EXPECT_EQ(counter(Counter::transit_copies), kPages);
+  EXPECT_EQ(count_states(*as, base, kPages).system, kPages);
+  EXPECT_TRUE(range_has_pattern(base, kPages, 91));
+  EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
+  UHMM_EXPECT_INVARIANTS(*as);
+  // The transit works as before: a round trip moves the frames, no copy.
+  to_device();
+  ASSERT_TRUE(dev->migrate_to_system(*as, base, kLen).is_ok());
+  EXPECT_TRUE(range_has_pattern(base, kPages, 91));
+  EXPECT_EQ(counter(Counter::transit_copies), kPages);
+  EXPECT_TRUE(test::settles_to(dev->pagemap(), 0));
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
