@@ -18,6 +18,8 @@
 //   fault_x_explicit_read: the same against explicit migrate_to_system
 //             followed by the same CPU access (both end with the same work
 //             done by the CPU; informational)
+//   explicit_cpus, fault_cpus: the process's CPU time over each timed
+//             section divided by its wall time (how many CPUs were busy)
 //
 // Run with both fault modes (in_thread:0 = FaultMode::kServiceThreads, the
 // default; in_thread:1 = FaultMode::kInThread, docs/adr/0004) and both
@@ -91,6 +93,7 @@ void BM_FaultReadback(benchmark::State& state) {
   }
 
   double t_explicit = 0, t_explicit_read = 0, t_fault = 0;
+  double cpu_explicit = 0, cpu_fault = 0;
   std::uint64_t n = 0;
   for (auto _ : state) {
     for (int half = 0; half < 2; ++half) {
@@ -100,9 +103,11 @@ void BM_FaultReadback(benchmark::State& state) {
         return;
       }
       if (explicit_half) {
+        const double c0 = process_cpu_seconds();
         const auto t0 = Clock::now();
         auto r = dev->migrate_to_system(*as, base, bytes);
         const double t_mig = seconds_since(t0);
+        cpu_explicit += process_cpu_seconds() - c0;
         const std::uint64_t sum = read_all ? checksum_words(words, nwords) : touch_pages(words, nwords);
         t_explicit_read += seconds_since(t0);
         t_explicit += t_mig;
@@ -111,9 +116,11 @@ void BM_FaultReadback(benchmark::State& state) {
           return;
         }
       } else {
+        const double c0 = process_cpu_seconds();
         const auto t0 = Clock::now();
         const std::uint64_t sum = read_all ? checksum_words(words, nwords) : touch_pages(words, nwords);
         const double t = seconds_since(t0);
+        cpu_fault += process_cpu_seconds() - c0;
         t_fault += t;
         state.SetIterationTime(t);
         if (sum != want_subject || (!read_all && checksum_words(words, nwords) != want)) {
@@ -137,6 +144,10 @@ void BM_FaultReadback(benchmark::State& state) {
   state.counters["explicit_read_GBps"] = gb / t_explicit_read;
   state.counters["fault_x_explicit"] = t_explicit / t_fault;
   state.counters["fault_x_explicit_read"] = t_explicit_read / t_fault;
+  // CPUs kept busy on average (process CPU time / wall time) during each:
+  // on a machine of N CPUs, N means the work itself is the limit.
+  state.counters["explicit_cpus"] = cpu_explicit / t_explicit;
+  state.counters["fault_cpus"] = cpu_fault / t_fault;
   state.counters["faults_per_iter"] =
       static_cast<double>(as->stats().get(Counter::device_private_faults)) / static_cast<double>(n + 1);
   // Faults that found their page in a migration (the prefetcher's, mostly)
