@@ -175,7 +175,9 @@ class SimDevice {
 
   /// Migrates [addr, addr+length) of `as` to the device in batches.  Pages
   /// that cannot move (pinned, busy, device full, copy error) stay on the
-  /// CPU with their data intact; the report says how many.  `client_faults`,
+  /// CPU with their data intact; the report says how many.  Prefetches
+  /// queued for blocks of the range are dropped: the application wants
+  /// them here.  `client_faults`,
   /// if given, is consulted by this call's device page allocations before
   /// the device's own: fault injection armed by one client of the device
   /// that must not fire for another (the dmirror emulation's per-fd
@@ -230,6 +232,13 @@ class SimDevice {
   MirrorStats mirror_stats() const;
   /// Pages of [addr, addr + length) mirrored for `as` now (for tests).
   std::size_t mirrored_pages(const AddressSpace& as, VirtAddr addr, std::size_t length) const;
+
+  /// Tests: while held, the prefetch thread starts on no queued block (what
+  /// faults queue stays queued), so that what happens to queued work can be
+  /// looked at.
+  void hold_prefetch_for_test(bool on);
+  /// 2 MiB blocks the prefetch thread has queued or is migrating back now.
+  std::size_t prefetch_pending() const;
 
   /// Device memory behind a device page (for tests and the DMA engine); for
   /// a coherent device the page's home slot, which holds the data only while

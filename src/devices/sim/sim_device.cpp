@@ -193,6 +193,41 @@ class SimDevice::Prefetcher {
     cv_.notify_one();
   }
 
+  /// The application is moving [start, start + length) of `as` to the
+  /// device: queued blocks in it would only come straight back.  They are
+  /// dropped (their pins released), and the stream starts over.
+  void cancel(AddressSpace& as, VirtAddr start, std::size_t length) {
+    std::deque<Task> dropped;  // released outside the lock
+    MutexLock lock(mutex_);
+    const auto overlaps = [&](const Task& t) {
+      return t.as == &as && t.block < start + length && start < t.block + kHugePageSize;
+    };
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (overlaps(*it)) {
+        dropped.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (!dropped.empty()) streams_.erase(&as);
+  }
+
+  /// Blocks queued or being migrated back.
+  std::size_t pending() {
+    MutexLock lock(mutex_);
+    return queue_.size() + in_progress_;
+  }
+
+  /// Tests: while held, the worker takes no queued block.
+  void hold(bool on) {
+    {
+      MutexLock lock(mutex_);
+      held_ = on;
+    }
+    cv_.notify_all();
+  }
+
  private:
   struct Task {
     AddressSpace* as = nullptr;
@@ -208,7 +243,7 @@ class SimDevice::Prefetcher {
       std::vector<Task> tasks;
       {
         MutexLock lock(mutex_);
-        while (!stopping_ && queue_.empty()) cv_.wait(mutex_);
+        while (!stopping_ && (queue_.empty() || held_)) cv_.wait(mutex_);
         if (stopping_) return;
         tasks.push_back(std::move(queue_.front()));
         queue_.pop_front();
@@ -217,12 +252,16 @@ class SimDevice::Prefetcher {
           tasks.push_back(std::move(queue_.front()));
           queue_.pop_front();
         }
+        in_progress_ = tasks.size();
       }
       // Worker threads never crash the process: migrate_range reports
       // errors as Status, and a failed prefetch only means a later fault.
       if (!tasks.front().pin->closing.load(std::memory_order_acquire))
         (void)dev_.migrate_range(*tasks.front().as, tasks.front().block, tasks.size() * kHugePageSize,
                                  /*to_device=*/false, nullptr);
+      tasks.clear();  // the pins go before the work counts as done
+      MutexLock lock(mutex_);
+      in_progress_ = 0;
     }
   }
 
@@ -230,6 +269,8 @@ class SimDevice::Prefetcher {
   Mutex mutex_{LockRank::kLeaf};
   std::condition_variable_any cv_;
   bool stopping_ UHMM_GUARDED_BY(mutex_) = false;
+  bool held_ UHMM_GUARDED_BY(mutex_) = false;
+  std::size_t in_progress_ UHMM_GUARDED_BY(mutex_) = 0;
   std::deque<Task> queue_ UHMM_GUARDED_BY(mutex_);
   std::map<AddressSpace*, PrefetchStream> streams_ UHMM_GUARDED_BY(mutex_);
   std::thread thread_;
@@ -727,8 +768,15 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
 
 Result<MigrateReport> SimDevice::migrate_to_device(AddressSpace& as, VirtAddr addr, std::size_t length,
                                                    FaultInjection* client_faults) {
+  if (prefetcher_) prefetcher_->cancel(as, addr, length);
   return migrate_range(as, addr, length, true, client_faults);
 }
+
+void SimDevice::hold_prefetch_for_test(bool on) {
+  if (prefetcher_) prefetcher_->hold(on);
+}
+
+std::size_t SimDevice::prefetch_pending() const { return prefetcher_ ? prefetcher_->pending() : 0; }
 
 Result<MigrateReport> SimDevice::migrate_to_system(AddressSpace& as, VirtAddr addr, std::size_t length) {
   return migrate_range(as, addr, length, false, nullptr);

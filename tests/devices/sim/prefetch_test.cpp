@@ -38,6 +38,14 @@ struct PrefetchTest : ::testing::TestWithParam<std::size_t> {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
   }
+  // Waits (bounded) until the prefetch thread has nothing queued or in
+  // flight, then for the rest of the background work.
+  void wait_for_prefetch() {
+    for (int i = 0; i < 2000 && dev->prefetch_pending() != 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT_EQ(dev->prefetch_pending(), 0u);
+    settle();
+  }
   std::uint64_t count_device_pages() {
     std::uint64_t n = 0;
     for (std::size_t p = 0; p < kLen / kPageSize; ++p)
@@ -93,6 +101,44 @@ TEST_P(PrefetchTest, UnmapWithPrefetchQueuedLosesNothingAndHangsNot) {
   for (int i = 0; i < 2000 && dev->pagemap().pages_in_use() != 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(dev->pagemap().pages_in_use(), 0u);  // every device page freed
+}
+
+// A reader streams back blocks 0 and 1, which queues the next ones; before
+// the prefetch thread gets to them the application moves the whole range
+// to the device.  The queued blocks are dropped: they would only come back
+// to the CPU that just gave them away.  A prefetch queued for blocks
+// outside the migrated range still runs.
+TEST_P(PrefetchTest, AMigrationToTheDeviceDropsThePrefetchQueuedInItsRange) {
+  const std::size_t depth = GetParam();
+  dev->hold_prefetch_for_test(true);
+  EXPECT_EQ(read_word(0), 7u * 3 + 1);
+  EXPECT_EQ(read_word(1), (kHugePageSize / 8 + 7) * 3 + 1);  // queues blocks 2 .. 1 + depth
+  EXPECT_EQ(dev->prefetch_pending(), depth);
+  auto rep = dev->migrate_to_device(*as, base, kLen);
+  ASSERT_TRUE(rep.is_ok());
+  EXPECT_EQ(rep->pages_migrated, 2 * kPagesPerHugePage);
+  EXPECT_EQ(dev->prefetch_pending(), 0u);
+  dev->hold_prefetch_for_test(false);
+  wait_for_prefetch();
+  for (std::size_t b = 0; b < kBlocks; ++b) EXPECT_EQ(state_of(b), PageInfo::State::kDevicePrivate) << b;
+
+  // The same with a migration of blocks 0 and 1 only: the queued blocks
+  // (2 .. 1 + depth) lie outside it and still come back.
+  dev->hold_prefetch_for_test(true);
+  EXPECT_EQ(read_word(0), 7u * 3 + 1);
+  EXPECT_EQ(read_word(1), (kHugePageSize / 8 + 7) * 3 + 1);
+  EXPECT_EQ(dev->prefetch_pending(), depth);
+  rep = dev->migrate_to_device(*as, base, 2 * kHugePageSize);
+  ASSERT_TRUE(rep.is_ok());
+  EXPECT_EQ(rep->pages_migrated, 2 * kPagesPerHugePage);
+  EXPECT_EQ(dev->prefetch_pending(), depth);
+  dev->hold_prefetch_for_test(false);
+  wait_for_prefetch();
+  for (std::size_t b = 0; b < 2; ++b) EXPECT_EQ(state_of(b), PageInfo::State::kDevicePrivate) << b;
+  for (std::size_t b = 2; b < kBlocks; ++b)
+    EXPECT_EQ(state_of(b), b < 2 + depth ? PageInfo::State::kSystem : PageInfo::State::kDevicePrivate) << b;
+  for (std::size_t i = 0; i < kLen / 8; ++i) ASSERT_EQ(base.as<std::uint64_t>()[i], i * 3 + 1) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
 }
 
 // The window ramps up while the stream goes on: 1, 2, 4, then 4 (the cap).
