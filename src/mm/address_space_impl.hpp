@@ -251,7 +251,8 @@ struct AddressSpace::Impl {
   /// a huge page moves whole only into a block without a page table, and
   /// `transit` has one from its first small move.
   /// The second hop, transit to staging, can be refused too (EBUSY, seen
-  /// rarely under load on 6.18; the cause is not pinned down): the data
+  /// rarely under load on 6.18, transient: docs/address-space-events.md,
+  /// case 3): after one retry the data
   /// then goes on as a copy (Counter::transit_copies), so the pages still
   /// leave, and the transit is cleared without an event (clear_transit).
   platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
