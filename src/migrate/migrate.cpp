@@ -312,35 +312,6 @@ class Installer {
   std::vector<Placed> placed_;
 };
 
-// A 2 MiB block of the managed userfaultfd's for one whole 2 MiB unit on
-// its way out: a huge page moves as one entry only into a block without a
-// page table, and the shared transit has one from its first small move.
-class BlockTransit {
- public:
-  explicit BlockTransit(AddressSpace::Impl& as) : as_(as) {
-    auto block = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
-    if (!block) return;
-    if (!as_.uffd.register_range(*block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING)) {
-      (void)platform::unmap(*block, kHugePageSize);
-      return;
-    }
-    at_ = *block;
-  }
-  ~BlockTransit() {
-    if (!at_) return;
-    (void)as_.uffd.unregister_range(*at_, kHugePageSize);  // no UNMAP event for it
-    (void)platform::unmap(*at_, kHugePageSize);
-  }
-  BlockTransit(const BlockTransit&) = delete;
-  BlockTransit& operator=(const BlockTransit&) = delete;
-  /// None: the shared transit does (the page may split).
-  std::optional<VirtAddr> at() const { return at_; }
-
- private:
-  AddressSpace::Impl& as_;
-  std::optional<VirtAddr> at_;
-};
-
 // Gives back a destination the migration did not use.
 void release_unused_dst(AddressSpace::Impl* as, std::uint64_t d) {
   if (!entry_valid(d)) return;
@@ -960,14 +931,22 @@ Status migrate_vma_setup(MigrateVma& m) {
       while (done + run < len && !changed(done + run)) ++run;
       platform::PartialResult r;
       if (run == kPagesPerHugePage && addr0.huge_aligned()) {
-        const BlockTransit block(as);
-        // A huge page that moves out through a transit of its own takes
-        // the page table the kernel keeps deposited beside it: none is left
+        // A huge page that moves out through a transit without a page table
+        // takes the one the kernel keeps deposited beside it: none is left
         // behind.  (Through the shared transit, which has a page table, it
         // would be split on its way out and leave one here.)
-        Result<bool> huge = block.at() ? platform::huge_mapped(addr0, kHugePageSize) : Result<bool>(false);
-        r = as.move_out_in_window(addr0, slot0, run, block.at());
-        if (r.bytes_done == kHugePageSize && huge.is_ok() && *huge) as.table.note_no_kernel_table(addr0.vpn());
+        const std::optional<VirtAddr> via =
+            as.huge_transit.value != 0 ? std::optional<VirtAddr>(as.huge_transit) : std::nullopt;
+        Result<bool> huge = via ? platform::huge_mapped(addr0, kHugePageSize) : Result<bool>(false);
+        r = as.move_out_in_window(addr0, slot0, run, via);
+        const bool left_whole = r.bytes_done == kHugePageSize && huge.is_ok() && *huge;
+        if (left_whole) as.table.note_no_kernel_table(addr0.vpn());
+        // Both moves kept it one entry only if it arrived whole; otherwise
+        // the transit got a page table, which would split the next unit.
+        if (via) {
+          Result<bool> arrived = left_whole ? platform::huge_mapped(slot0, kHugePageSize) : Result<bool>(false);
+          if (!arrived.is_ok() || !*arrived) as.renew_huge_transit();
+        }
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
       }

@@ -62,6 +62,7 @@ Status AddressSpace::Impl::init() {
   if (!transit_area) return transit_area.status();
   transit = *transit_area;
   UHMM_TRY(uffd.register_range(transit, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING));
+  renew_huge_transit();
   if (in_thread) UHMM_TRY(register_in_thread());
   UHMM_TRY(start_fault_service());
   register_for_fork();
@@ -94,10 +95,27 @@ AddressSpace::Impl::~Impl() {
   stop_fault_service();
   if (options.fault_mode == FaultMode::kInThread) unregister_in_thread();
   if (zero_source.value != 0) (void)platform::unmap(zero_source, kHugePageSize);
-  if (transit.value != 0) {
-    (void)uffd.unregister_range(transit, kHugePageSize);  // no UNMAP event for it
-    (void)platform::unmap(transit, kHugePageSize);
+  for (VirtAddr block : {transit, huge_transit}) {
+    if (block.value == 0) continue;
+    (void)uffd.unregister_range(block, kHugePageSize);  // no UNMAP event for it
+    (void)platform::unmap(block, kHugePageSize);
   }
+}
+
+void AddressSpace::Impl::renew_huge_transit() {
+  if (huge_transit.value != 0) {
+    (void)uffd.unregister_range(huge_transit, kHugePageSize);  // no UNMAP event for it
+    (void)platform::unmap(huge_transit, kHugePageSize);
+    huge_transit = VirtAddr{};
+  }
+  // Without one, whole units go through `transit` (and are split on the way).
+  auto block = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
+  if (!block) return;
+  if (!uffd.register_range(*block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING)) {
+    (void)platform::unmap(*block, kHugePageSize);
+    return;
+  }
+  huge_transit = *block;
 }
 
 bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {

@@ -163,6 +163,10 @@ struct AddressSpace::Impl {
   // kHugePageSize, aligned, registered with `uffd` and empty between uses;
   // used only inside the install window (read_mutex), so by one thread.
   VirtAddr transit;
+  // The same for whole 2 MiB units, kept without a page table: a huge page
+  // moves through a block as one entry only if the block has none (the
+  // kernel's deposited table moves with it).  0 if none could be made.
+  VirtAddr huge_transit;
 
   mutable SharedMutex regions_mutex{LockRank::kRegions};
   std::map<std::uintptr_t, std::shared_ptr<mm::Region>> regions UHMM_GUARDED_BY(regions_mutex);
@@ -269,6 +273,9 @@ struct AddressSpace::Impl {
   /// Drops the pages at [through + offset, + bytes), a part of a transit
   /// block, inside the install window.
   void clear_transit(VirtAddr through, std::size_t offset, std::size_t bytes);
+  /// Inside the install window: after a unit went through huge_transit in
+  /// pieces (which leaves a page table there), replaces it by a fresh block.
+  void renew_huge_transit();
   /// Inside the install window: moves the one page at `managed` into
   /// `transit` (on the managed userfaultfd, refused with EAGAIN while a
   /// change is unread, as for move_out_in_window); the caller takes it on

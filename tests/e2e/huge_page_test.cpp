@@ -146,5 +146,46 @@ TEST_F(HugePages, AHugePageThatLeftWholeComesBackWithoutAZap) {
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
 
+// Whole 2 MiB units leave through a transit block kept without a page
+// table, so that a huge page moves through it as one entry.  A unit mapped
+// by 4 KiB pages leaves a table there on its way; the block is then
+// replaced, and the next huge page still moves, and comes back, whole.
+TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
+  const std::size_t len = 4 << 20;
+  // The application's own memory, made of 4 KiB pages.
+  void* raw = mmap(nullptr, kHugePageSize * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(raw, MAP_FAILED);
+  auto* small = reinterpret_cast<std::uint64_t*>((reinterpret_cast<std::uintptr_t>(raw) + kHugePageSize - 1) &
+                                                 ~(kHugePageSize - 1));
+  ASSERT_EQ(madvise(small, kHugePageSize, MADV_NOHUGEPAGE), 0);
+  for (std::size_t i = 0; i < kHugePageSize / 8; ++i) small[i] = ~i;
+  ASSERT_EQ(anon_huge_kib(small), 0u);
+  const VirtAddr small_base = VirtAddr::of(small);
+  ASSERT_TRUE(as->adopt(small_base, kHugePageSize).is_ok());
+  // And a managed range of huge pages.
+  auto base = as->map(len);
+  ASSERT_TRUE(base.is_ok());
+  auto* p = base->as<std::uint64_t>();
+  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i * 11;
+  if (anon_huge_kib(p) != len / 1024) GTEST_SKIP() << "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
+
+  for (int round = 0; round < 2; ++round) {
+    auto rep = dev->migrate_to_device(*as, small_base, kHugePageSize);
+    ASSERT_TRUE(rep.is_ok());
+    EXPECT_EQ(rep->pages_migrated, kPagesPerHugePage);
+    rep = dev->migrate_to_device(*as, *base, len);
+    ASSERT_TRUE(rep.is_ok());
+    EXPECT_EQ(rep->pages_migrated, len / kPageSize);
+    ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+    EXPECT_EQ(anon_huge_kib(p), len / 1024) << "round " << round;
+    ASSERT_TRUE(dev->migrate_to_system(*as, small_base, kHugePageSize).is_ok());
+  }
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 11) << i;
+  for (std::size_t i = 0; i < kHugePageSize / 8; ++i) ASSERT_EQ(small[i], ~i) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+  ASSERT_TRUE(as->unmap(small_base).is_ok());
+  munmap(raw, kHugePageSize * 2);
+}
+
 }  // namespace
 }  // namespace uhmm
