@@ -22,6 +22,7 @@ namespace uhmm {
   X(pgmigrate_to_ram, "pages that moved from a device back to system memory")          \
   X(thp_migration_success, "2 MiB units moved whole")                                   \
   X(thp_migration_split, "COMPOUND entries split for base-page destinations")            \
+  X(thp_split_staged, "2 MiB units that left the CPU as 4 KiB pages; their staging block is not reused as is, so they come back whole") \
   X(empty_table_zaps, "2 MiB blocks whose empty page table uhmm dropped so a huge page could move in") \
   X(migrate_skipped_pinned, "pages skipped because they were pinned or shared")        \
   X(migrate_skipped_locked, "pages skipped because another migration held them")       \

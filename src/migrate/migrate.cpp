@@ -941,11 +941,16 @@ Status migrate_vma_setup(MigrateVma& m) {
         r = as.move_out_in_window(addr0, slot0, run, via);
         const bool left_whole = r.bytes_done == kHugePageSize && huge.is_ok() && *huge;
         if (left_whole) as.table.note_no_kernel_table(addr0.vpn());
-        // Both moves kept it one entry only if it arrived whole; otherwise
-        // the transit got a page table, which would split the next unit.
-        if (via) {
-          Result<bool> arrived = left_whole ? platform::huge_mapped(slot0, kHugePageSize) : Result<bool>(false);
-          if (!arrived.is_ok() || !*arrived) as.renew_huge_transit();
+        // Both moves kept it one entry only if it arrived whole.  Otherwise
+        // the transit got a page table, which would split the next unit,
+        // and the staging block holds 4 KiB pages (note_split_block).
+        if (r.bytes_done > 0) {
+          Result<bool> arrived = left_whole ? platform::huge_mapped(slot0, kHugePageSize) : huge;
+          if (via && !(arrived.is_ok() && *arrived)) as.renew_huge_transit();
+          if (arrived.is_ok() && !*arrived) {  // known split (not: no PAGEMAP_SCAN here)
+            as.staging.note_split_block(slot0);
+            as.stats.add(Counter::thp_split_staged);
+          }
         }
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);

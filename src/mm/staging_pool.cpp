@@ -217,20 +217,28 @@ void StagingPool::give_back_to_block(VirtAddr start, std::size_t pages, bool rea
     const BlockReturn back = it->second;
     if (back.empty + back.ready < kPagesPerHugePage) return;
     huge_out_.erase(it);
-    if (back.empty == kPagesPerHugePage) {
-      huge_empty_.push_back(b);
-      return;
-    }
-    if (back.ready == kPagesPerHugePage && ready_pages_ + kPagesPerHugePage <= keep_pages_) {
+    if (back.ready == kPagesPerHugePage && !back.split && ready_pages_ + kPagesPerHugePage <= keep_pages_) {
       huge_ready_.push_back(b);
       ready_pages_ += kPagesPerHugePage;
       return;
     }
-    drop = true;  // mixed, or over the keep limit: make the whole block empty
+    // Empty, mixed, split, or over the keep limit: the whole block becomes
+    // empty.
+    // Emptied by moves of 4 KiB pages, it keeps their page table, and a
+    // huge page moving in later would be split: the zap drops it (on
+    // Linux >= 6.14, CONFIG_PT_RECLAIM).  One that held a huge page has
+    // none, and its zap finds nothing.
+    drop = true;
   }
   if (drop) (void)platform::advise(VirtAddr{b}, kHugePageSize, MADV_DONTNEED);
   MutexLock lock(mutex_);
   huge_empty_.push_back(b);
+}
+
+void StagingPool::note_split_block(VirtAddr addr) {
+  if (!in_huge_lane(addr)) return;
+  MutexLock lock(mutex_);
+  if (auto it = huge_out_.find(addr.huge_down().value); it != huge_out_.end()) it->second.split = true;
 }
 
 void StagingPool::give_back_empty(VirtAddr start, std::size_t pages) {

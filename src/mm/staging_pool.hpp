@@ -67,6 +67,12 @@ class StagingPool {
   void give_back_empty(VirtAddr start, std::size_t pages);
   /// The slots hold pages nobody uses.
   void give_back_ready(VirtAddr start, std::size_t pages);
+  /// The taken huge-lane block holding `addr` is populated with 4 KiB pages
+  /// (a 2 MiB unit that left the CPU split), not with one huge page.  When
+  /// it comes back populated, its pages go rather than stay ready: reused,
+  /// they would bring the next unit back split, and that unit would leave
+  /// split in turn, for good.  A block populated afresh is a huge page.
+  void note_split_block(VirtAddr addr);
 
   bool contains(VirtAddr addr) const { return addr >= base_ && addr < base_ + reserve_bytes_; }
   std::size_t ready_pages() const;
@@ -102,6 +108,7 @@ class StagingPool {
   struct BlockReturn {
     std::size_t empty = 0;
     std::size_t ready = 0;
+    bool split = false;  // note_split_block
   };
   // Blocks handed out, with what has come back of them so far.
   std::map<std::uintptr_t, BlockReturn> huge_out_ UHMM_GUARDED_BY(mutex_);

@@ -187,5 +187,35 @@ TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
   munmap(raw, kHugePageSize * 2);
 }
 
+// A 2 MiB unit that left the CPU split (here: one of its pages moved on its
+// own, which splits the huge page; in the read-back benchmark, a CPU fault
+// on a block in flight) fills its staging block with 4 KiB pages.  Kept as
+// a ready block, that staging block would bring the next unit it carries
+// back split, and so on for good; it is emptied instead, and every unit
+// comes back huge after one round trip.
+TEST_F(HugePages, AUnitThatLeftSplitComesBackWhole) {
+  const std::size_t len = 4 << 20;
+  auto base = as->map(len);
+  ASSERT_TRUE(base.is_ok());
+  auto* p = base->as<std::uint64_t>();
+  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i * 13 + 1;
+  if (anon_huge_kib(p) != len / 1024) GTEST_SKIP() << "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
+  if (platform::huge_mapped(*base, len).status().code() == EOPNOTSUPP) GTEST_SKIP() << "no PAGEMAP_SCAN (Linux < 6.7)";
+  // One page of the first block goes to the device and back alone.
+  ASSERT_TRUE(dev->migrate_to_device(*as, *base + 7 * kPageSize, kPageSize).is_ok());
+  ASSERT_TRUE(dev->migrate_to_system(*as, *base + 7 * kPageSize, kPageSize).is_ok());
+  ASSERT_EQ(anon_huge_kib(p), kHugePageSize / 1024) << "the first block is split";
+  const std::uint64_t split_before = as->stats().get(Counter::thp_split_staged);
+
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_TRUE(dev->migrate_to_device(*as, *base, len).is_ok());
+    ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+    EXPECT_EQ(anon_huge_kib(p), len / 1024) << "round " << round;
+  }
+  EXPECT_EQ(as->stats().get(Counter::thp_split_staged) - split_before, 1u);
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 13 + 1) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
 }  // namespace
 }  // namespace uhmm

@@ -325,6 +325,32 @@ TEST_F(StagingHugeLaneTest, PartsComeBackAndAMixedBlockIsEmptied) {
   pool.give_back_empty(b, kPagesPerHugePage);
 }
 
+// A block noted as split (populated with 4 KiB pages) is not kept warm:
+// its pages go, and the next ready block is populated afresh.  The note
+// lasts for that one loan.
+TEST_F(StagingHugeLaneTest, ASplitBlockComesBackEmptyNotReady) {
+  VirtAddr a;
+  ASSERT_TRUE(pool.take_block(true, &a).is_ok());
+  std::memset(a.ptr(), 0x5a, kHugePageSize);
+  pool.note_split_block(a + 3 * kPageSize);  // any address in the block
+  pool.give_back_ready(a, kPagesPerHugePage);
+  EXPECT_EQ(pool.taken_pages(), 0u);
+  EXPECT_EQ(pool.ready_pages(), 0u);
+  EXPECT_EQ(resident(SlotRun{a, kPagesPerHugePage}), 0u);
+  VirtAddr again;
+  ASSERT_TRUE(pool.take_block(true, &again).is_ok());
+  EXPECT_EQ(resident(SlotRun{again, kPagesPerHugePage}), kPagesPerHugePage);
+  if (again == a) {
+    EXPECT_EQ(*a.as<unsigned char>(), 0);  // populated afresh, not the old pages
+  }
+  pool.give_back_ready(again, kPagesPerHugePage);
+  EXPECT_EQ(pool.ready_pages(), kPagesPerHugePage);  // no note this time: kept warm
+  // A note for a block not taken, or outside the huge lane, changes nothing.
+  pool.note_split_block(a);
+  pool.note_split_block(VirtAddr{0x1000});
+  EXPECT_EQ(pool.ready_pages(), kPagesPerHugePage);
+}
+
 TEST_F(StagingHugeLaneTest, ARunAcrossTwoAdjacentBlocksIsAccountedPerBlock) {
   VirtAddr a, b;
   ASSERT_TRUE(pool.take_block(false, &a).is_ok());
