@@ -42,6 +42,10 @@ struct RegionInfo {
   RegionKind kind = RegionKind::kPrivateAnonymous;
   int prot = PROT_READ | PROT_WRITE;
   bool adopted = false;  // the application made the mapping; uhmm only manages it
+  /// An adopted mapping the application marked MADV_NOHUGEPAGE when uhmm
+  /// adopted it: pages uhmm puts there are 4 KiB pages, never a 2 MiB one.
+  /// (Elsewhere a whole aligned 2 MiB unit goes in as one huge page.)
+  bool no_huge_pages = false;
   VirtAddr end() const { return start + length; }
 };
 

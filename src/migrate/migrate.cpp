@@ -155,6 +155,7 @@ class Installer {
         (r.origin.value & (kHugePageSize - 1)) != (r.slot.value & (kHugePageSize - 1)))
       return;
     const VirtAddr end = r.origin + r.pages * kPageSize;
+    if (!as_.huge_pages_at(r.origin)) return;  // the pages go in as 4 KiB pages anyway
     as_.await_read_in_progress();
     if (!as_.pending_event_ranges(r.origin, end).empty()) return;
     for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
@@ -238,6 +239,12 @@ class Installer {
     // does a page whose obstacle was cleared and still refuses to move.
     const bool cleared = r.cleared == r.done;
     if (cleared) len = 1;
+    // Where the application wants no huge pages, a whole aligned block's
+    // first page is copied in on its own: the kernel then has a page table
+    // there, and the move of the rest splits the staging block's huge page
+    // rather than map it whole.
+    const bool split_here = !cleared && to.huge_aligned() && len >= kPagesPerHugePage && !as_.huge_pages_at(to);
+    if (split_here) len = 1;
     if (len < kCopyInstallPages || !as_.read_write_at(to)) {
       if (cleared && as_.move_in(slot, to, 1, /*wake=*/false).error == 0) {
         as_.staging.give_back_empty(slot, 1);

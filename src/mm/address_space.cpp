@@ -16,6 +16,7 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/maps.hpp"
 #include "uhmm/device_memory.hpp"
 
 namespace uhmm {
@@ -124,6 +125,14 @@ bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
   if (it == regions.begin()) return false;
   --it;
   return it->second->contains(addr) && it->second->info.prot == (PROT_READ | PROT_WRITE);
+}
+
+bool AddressSpace::Impl::huge_pages_at(VirtAddr addr) const {
+  ReaderLock lock(regions_mutex);
+  auto it = regions.upper_bound(addr.value);
+  if (it == regions.begin()) return false;
+  --it;
+  return it->second->contains(addr) && !it->second->info.no_huge_pages;
 }
 
 mm::RegionPin AddressSpace::Impl::pin_region(VirtAddr start, VirtAddr end) const {
@@ -453,6 +462,9 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
   if (!platform::is_private_anonymous_mapping(start, length, &prot))
     return Status::error(EINVAL, "not one private anonymous mapping");
   if (prot != (PROT_READ | PROT_WRITE)) return Status::error(EINVAL, "adopted mappings must be read-write");
+  // The application's choice of page size for its mapping, as it stands now
+  // (a later madvise raises no event uhmm could see).
+  const bool no_huge_pages = platform::mapping_has_flag(start, "nh").value_or(false);
   WriterLock lock(impl_->regions_mutex);
   auto next = impl_->regions.lower_bound(start.value);
   if (next != impl_->regions.end() && next->first < start.value + length)
@@ -472,6 +484,7 @@ Status AddressSpace::adopt(VirtAddr start, std::size_t length) {
   impl_->table.note_kernel_table_maybe(start.vpn(), length / kPageSize);  // the application's own tables
   auto region = std::make_shared<mm::Region>();
   region->info = RegionInfo{start, length, RegionKind::kPrivateAnonymous, prot, true};
+  region->info.no_huge_pages = no_huge_pages;
   impl_->regions.emplace(start.value, std::move(region));
   return Status::ok();
 }

@@ -241,6 +241,9 @@ struct AddressSpace::Impl {
 
   /// True if `addr` lies in a managed range that is read and write.
   bool read_write_at(VirtAddr addr) const;
+  /// True if `addr` lies in a managed range where uhmm may put a 2 MiB page
+  /// (RegionInfo::no_huge_pages).
+  bool huge_pages_at(VirtAddr addr) const;
   /// Pins the region holding all of [start, end); null if none does.
   mm::RegionPin pin_region(VirtAddr start, VirtAddr end) const;
 

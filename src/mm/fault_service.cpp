@@ -379,7 +379,8 @@ AddressSpace::Impl::MissingResult AddressSpace::Impl::resolve_missing(mm::Region
   // A whole aligned 2 MiB hole is filled with a huge page: the kernel zeroes
   // a block of the staging pool's huge lane, and one move installs it.
   VirtAddr fill_block;
-  if (was_hole && lo.huge_aligned() && hi - lo == kHugePageSize && staging.take_block(false, &fill_block).is_ok()) {
+  if (was_hole && !region.info.no_huge_pages && lo.huge_aligned() && hi - lo == kHugePageSize &&
+      staging.take_block(false, &fill_block).is_ok()) {
     // The faulting access made the kernel allocate an (empty) page table
     // for the block; a huge page can only move in whole once it is gone.
     // Every page of the block is a locked hole, so there is nothing to

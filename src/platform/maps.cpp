@@ -99,4 +99,39 @@ std::optional<Mapping> mapping_at(VirtAddr addr) {
   return std::nullopt;
 }
 
+std::optional<bool> smaps_has_flag(std::string_view smaps, std::uintptr_t addr, std::string_view flag) {
+  bool inside = false;
+  while (!smaps.empty()) {
+    const auto nl = smaps.find('\n');
+    std::string_view line = smaps.substr(0, nl);
+    smaps.remove_prefix(nl == std::string_view::npos ? smaps.size() : nl + 1);
+    // A mapping's header starts with its range; the lines after it are
+    // "Key: value" fields, whose first word ends with ':'.
+    std::string_view rest = line;
+    const std::string_view first = next_field(rest);
+    if (first.empty()) continue;
+    if (first.back() != ':') {
+      const auto dash = first.find('-');
+      std::uintptr_t lo = 0, hi = 0;
+      if (dash == std::string_view::npos || !parse_hex(first.substr(0, dash), &lo) ||
+          !parse_hex(first.substr(dash + 1), &hi))
+        continue;
+      if (inside) return std::nullopt;  // the mapping ended without VmFlags
+      inside = addr >= lo && addr < hi;
+      continue;
+    }
+    if (!inside || first != "VmFlags:") continue;
+    for (std::string_view f = next_field(rest); !f.empty(); f = next_field(rest))
+      if (f == flag) return true;
+    return false;
+  }
+  return std::nullopt;
+}
+
+std::optional<bool> mapping_has_flag(VirtAddr addr, std::string_view flag) {
+  auto text = read_proc_text("/proc/self/smaps");
+  if (!text.is_ok()) return std::nullopt;
+  return smaps_has_flag(*text, addr.value, flag);
+}
+
 }  // namespace uhmm::platform

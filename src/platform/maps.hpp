@@ -37,4 +37,12 @@ Result<std::vector<Mapping>> read_maps();
 /// The mapping holding `addr`, if any (nullopt also when the maps cannot be read).
 std::optional<Mapping> mapping_at(VirtAddr addr);
 
+/// From the text of /proc/<pid>/smaps: whether the mapping holding `addr`
+/// lists `flag` (two letters, e.g. "nh" for MADV_NOHUGEPAGE) in its
+/// VmFlags.  nullopt if no mapping holds `addr` or it has no VmFlags line.
+std::optional<bool> smaps_has_flag(std::string_view smaps, std::uintptr_t addr, std::string_view flag);
+/// The same for this process, from /proc/self/smaps (nullopt also when it
+/// cannot be read).
+std::optional<bool> mapping_has_flag(VirtAddr addr, std::string_view flag);
+
 }  // namespace uhmm::platform

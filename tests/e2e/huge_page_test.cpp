@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <span>
 #include <sstream>
 #include <string>
 
@@ -182,6 +183,9 @@ TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
   }
   for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 11) << i;
   for (std::size_t i = 0; i < kHugePageSize / 8; ++i) ASSERT_EQ(small[i], ~i) << i;
+  // The application asked for 4 KiB pages there: it still has them.
+  EXPECT_TRUE(as->find_region(small_base)->no_huge_pages);
+  EXPECT_EQ(anon_huge_kib(small), 0u);
   EXPECT_TRUE(as->check_invariants().is_ok());
   ASSERT_TRUE(as->unmap(small_base).is_ok());
   munmap(raw, kHugePageSize * 2);
@@ -215,6 +219,53 @@ TEST_F(HugePages, AUnitThatLeftSplitComesBackWhole) {
   EXPECT_EQ(as->stats().get(Counter::thp_split_staged) - split_before, 1u);
   for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 13 + 1) << i;
   EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
+// An adopted mapping the application marked MADV_NOHUGEPAGE keeps 4 KiB
+// pages: a hole's first touch fills one page's worth of the block, and a
+// whole aligned unit coming back from the device goes in split, not as one
+// huge page (the kernel would not give the range huge pages either).
+TEST_F(HugePages, AnAdoptedNoHugePageMappingGetsNoHugePage) {
+  const std::size_t len = 4 << 20;
+  void* raw = mmap(nullptr, len + kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(raw, MAP_FAILED);
+  auto* p = reinterpret_cast<std::uint64_t*>((reinterpret_cast<std::uintptr_t>(raw) + kHugePageSize - 1) &
+                                             ~(kHugePageSize - 1));
+  ASSERT_EQ(madvise(p, len, MADV_NOHUGEPAGE), 0);
+  const VirtAddr base = VirtAddr::of(p);
+  ASSERT_TRUE(as->adopt(base, len).is_ok());
+  ASSERT_TRUE(as->find_region(base)->no_huge_pages);
+  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i * 17;  // hole faults
+  EXPECT_EQ(anon_huge_kib(p), 0u);
+  for (int round = 0; round < 2; ++round) {
+    auto rep = dev->migrate_to_device(*as, base, len);
+    ASSERT_TRUE(rep.is_ok());
+    EXPECT_EQ(rep->pages_migrated, len / kPageSize);
+    EXPECT_EQ(p[5 + round], (5u + round) * 17);  // a fault brings a block back
+    ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
+    EXPECT_EQ(anon_huge_kib(p), 0u) << "round " << round;
+  }
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 17) << i;
+  // Never touched: no page table under the blocks at all, so a unit would
+  // move in whole unless uhmm splits it.
+  auto* q = p + kHugePageSize / 8;
+  ASSERT_EQ(madvise(q, kHugePageSize, MADV_DONTNEED), 0);  // its table goes too (CONFIG_PT_RECLAIM)
+  ASSERT_TRUE(dev->migrate_to_device(*as, base + kHugePageSize, kHugePageSize).is_ok());
+  ASSERT_TRUE(dev->device_write(*as, base + kHugePageSize + 8, std::as_bytes(std::span("device", 6))).is_ok());
+  ASSERT_TRUE(dev->migrate_to_system(*as, base + kHugePageSize, kHugePageSize).is_ok());
+  EXPECT_EQ(std::memcmp(reinterpret_cast<char*>(q) + 8, "device", 6), 0);
+  EXPECT_EQ(anon_huge_kib(p), 0u);
+  EXPECT_TRUE(as->check_invariants().is_ok());
+  ASSERT_TRUE(as->unmap(base).is_ok());
+  munmap(raw, len + kHugePageSize);
+
+  // A mapping without the mark adopts as before.
+  void* plain = mmap(nullptr, kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(plain, MAP_FAILED);
+  ASSERT_TRUE(as->adopt(VirtAddr::of(plain), kHugePageSize).is_ok());
+  EXPECT_FALSE(as->find_region(VirtAddr::of(plain))->no_huge_pages);
+  ASSERT_TRUE(as->unmap(VirtAddr::of(plain)).is_ok());
+  munmap(plain, kHugePageSize);
 }
 
 }  // namespace

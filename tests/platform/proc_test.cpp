@@ -36,6 +36,37 @@ TEST(ProcStat, TheCpuIsTheThirtyNinthFieldCountedAfterTheName) {
   EXPECT_EQ(parse_stat_cpu(""), std::nullopt);
 }
 
+TEST(ProcSmaps, AFlagIsLookedUpInTheMappingHoldingTheAddress) {
+  const char* smaps =
+      "7f0000000000-7f0000200000 rw-p 00000000 00:00 0 \n"
+      "Size:               2048 kB\n"
+      "VmFlags: rd wr mr mw me ac nh \n"
+      "7f0000200000-7f0000400000 rw-p 00000000 00:00 0                          [anon:x]\n"
+      "Size:               2048 kB\n"
+      "THPeligible:        1\n"
+      "VmFlags: rd wr mr mw me ac hg\n"
+      "7f0000400000-7f0000401000 r--p 00000000 00:00 0\n"
+      "Size:                  4 kB\n";
+  EXPECT_EQ(smaps_has_flag(smaps, 0x7f0000000000, "nh"), true);
+  EXPECT_EQ(smaps_has_flag(smaps, 0x7f00001fffff, "nh"), true);
+  EXPECT_EQ(smaps_has_flag(smaps, 0x7f0000200000, "nh"), false);
+  EXPECT_EQ(smaps_has_flag(smaps, 0x7f0000200000, "hg"), true);
+  EXPECT_EQ(smaps_has_flag(smaps, 0x7f0000400000, "nh"), std::nullopt);  // no VmFlags line
+  EXPECT_EQ(smaps_has_flag(smaps, 0x7f0000500000, "nh"), std::nullopt);  // nothing mapped
+  EXPECT_EQ(smaps_has_flag("", 0x1000, "nh"), std::nullopt);
+}
+
+TEST(ProcSmaps, ThisProcessesMadviseShowsUp) {
+  const std::size_t len = 4 << 20;
+  void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  auto* half = static_cast<char*>(p) + len / 2;
+  ASSERT_EQ(madvise(half, len / 2, MADV_NOHUGEPAGE), 0);
+  EXPECT_EQ(mapping_has_flag(VirtAddr::of(p), "nh"), false);
+  EXPECT_EQ(mapping_has_flag(VirtAddr::of(half), "nh"), true);
+  munmap(p, len);
+}
+
 TEST(ProcStat, AThreadKeptOnACpuIsSeenThere) {
   const unsigned cpus = std::thread::hardware_concurrency();
   for (unsigned cpu = 0; cpu < cpus && cpu < 4; ++cpu) {
