@@ -7,15 +7,26 @@ namespace uhmm {
 
 void RunSet::add(std::uint64_t first, std::uint64_t end) {
   if (first >= end) return;
-  // Swallow every run that overlaps or touches [first, end).
+  // Members come back one by one and in order (a device freeing the pages
+  // of a large page): growing the run before them in place allocates
+  // nothing, where replacing it would free one node and allocate another.
   auto it = runs_.upper_bound(first);
-  if (it != runs_.begin() && std::prev(it)->second >= first) --it;
+  if (it != runs_.begin() && std::prev(it)->second >= first) {
+    const auto grown = std::prev(it);
+    grown->second = std::max(grown->second, end);
+    // Swallow the runs the grown one now overlaps or touches.
+    while (it != runs_.end() && it->first <= grown->second) {
+      grown->second = std::max(grown->second, it->second);
+      it = runs_.erase(it);
+    }
+    return;
+  }
+  // Swallow the runs it overlaps or touches after it.
   while (it != runs_.end() && it->first <= end) {
-    first = std::min(first, it->first);
     end = std::max(end, it->second);
     it = runs_.erase(it);
   }
-  runs_.emplace(first, end);
+  runs_.emplace_hint(it, first, end);
 }
 
 void RunSet::erase(std::uint64_t first, std::uint64_t end) {

@@ -1,6 +1,9 @@
 // core/run_set.hpp: runs merge, split and are taken first-fit.
 #include <gtest/gtest.h>
 
+#include <random>
+#include <set>
+
 #include "core/run_set.hpp"
 
 namespace uhmm {
@@ -20,6 +23,51 @@ TEST(RunSet, AddMergesOverlappingAndTouchingRuns) {
   r.add(7, 7);  // empty
   EXPECT_EQ(r.runs(), (Runs{{5, 40}}));
   EXPECT_TRUE(r.check_invariants());
+}
+
+TEST(RunSet, AddGrowsTheRunItReachesFromEitherSide) {
+  RunSet r;
+  for (std::uint64_t i = 100; i < 110; ++i) r.add(i, i + 1);  // one by one, upwards
+  EXPECT_EQ(r.runs(), (Runs{{100, 110}}));
+  for (std::uint64_t i = 99; i >= 95; --i) r.add(i, i + 1);  // and downwards
+  EXPECT_EQ(r.runs(), (Runs{{95, 110}}));
+  r.add(120, 130);
+  r.add(112, 120);  // reaches only the run after it
+  EXPECT_EQ(r.runs(), (Runs{{95, 110}, {112, 130}}));
+  r.add(110, 112);  // bridges both
+  EXPECT_EQ(r.runs(), (Runs{{95, 130}}));
+  r.add(100, 105);  // already inside
+  EXPECT_EQ(r.runs(), (Runs{{95, 130}}));
+  r.add(140, 150);
+  r.add(160, 170);
+  r.add(135, 165);  // starts in a gap and swallows a run and part of the next
+  EXPECT_EQ(r.runs(), (Runs{{95, 130}, {135, 170}}));
+  EXPECT_TRUE(r.check_invariants());
+}
+
+// Random adds and erases against a plain set of members.
+TEST(RunSet, AgreesWithASetOfMembers) {
+  RunSet r;
+  std::set<std::uint64_t> model;
+  std::mt19937_64 rng(7);
+  for (int step = 0; step < 20000; ++step) {
+    const std::uint64_t first = rng() % 200;
+    const std::uint64_t end = first + rng() % 12;
+    if (rng() % 3 == 0) {
+      r.erase(first, end);
+      for (std::uint64_t v = first; v < end; ++v) model.erase(v);
+    } else {
+      r.add(first, end);
+      for (std::uint64_t v = first; v < end; ++v) model.insert(v);
+    }
+    if (step % 97 == 0) {
+      ASSERT_TRUE(r.check_invariants()) << step;
+      std::set<std::uint64_t> members;
+      for (auto [f, e] : r.runs())
+        for (std::uint64_t v = f; v < e; ++v) members.insert(v);
+      ASSERT_EQ(members, model) << step;
+    }
+  }
 }
 
 TEST(RunSet, EraseSplitsAndTrims) {

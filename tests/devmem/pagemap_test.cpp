@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include <sys/mman.h>
@@ -245,6 +246,32 @@ TEST(PagemapCreate, AdjacentExplicitRangesDoNotOverlap) {
   EXPECT_EQ(&DevicePagemap::page_from_pfn(explicit_range(3, 15, 1).first)->pagemap(), m1->get());
   EXPECT_EQ(&DevicePagemap::page_from_pfn(explicit_range(3, 16, 1).first)->pagemap(), m2->get());
   EXPECT_EQ(&DevicePagemap::page_from_pfn(explicit_range(3, 32, 1).first)->pagemap(), m3->get());
+}
+
+// Lookups remember the last map a thread found; a map registered or
+// removed since must be seen at once, also one that takes over the same
+// pfns.
+TEST(PagemapCreate, LookupsFollowMapsThatComeAndGo) {
+  const DevicePfnRange r = explicit_range(9, 0, 16);
+  auto c1 = valid_config(PagemapType::kPrivate, 0);
+  c1.range = r;
+  auto m1 = DevicePagemap::create(std::move(c1));
+  ASSERT_TRUE(m1.is_ok()) << m1.status().to_string();
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(DevicePagemap::page_from_pfn(r.first), &(*m1)->page_at(0));
+  EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 16, 1).first), nullptr);
+  EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 7, 1).first), &(*m1)->page_at(7));
+  m1->reset();  // unregistered
+  EXPECT_EQ(DevicePagemap::page_from_pfn(r.first), nullptr);
+  auto c2 = valid_config(PagemapType::kPrivate, 0);
+  c2.range = r;
+  auto m2 = DevicePagemap::create(std::move(c2));
+  ASSERT_TRUE(m2.is_ok()) << m2.status().to_string();
+  EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 7, 1).first), &(*m2)->page_at(7));
+  // Another thread's remembered map does not leak into this one's.
+  std::thread([&] {
+    EXPECT_EQ(DevicePagemap::page_from_pfn(r.first), &(*m2)->page_at(0));
+  }).join();
+  EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 15, 1).first), &(*m2)->page_at(15));
 }
 
 TEST(PagemapCreate, ExplicitRangeOverlappingARequestedMapIsEbusy) {
