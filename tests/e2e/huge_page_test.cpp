@@ -44,6 +44,32 @@ bool thp_available() {
   return s.find("[never]") == std::string::npos;
 }
 
+// The application's own private anonymous memory, 2 MiB-aligned.
+class AlignedMapping {
+ public:
+  explicit AlignedMapping(std::size_t len) : len_(len) {
+    raw_ = mmap(nullptr, len + kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw_ != MAP_FAILED)
+      at_ = VirtAddr{(reinterpret_cast<std::uintptr_t>(raw_) + kHugePageSize - 1) & ~(kHugePageSize - 1)};
+  }
+  ~AlignedMapping() {
+    if (raw_ != MAP_FAILED) munmap(raw_, len_ + kHugePageSize);
+  }
+  AlignedMapping(const AlignedMapping&) = delete;
+  AlignedMapping& operator=(const AlignedMapping&) = delete;
+  bool ok() const { return raw_ != MAP_FAILED; }
+  VirtAddr at() const { return at_; }
+  template <typename T>
+  T* as() const {
+    return at_.as<T>();
+  }
+
+ private:
+  std::size_t len_;
+  void* raw_ = MAP_FAILED;
+  VirtAddr at_;
+};
+
 struct HugePages : ::testing::Test {
   void SetUp() override {
     if (!thp_available()) GTEST_SKIP() << "transparent huge pages disabled";
@@ -60,10 +86,9 @@ struct HugePages : ::testing::Test {
 TEST_F(HugePages, AdoptedHugePagesRoundTripWhole) {
   // The application's own 2 MiB-aligned memory, backed by huge pages.
   const std::size_t len = 4 << 20;
-  void* raw = mmap(nullptr, len + kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(raw, MAP_FAILED);
-  auto* p = reinterpret_cast<std::uint32_t*>((reinterpret_cast<std::uintptr_t>(raw) + kHugePageSize - 1) &
-                                             ~(kHugePageSize - 1));
+  AlignedMapping mapping(len);
+  ASSERT_TRUE(mapping.ok());
+  auto* p = mapping.as<std::uint32_t>();
   ASSERT_EQ(madvise(p, len, MADV_HUGEPAGE), 0);
   for (std::size_t i = 0; i < len / 4; ++i) p[i] = static_cast<std::uint32_t>(i * 2654435761u);
   const std::size_t huge_before = anon_huge_kib(p);
@@ -85,7 +110,6 @@ TEST_F(HugePages, AdoptedHugePagesRoundTripWhole) {
   for (std::size_t i = 0; i < len / 4; ++i) ASSERT_EQ(p[i], static_cast<std::uint32_t>(i * 2654435761u)) << i;
   EXPECT_TRUE(as->check_invariants().is_ok());
   ASSERT_TRUE(as->unmap(base).is_ok());
-  munmap(raw, len + kHugePageSize);
 }
 
 // A whole aligned 2 MiB hole is filled with one huge page (where the kernel
@@ -154,10 +178,9 @@ TEST_F(HugePages, AHugePageThatLeftWholeComesBackWithoutAZap) {
 TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
   const std::size_t len = 4 << 20;
   // The application's own memory, made of 4 KiB pages.
-  void* raw = mmap(nullptr, kHugePageSize * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(raw, MAP_FAILED);
-  auto* small = reinterpret_cast<std::uint64_t*>((reinterpret_cast<std::uintptr_t>(raw) + kHugePageSize - 1) &
-                                                 ~(kHugePageSize - 1));
+  AlignedMapping mapping(kHugePageSize);
+  ASSERT_TRUE(mapping.ok());
+  auto* small = mapping.as<std::uint64_t>();
   ASSERT_EQ(madvise(small, kHugePageSize, MADV_NOHUGEPAGE), 0);
   for (std::size_t i = 0; i < kHugePageSize / 8; ++i) small[i] = ~i;
   ASSERT_EQ(anon_huge_kib(small), 0u);
@@ -188,7 +211,6 @@ TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
   EXPECT_EQ(anon_huge_kib(small), 0u);
   EXPECT_TRUE(as->check_invariants().is_ok());
   ASSERT_TRUE(as->unmap(small_base).is_ok());
-  munmap(raw, kHugePageSize * 2);
 }
 
 // A 2 MiB unit that left the CPU split (here: one of its pages moved on its
@@ -227,10 +249,9 @@ TEST_F(HugePages, AUnitThatLeftSplitComesBackWhole) {
 // huge page (the kernel would not give the range huge pages either).
 TEST_F(HugePages, AnAdoptedNoHugePageMappingGetsNoHugePage) {
   const std::size_t len = 4 << 20;
-  void* raw = mmap(nullptr, len + kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(raw, MAP_FAILED);
-  auto* p = reinterpret_cast<std::uint64_t*>((reinterpret_cast<std::uintptr_t>(raw) + kHugePageSize - 1) &
-                                             ~(kHugePageSize - 1));
+  AlignedMapping mapping(len);
+  ASSERT_TRUE(mapping.ok());
+  auto* p = mapping.as<std::uint64_t>();
   ASSERT_EQ(madvise(p, len, MADV_NOHUGEPAGE), 0);
   const VirtAddr base = VirtAddr::of(p);
   ASSERT_TRUE(as->adopt(base, len).is_ok());
@@ -257,15 +278,13 @@ TEST_F(HugePages, AnAdoptedNoHugePageMappingGetsNoHugePage) {
   EXPECT_EQ(anon_huge_kib(p), 0u);
   EXPECT_TRUE(as->check_invariants().is_ok());
   ASSERT_TRUE(as->unmap(base).is_ok());
-  munmap(raw, len + kHugePageSize);
 
   // A mapping without the mark adopts as before.
-  void* plain = mmap(nullptr, kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(plain, MAP_FAILED);
-  ASSERT_TRUE(as->adopt(VirtAddr::of(plain), kHugePageSize).is_ok());
-  EXPECT_FALSE(as->find_region(VirtAddr::of(plain))->no_huge_pages);
-  ASSERT_TRUE(as->unmap(VirtAddr::of(plain)).is_ok());
-  munmap(plain, kHugePageSize);
+  AlignedMapping plain(kHugePageSize);
+  ASSERT_TRUE(plain.ok());
+  ASSERT_TRUE(as->adopt(plain.at(), kHugePageSize).is_ok());
+  EXPECT_FALSE(as->find_region(plain.at())->no_huge_pages);
+  ASSERT_TRUE(as->unmap(plain.at()).is_ok());
 }
 
 }  // namespace
