@@ -952,7 +952,10 @@ Status migrate_vma_setup(MigrateVma& m) {
         // the transit got a page table, which would split the next unit,
         // and the staging block holds 4 KiB pages (note_split_block).
         if (r.bytes_done > 0) {
-          Result<bool> arrived = left_whole ? platform::huge_mapped(slot0, kHugePageSize) : huge;
+          // Part of a unit cannot have moved as one entry.
+          Result<bool> arrived = r.bytes_done < kHugePageSize ? Result<bool>(false)
+                                 : left_whole                 ? platform::huge_mapped(slot0, kHugePageSize)
+                                                              : huge;
           if (via && !(arrived.is_ok() && *arrived)) as.renew_huge_transit();
           if (arrived.is_ok() && !*arrived) {  // known split (not: no PAGEMAP_SCAN here)
             as.staging.note_split_block(slot0);
