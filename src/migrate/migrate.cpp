@@ -409,6 +409,34 @@ int take_coherent_frame(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr)
   return err;
 }
 
+// Inside the install window, moves the whole aligned 2 MiB unit at `addr`
+// out to the staging block `block`.  A huge page that moves out through a
+// transit without a page table takes the one the kernel keeps deposited
+// beside it: none is left behind.  (Through the shared transit, which has a
+// page table, it would be split on its way out and leave one here.)
+platform::PartialResult move_unit_out(AddressSpace::Impl& as, VirtAddr addr, VirtAddr block) {
+  const std::optional<VirtAddr> via =
+      as.huge_transit.value != 0 ? std::optional<VirtAddr>(as.huge_transit) : std::nullopt;
+  Result<bool> huge = via ? platform::huge_mapped(addr, kHugePageSize) : Result<bool>(false);
+  const platform::PartialResult r = as.move_out_in_window(addr, block, kPagesPerHugePage, via);
+  if (r.bytes_done == 0) return r;
+  const bool left_whole = r.bytes_done == kHugePageSize && huge.is_ok() && *huge;
+  if (left_whole) as.table.note_no_kernel_table(addr.vpn());
+  // Both moves kept it one entry only if it arrived whole (part of a unit
+  // cannot have).  Otherwise the transit got a page table, which would
+  // split the next unit, and the staging block holds 4 KiB pages.
+  Result<bool> arrived = r.bytes_done < kHugePageSize ? Result<bool>(false)
+                         : left_whole                 ? platform::huge_mapped(block, kHugePageSize)
+                                                      : huge;
+  const bool known_whole = arrived.is_ok() && *arrived;
+  if (via && !known_whole) as.renew_huge_transit();
+  if (arrived.is_ok() && !known_whole) {  // known split (unknown: no PAGEMAP_SCAN here)
+    as.staging.note_split_block(block);
+    as.stats.add(Counter::thp_split_staged);
+  }
+  return r;
+}
+
 // Takes the CPU's frame of a coherent page that the caller has collected
 // (its entry at `addr` locked, it was `seen`; the page locked and
 // referenced) for an eviction, as migrate_vma_setup's pass 1b does
@@ -938,30 +966,7 @@ Status migrate_vma_setup(MigrateVma& m) {
       while (done + run < len && !changed(done + run)) ++run;
       platform::PartialResult r;
       if (run == kPagesPerHugePage && addr0.huge_aligned()) {
-        // A huge page that moves out through a transit without a page table
-        // takes the one the kernel keeps deposited beside it: none is left
-        // behind.  (Through the shared transit, which has a page table, it
-        // would be split on its way out and leave one here.)
-        const std::optional<VirtAddr> via =
-            as.huge_transit.value != 0 ? std::optional<VirtAddr>(as.huge_transit) : std::nullopt;
-        Result<bool> huge = via ? platform::huge_mapped(addr0, kHugePageSize) : Result<bool>(false);
-        r = as.move_out_in_window(addr0, slot0, run, via);
-        const bool left_whole = r.bytes_done == kHugePageSize && huge.is_ok() && *huge;
-        if (left_whole) as.table.note_no_kernel_table(addr0.vpn());
-        // Both moves kept it one entry only if it arrived whole.  Otherwise
-        // the transit got a page table, which would split the next unit,
-        // and the staging block holds 4 KiB pages (note_split_block).
-        if (r.bytes_done > 0) {
-          // Part of a unit cannot have moved as one entry.
-          Result<bool> arrived = r.bytes_done < kHugePageSize ? Result<bool>(false)
-                                 : left_whole                 ? platform::huge_mapped(slot0, kHugePageSize)
-                                                              : huge;
-          if (via && !(arrived.is_ok() && *arrived)) as.renew_huge_transit();
-          if (arrived.is_ok() && !*arrived) {  // known split (not: no PAGEMAP_SCAN here)
-            as.staging.note_split_block(slot0);
-            as.stats.add(Counter::thp_split_staged);
-          }
-        }
+        r = move_unit_out(as, addr0, slot0);
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
       }

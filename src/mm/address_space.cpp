@@ -59,10 +59,9 @@ Status AddressSpace::Impl::init() {
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
   if (!zero) return zero.status();
   zero_source = *zero;
-  auto transit_area = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
-  if (!transit_area) return transit_area.status();
-  transit = *transit_area;
-  UHMM_TRY(uffd.register_range(transit, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING));
+  auto transit_block = map_transit_block();
+  if (!transit_block) return transit_block.status();
+  transit = *transit_block;
   renew_huge_transit();
   if (in_thread) UHMM_TRY(register_in_thread());
   UHMM_TRY(start_fault_service());
@@ -96,27 +95,31 @@ AddressSpace::Impl::~Impl() {
   stop_fault_service();
   if (options.fault_mode == FaultMode::kInThread) unregister_in_thread();
   if (zero_source.value != 0) (void)platform::unmap(zero_source, kHugePageSize);
-  for (VirtAddr block : {transit, huge_transit}) {
-    if (block.value == 0) continue;
-    (void)uffd.unregister_range(block, kHugePageSize);  // no UNMAP event for it
-    (void)platform::unmap(block, kHugePageSize);
+  unmap_transit_block(transit);
+  unmap_transit_block(huge_transit);
+}
+
+Result<VirtAddr> AddressSpace::Impl::map_transit_block() {
+  auto block = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
+  if (!block) return block.status();
+  if (Status s = uffd.register_range(*block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING); !s) {
+    (void)platform::unmap(*block, kHugePageSize);
+    return s;
   }
+  return *block;
+}
+
+void AddressSpace::Impl::unmap_transit_block(VirtAddr& block) {
+  if (block.value == 0) return;
+  (void)uffd.unregister_range(block, kHugePageSize);  // no UNMAP event for it
+  (void)platform::unmap(block, kHugePageSize);
+  block = VirtAddr{};
 }
 
 void AddressSpace::Impl::renew_huge_transit() {
-  if (huge_transit.value != 0) {
-    (void)uffd.unregister_range(huge_transit, kHugePageSize);  // no UNMAP event for it
-    (void)platform::unmap(huge_transit, kHugePageSize);
-    huge_transit = VirtAddr{};
-  }
+  unmap_transit_block(huge_transit);
   // Without one, whole units go through `transit` (and are split on the way).
-  auto block = platform::map_anonymous_aligned(kHugePageSize, kHugePageSize, PROT_READ | PROT_WRITE, true);
-  if (!block) return;
-  if (!uffd.register_range(*block, kHugePageSize, UFFDIO_REGISTER_MODE_MISSING)) {
-    (void)platform::unmap(*block, kHugePageSize);
-    return;
-  }
-  huge_transit = *block;
+  if (auto block = map_transit_block()) huge_transit = *block;
 }
 
 bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
@@ -213,8 +216,9 @@ void AddressSpace::Impl::move_transit_to_staging(VirtAddr through, VirtAddr slot
   std::size_t moved = 0;
   for (int attempt = 1; attempt <= kTries && moved < bytes; ++attempt) {
     const platform::PartialResult step =
-        take_injected_refusal() ? platform::PartialResult{0, EBUSY}
-                           : move_verified(staging.uffd(), slot + moved, through + moved, (bytes - moved) / kPageSize, 0);
+        take_injected_refusal()
+            ? platform::PartialResult{0, EBUSY}
+            : move_verified(staging.uffd(), slot + moved, through + moved, (bytes - moved) / kPageSize, 0);
     moved += step.bytes_done;
   }
   if (moved == bytes) return;

@@ -259,9 +259,9 @@ struct AddressSpace::Impl {
   /// `transit` has one from its first small move.
   /// The second hop, transit to staging, can be refused too (EBUSY, seen
   /// rarely under load on 6.18, transient: docs/address-space-events.md,
-  /// case 3): after one retry the data
-  /// then goes on as a copy (Counter::transit_copies), so the pages still
-  /// leave, and the transit is cleared without an event (clear_transit).
+  /// case 3): after one retry the data goes on as a copy
+  /// (Counter::transit_copies), so the pages still leave, and the transit
+  /// is cleared without an event (clear_transit).
   platform::PartialResult move_out_in_window(VirtAddr managed, VirtAddr staging_slot, std::size_t pages,
                                              std::optional<VirtAddr> via = std::nullopt);
   /// Tests: the next `n` second hops out of transit (into staging, or a
@@ -279,6 +279,10 @@ struct AddressSpace::Impl {
   /// Inside the install window: after a unit went through huge_transit in
   /// pieces (which leaves a page table there), replaces it by a fresh block.
   void renew_huge_transit();
+  /// A 2 MiB-aligned block registered with `uffd`, for `transit` or
+  /// `huge_transit`; and its end (no event: it is unregistered first).
+  Result<VirtAddr> map_transit_block();
+  void unmap_transit_block(VirtAddr& block);
   /// Inside the install window: moves the one page at `managed` into
   /// `transit` (on the managed userfaultfd, refused with EAGAIN while a
   /// change is unread, as for move_out_in_window); the caller takes it on

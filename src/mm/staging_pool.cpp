@@ -223,9 +223,8 @@ void StagingPool::give_back_to_block(VirtAddr start, std::size_t pages, bool rea
       return;
     }
     // Empty, mixed, split, or over the keep limit: the whole block becomes
-    // empty.
-    // Emptied by moves of 4 KiB pages, it keeps their page table, and a
-    // huge page moving in later would be split: the zap drops it (on
+    // empty.  Emptied by moves of 4 KiB pages, it keeps their page table,
+    // and a huge page moving in later would be split: the zap drops it (on
     // Linux >= 6.14, CONFIG_PT_RECLAIM).  One that held a huge page has
     // none, and its zap finds nothing.
     drop = true;

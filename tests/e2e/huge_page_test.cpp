@@ -79,6 +79,25 @@ struct HugePages : ::testing::Test {
     o.warm_memory = false;
     dev = std::move(*sim::SimDevice::create(o));
   }
+  // A fresh managed range of `len` bytes whose word i holds value(i), made
+  // of huge pages by its hole faults; nullptr, with `why`, where this
+  // machine gives none or uhmm cannot tell (no PAGEMAP_SCAN).
+  std::uint64_t* filled_huge_range(std::size_t len, std::uint64_t (*value)(std::size_t), const char** why) {
+    auto base = as->map(len);
+    if (!base.is_ok()) {
+      ADD_FAILURE() << base.status().to_string();
+      *why = "map failed";
+      return nullptr;
+    }
+    auto* p = base->as<std::uint64_t>();
+    for (std::size_t i = 0; i < len / 8; ++i) p[i] = value(i);
+    *why = "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
+    if (anon_huge_kib(p) != len / 1024) return nullptr;
+    *why = "no PAGEMAP_SCAN (Linux < 6.7)";
+    if (platform::huge_mapped(*base, len).status().code() == EOPNOTSUPP) return nullptr;
+    return p;
+  }
+
   std::unique_ptr<AddressSpace> as;
   std::unique_ptr<sim::SimDevice> dev;
 };
@@ -143,28 +162,26 @@ TEST_F(HugePages, WholeBlockHoleFaultFillsAHugePageThatStaysHuge) {
 // between has a table again and is zapped.
 TEST_F(HugePages, AHugePageThatLeftWholeComesBackWithoutAZap) {
   const std::size_t len = 4 << 20;
-  auto base = as->map(len);
-  ASSERT_TRUE(base.is_ok());
-  auto* p = base->as<std::uint64_t>();
-  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i * 7;
-  if (anon_huge_kib(p) != len / 1024) GTEST_SKIP() << "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
-  if (platform::huge_mapped(*base, len).status().code() == EOPNOTSUPP) GTEST_SKIP() << "no PAGEMAP_SCAN (Linux < 6.7)";
+  const char* why = nullptr;
+  auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 7; }, &why);
+  if (p == nullptr) GTEST_SKIP() << why;
+  const VirtAddr base = VirtAddr::of(p);
   auto zaps = [&] { return as->stats().get(Counter::empty_table_zaps); };
   const std::uint64_t after_fill = zaps();
   EXPECT_EQ(after_fill, len / kHugePageSize) << "each hole fault's block had the table the fault built";
 
   for (int round = 0; round < 3; ++round) {
-    ASSERT_TRUE(dev->migrate_to_device(*as, *base, len).is_ok());
-    ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+    ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
+    ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
     EXPECT_EQ(zaps(), after_fill) << "round " << round;
     EXPECT_EQ(anon_huge_kib(p), len / 1024) << "round " << round;
   }
   // A fault on the first block: the kernel builds a table before it asks
   // uhmm, so that block is zapped when it comes back; the second is not.
-  ASSERT_TRUE(dev->migrate_to_device(*as, *base, len).is_ok());
+  ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
   EXPECT_EQ(p[5], 5u * 7);
   EXPECT_EQ(zaps(), after_fill + 1);
-  ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+  ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
   EXPECT_EQ(zaps(), after_fill + 1);
   EXPECT_EQ(anon_huge_kib(p), len / 1024);
   for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 7) << i;
@@ -187,20 +204,19 @@ TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
   const VirtAddr small_base = VirtAddr::of(small);
   ASSERT_TRUE(as->adopt(small_base, kHugePageSize).is_ok());
   // And a managed range of huge pages.
-  auto base = as->map(len);
-  ASSERT_TRUE(base.is_ok());
-  auto* p = base->as<std::uint64_t>();
-  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i * 11;
-  if (anon_huge_kib(p) != len / 1024) GTEST_SKIP() << "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
+  const char* why = nullptr;
+  auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 11; }, &why);
+  if (p == nullptr) GTEST_SKIP() << why;
+  const VirtAddr base = VirtAddr::of(p);
 
   for (int round = 0; round < 2; ++round) {
     auto rep = dev->migrate_to_device(*as, small_base, kHugePageSize);
     ASSERT_TRUE(rep.is_ok());
     EXPECT_EQ(rep->pages_migrated, kPagesPerHugePage);
-    rep = dev->migrate_to_device(*as, *base, len);
+    rep = dev->migrate_to_device(*as, base, len);
     ASSERT_TRUE(rep.is_ok());
     EXPECT_EQ(rep->pages_migrated, len / kPageSize);
-    ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+    ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
     EXPECT_EQ(anon_huge_kib(p), len / 1024) << "round " << round;
     ASSERT_TRUE(dev->migrate_to_system(*as, small_base, kHugePageSize).is_ok());
   }
@@ -221,21 +237,19 @@ TEST_F(HugePages, AUnitOfSmallPagesLeavesNoTableInTheWayOfTheNextHugePage) {
 // comes back huge after one round trip.
 TEST_F(HugePages, AUnitThatLeftSplitComesBackWhole) {
   const std::size_t len = 4 << 20;
-  auto base = as->map(len);
-  ASSERT_TRUE(base.is_ok());
-  auto* p = base->as<std::uint64_t>();
-  for (std::size_t i = 0; i < len / 8; ++i) p[i] = i * 13 + 1;
-  if (anon_huge_kib(p) != len / 1024) GTEST_SKIP() << "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
-  if (platform::huge_mapped(*base, len).status().code() == EOPNOTSUPP) GTEST_SKIP() << "no PAGEMAP_SCAN (Linux < 6.7)";
+  const char* why = nullptr;
+  auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 13 + 1; }, &why);
+  if (p == nullptr) GTEST_SKIP() << why;
+  const VirtAddr base = VirtAddr::of(p);
   // One page of the first block goes to the device and back alone.
-  ASSERT_TRUE(dev->migrate_to_device(*as, *base + 7 * kPageSize, kPageSize).is_ok());
-  ASSERT_TRUE(dev->migrate_to_system(*as, *base + 7 * kPageSize, kPageSize).is_ok());
+  ASSERT_TRUE(dev->migrate_to_device(*as, base + 7 * kPageSize, kPageSize).is_ok());
+  ASSERT_TRUE(dev->migrate_to_system(*as, base + 7 * kPageSize, kPageSize).is_ok());
   ASSERT_EQ(anon_huge_kib(p), kHugePageSize / 1024) << "the first block is split";
   const std::uint64_t split_before = as->stats().get(Counter::thp_split_staged);
 
   for (int round = 0; round < 3; ++round) {
-    ASSERT_TRUE(dev->migrate_to_device(*as, *base, len).is_ok());
-    ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+    ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
+    ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
     EXPECT_EQ(anon_huge_kib(p), len / 1024) << "round " << round;
   }
   EXPECT_EQ(as->stats().get(Counter::thp_split_staged) - split_before, 1u);
