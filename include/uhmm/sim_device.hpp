@@ -278,9 +278,8 @@ class SimDevice {
   FaultInjection faults_;
   Stats stats_;
   struct Chunk;
-  /// Maps a chunk of `bytes` and registers its page map; its pages are
-  /// numbered from `first_index` in the free list.
-  Result<std::unique_ptr<Chunk>> make_chunk(std::size_t bytes, std::uint64_t first_index);
+  /// Maps a chunk of `bytes` and registers its page map; all its pages free.
+  Result<std::unique_ptr<Chunk>> make_chunk(std::size_t bytes);
   static Chunk& chunk_of(const DevicePage& page);
   std::unique_ptr<DmaEngine> dma_;
   class Prefetcher;

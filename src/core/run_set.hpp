@@ -1,7 +1,8 @@
 // core: a set of integers (page numbers, offsets) kept as disjoint runs:
 // one node per stretch, not per member.  Users: the dmirror library's clean
-// pages of converted private file mappings, the sim device's free pages and
-// the bounce arena's free space.
+// pages of converted private file mappings and the bounce arena's free
+// space.  (The sim device's free pages are a bitmap, devices/sim/free_pages.hpp:
+// they are freed one page at a time on the migration's critical path.)
 //
 // Concurrency: none; the owner locks.
 #pragma once

@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "core/assert.hpp"
-#include "core/run_set.hpp"
 #include "core/sync.hpp"
 #include "devices/sim/dma_engine.hpp"
+#include "devices/sim/free_pages.hpp"
 #include "devices/sim/prefetch_stream.hpp"
 #include "mm/address_space_impl.hpp"
 #include "platform/threads.hpp"
@@ -59,13 +59,14 @@ bool FaultInjection::should_fail_copy() { return fire(copy_countdown_); }
 
 // ---- memory ----------------------------------------------------------------
 
-// One arena of device memory and its page map.  Immutable once made; every
-// page's zone_device_data points back to it, so a page finds its memory
-// without a lock.
+// One arena of device memory, its page map and which of its pages are
+// free.  Immutable once made but for the free bits; every page's
+// zone_device_data points back to it, so a page finds its memory and its
+// free bit without a lock.
 struct SimDevice::Chunk {
   std::byte* arena = nullptr;
   std::size_t bytes = 0;
-  std::uint64_t first_index = 0;  // its first page's number in the free list
+  std::unique_ptr<FreePages> free;
   std::unique_ptr<DevicePagemap> map;
   Chunk() = default;
   Chunk(const Chunk&) = delete;
@@ -76,57 +77,41 @@ struct SimDevice::Chunk {
   }
 };
 
-// Free device pages as runs, so that a batch gets contiguous device memory
-// and copies coalesce.  Pages are numbered across chunks: chunk c's pages
-// from chunks[c]->first_index on.  Growing (SimDevice::alloc_page) maps a
-// chunk under the mutex: a page map is registered under it (the pfn
-// registry's lock ranks after it), and concurrent allocations wait for the
-// one chunk rather than each add their own.
+// The chunks, lowest first: pages are taken from the first chunk that has
+// them, lowest first, so that a batch gets contiguous device memory and
+// copies coalesce.  Taking a page, and growing (SimDevice::alloc_page maps
+// a chunk), happen under the mutex: a page map is registered under it (the
+// pfn registry's lock ranks after it), and concurrent allocations wait for
+// the one chunk rather than each add their own.  Freeing takes no lock
+// (FreePages).
 struct SimDevice::FreeList {
   Mutex mutex{LockRank::kDeviceDriver};
-  RunSet runs UHMM_GUARDED_BY(mutex);
-  std::uint64_t free_pages UHMM_GUARDED_BY(mutex) = 0;
   std::vector<std::unique_ptr<Chunk>> chunks UHMM_GUARDED_BY(mutex);
   std::uint64_t total_pages UHMM_GUARDED_BY(mutex) = 0;
 
   void add(std::unique_ptr<Chunk> c) UHMM_REQUIRES(mutex) {
-    const std::uint64_t n = c->bytes / kPageSize;
-    runs.add(c->first_index, c->first_index + n);
-    free_pages += n;
-    total_pages += n;
+    total_pages += c->free->pages();
     chunks.push_back(std::move(c));
   }
-  // The page numbered `index`, taken off the free runs.
-  DevicePage& page(std::uint64_t index) UHMM_REQUIRES(mutex) {
-    const auto it = std::upper_bound(chunks.begin(), chunks.end(), index,
-                                     [](std::uint64_t i, const auto& c) { return i < c->first_index; });
-    const Chunk& c = **(it - 1);
-    return c.map->page_at(index - c.first_index);
+  std::uint64_t free_pages() UHMM_REQUIRES(mutex) {
+    std::uint64_t n = 0;
+    for (const auto& c : chunks) n += c->free->free_count();
+    return n;
   }
-  std::optional<std::uint64_t> take() UHMM_REQUIRES(mutex) {
-    const std::optional<std::uint64_t> index = runs.take_first_fit(1);
-    if (index) --free_pages;
-    return index;
+  DevicePage* take() UHMM_REQUIRES(mutex) {
+    for (const auto& c : chunks)
+      if (const std::optional<std::uint64_t> i = c->free->take_one()) return &c->map->page_at(*i);
+    return nullptr;
   }
-  // 512 free pages making one large page: aligned in pfns and in one
-  // chunk (page numbers line up with pfns only where the chunks before
-  // are whole 2 MiB units, so the first fit is checked).
+  // 512 free pages making one large page: aligned in pfns, in one chunk.
   DevicePage* take_large() UHMM_REQUIRES(mutex) {
-    const std::optional<std::uint64_t> index = runs.take_aligned(kPagesPerHugePage, kPagesPerHugePage);
-    if (!index) return nullptr;
-    DevicePage& head = page(*index);
-    if (head.pfn().value % kPagesPerHugePage != 0 ||
-        head.index() + kPagesPerHugePage > head.pagemap().range().count.value) {
-      runs.add(*index, *index + kPagesPerHugePage);
-      return nullptr;
+    for (const auto& c : chunks) {
+      const std::uint64_t first_pfn = c->map->range().first.value;
+      const std::uint64_t phase = (kPagesPerHugePage - first_pfn % kPagesPerHugePage) % kPagesPerHugePage;
+      if (phase % 64 != 0) continue;  // never so: page maps start 2 MiB aligned
+      if (const std::optional<std::uint64_t> i = c->free->take_run(phase)) return &c->map->page_at(*i);
     }
-    free_pages -= kPagesPerHugePage;
-    return &head;
-  }
-  void give(std::uint64_t index) {
-    MutexLock lock(mutex);
-    runs.add(index, index + 1);
-    ++free_pages;
+    return nullptr;
   }
   std::vector<Chunk*> all() {
     MutexLock lock(mutex);
@@ -389,10 +374,9 @@ Result<std::unique_ptr<SimDevice>> SimDevice::create(SimDeviceOptions options) {
   return dev;
 }
 
-Result<std::unique_ptr<SimDevice::Chunk>> SimDevice::make_chunk(std::size_t bytes, std::uint64_t first_index) {
+Result<std::unique_ptr<SimDevice::Chunk>> SimDevice::make_chunk(std::size_t bytes) {
   auto chunk = std::make_unique<Chunk>();
   chunk->bytes = (bytes + kPageSize - 1) & ~(kPageSize - 1);
-  chunk->first_index = first_index;
   auto arena = platform::map_anonymous_aligned(chunk->bytes, kHugePageSize, PROT_READ | PROT_WRITE, false);
   if (!arena) return arena.status();
   chunk->arena = arena->as<std::byte>();
@@ -425,6 +409,7 @@ Result<std::unique_ptr<SimDevice::Chunk>> SimDevice::make_chunk(std::size_t byte
     return Status::error(ENOMEM, "no memory for the device page descriptors");
   }
   const DevicePfnRange range = chunk->map->range();
+  chunk->free = std::make_unique<FreePages>(range.count.value);
   for (std::uint64_t i = 0; i < range.count.value; ++i) chunk->map->page_at(i).zone_device_data = chunk.get();
   return chunk;
 }
@@ -432,7 +417,7 @@ Result<std::unique_ptr<SimDevice::Chunk>> SimDevice::make_chunk(std::size_t byte
 SimDevice::Chunk& SimDevice::chunk_of(const DevicePage& page) { return *static_cast<Chunk*>(page.zone_device_data); }
 
 Status SimDevice::init() {
-  auto first = make_chunk(options_.memory_bytes, 0);
+  auto first = make_chunk(options_.memory_bytes);
   if (!first) return first.status();
   {
     MutexLock lock(free_list_->mutex);
@@ -484,7 +469,7 @@ DevicePagemap& SimDevice::pagemap() {
 
 std::uint64_t SimDevice::free_pages() const {
   MutexLock lock(free_list_->mutex);
-  return free_list_->free_pages;
+  return free_list_->free_pages();
 }
 
 std::size_t SimDevice::memory_bytes() const {
@@ -508,16 +493,15 @@ DevicePage* SimDevice::alloc_page(FaultInjection* client_faults) {
   {
     FreeList& fl = *free_list_;
     MutexLock lock(fl.mutex);
-    std::optional<std::uint64_t> index = fl.take();
-    if (!index && options_.grow_bytes != 0) {
+    page = fl.take();
+    if (page == nullptr && options_.grow_bytes != 0) {
       // Every page in use: one more chunk.  If the host cannot map it, this
       // allocation fails as on a full device; a later one tries again.
-      if (auto chunk = make_chunk(options_.grow_bytes, fl.total_pages)) {
+      if (auto chunk = make_chunk(options_.grow_bytes)) {
         fl.add(std::move(*chunk));
-        index = fl.take();
+        page = fl.take();
       }
     }
-    if (index) page = &fl.page(*index);
   }
   if (page == nullptr) {
     stats_.add(Counter::device_alloc_fail);
@@ -544,7 +528,7 @@ DevicePage* SimDevice::alloc_large_page(FaultInjection* client_faults) {
 
 void SimDevice::free_page(DevicePage& page) {
   stats_.add(Counter::device_page_free);
-  free_list_->give(chunk_of(page).first_index + page.index());
+  chunk_of(page).free->release(page.index());
 }
 
 Status SimDevice::copy_to_pagecache(DevicePage& page, std::span<std::byte> dst) {
