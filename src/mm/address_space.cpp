@@ -17,6 +17,7 @@
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
 #include "platform/maps.hpp"
+#include "platform/threads.hpp"
 #include "uhmm/device_memory.hpp"
 
 namespace uhmm {
@@ -263,6 +264,14 @@ platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr mana
 }
 
 void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) {
+  // Pairs with wait_entry_unlocked: either it sees the entry unlocked, or
+  // this sees it asleep (the unlock and its count both come before the
+  // fences).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (entry_sleepers.load(std::memory_order_seq_cst) != 0) {
+    entry_wakeups.fetch_add(1, std::memory_order_seq_cst);
+    platform::futex_wake_all(entry_wakeups);
+  }
   // In SIGBUS mode no access ever sleeps in the kernel.
   if (options.fault_mode == FaultMode::kInThread) return;
   (void)uffd.wake(start, pages * kPageSize);

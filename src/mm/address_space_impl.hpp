@@ -292,7 +292,8 @@ struct AddressSpace::Impl {
   /// wakes accesses asleep on it (callers that still have entries to settle
   /// pass false and wake afterwards).
   platform::PartialResult move_in(VirtAddr staging_slot, VirtAddr managed, std::size_t pages, bool wake);
-  /// Wakes CPU accesses asleep on the range.
+  /// Wakes CPU accesses asleep on the range, and every thread asleep in
+  /// wait_entry_unlocked.
   void wake(VirtAddr start, std::size_t pages);
   /// Removes a SIGBUS marker so a page can be installed again.
   void clear_poison(VirtAddr addr);
@@ -438,9 +439,20 @@ struct AddressSpace::Impl {
   /// FaultMode::kInThread (what that allows: docs/adr/0004-in-thread-faults.md).
   FaultResult fault_in(VirtAddr addr, bool write);
   /// Waits until nothing holds the entry of `addr` (a migration may take a
-  /// while: a DMA copy): yields, then naps 20 us at a time.  For threads
-  /// with no kernel wake-up to sleep on.
+  /// while: a DMA copy), asleep: it marks the entry as waited on, so the
+  /// unlock calls wake(), which wakes it.  For threads with no kernel
+  /// wake-up to sleep on (in-thread faults, hmm_range_fault).
   void wait_entry_unlocked(VirtAddr addr);
+  // Threads asleep in wait_entry_unlocked, and the word they sleep on (a
+  // futex), which wake() bumps when there are any.  One word for the whole
+  // address space: a wake-up wakes them all, and each looks at its entry.
+  std::atomic<std::uint32_t> entry_sleepers{0};
+  std::atomic<std::uint32_t> entry_wakeups{0};
+  // How long one sleep lasts at most: a few places unlock briefly held
+  // entries without a wake-up (a fault that locked a page only to look at
+  // it), and this bounds what such an unlock costs a sleeper.  Tests that
+  // check the wake-up itself set it long.
+  std::atomic<std::int64_t> entry_sleep_us{500};
   // FaultMode::kInThread (mm/in_thread_faults.cpp).
   Status register_in_thread();
   void unregister_in_thread();

@@ -24,6 +24,7 @@
 
 #include "core/assert.hpp"
 #include "mm/address_space_impl.hpp"
+#include "platform/threads.hpp"
 
 namespace uhmm {
 
@@ -167,15 +168,22 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::fault_in(VirtAddr addr, bool
 }
 
 void AddressSpace::Impl::wait_entry_unlocked(VirtAddr addr) {
-  const mm::EntrySlot* slot = table.slot(addr.vpn(), false);
-  for (unsigned spin = 0; slot != nullptr && PageEntry{slot->load(std::memory_order_acquire)}.locked(); ++spin) {
-    if (spin < 64) {
-      std::this_thread::yield();
-    } else {
-      const struct timespec nap = {0, 20'000};
-      (void)::nanosleep(&nap, nullptr);
-    }
+  mm::EntrySlot* slot = table.slot(addr.vpn(), false);
+  if (slot == nullptr) return;
+  entry_sleepers.fetch_add(1, std::memory_order_seq_cst);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  for (;;) {
+    const std::uint32_t seen_wakeups = entry_wakeups.load(std::memory_order_seq_cst);
+    std::uint64_t cur = slot->load(std::memory_order_seq_cst);
+    if (!PageEntry{cur}.locked()) break;
+    // The unlock of an entry marked kWaiters calls wake().
+    if (!PageEntry{cur}.has_waiters() &&
+        !slot->compare_exchange_strong(cur, cur | PageEntry::kWaiters, std::memory_order_seq_cst))
+      continue;
+    platform::futex_wait(entry_wakeups, seen_wakeups,
+                         std::chrono::microseconds(entry_sleep_us.load(std::memory_order_relaxed)));
   }
+  entry_sleepers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
 }  // namespace uhmm

@@ -3,11 +3,16 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <linux/futex.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <charconv>
+#include <cstdint>
 #include <cstdio>
+#include <ctime>
 #include <string>
 
 #include "platform/maps.hpp"
@@ -57,6 +62,25 @@ void name_this_thread(std::string_view role, std::optional<unsigned> index) {
   if (index) name += std::to_string(*index);
   if (name.size() > 15) name.resize(15);
   (void)::prctl(PR_SET_NAME, name.c_str(), 0, 0, 0);
+}
+
+namespace {
+// The kernel reads the 32-bit value of the atomic's own storage.
+std::uint32_t* futex_address(const std::atomic<std::uint32_t>& word) {
+  static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
+  static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+  return const_cast<std::uint32_t*>(reinterpret_cast<const std::uint32_t*>(&word));
+}
+}  // namespace
+
+void futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected, std::chrono::microseconds timeout) {
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count();
+  const struct timespec rel = {static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+  (void)::syscall(SYS_futex, futex_address(word), FUTEX_WAIT_PRIVATE, expected, &rel, nullptr, 0);
+}
+
+void futex_wake_all(const std::atomic<std::uint32_t>& word) {
+  (void)::syscall(SYS_futex, futex_address(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
 }
 
 }  // namespace uhmm::platform

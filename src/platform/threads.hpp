@@ -3,6 +3,8 @@
 // perf and gdb).
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string_view>
@@ -28,5 +30,14 @@ Status pin_this_thread(unsigned cpu);
 /// `index` ("uhmm-fault1").  The kernel keeps 15 bytes; the rest is cut.
 /// Best effort: a thread that cannot be named runs the same.
 void name_this_thread(std::string_view role, std::optional<unsigned> index = std::nullopt);
+
+/// Sleeps while `word` holds `expected`, for at most `timeout`, until
+/// futex_wake_all on it (a private futex).  Returns at once if the word
+/// differs already; may return early (a signal, a spurious wake-up): callers
+/// look again.  Async-signal-safe (one system call), so the in-thread fault
+/// handler may wait with it.
+void futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected, std::chrono::microseconds timeout);
+/// Wakes every thread asleep in futex_wait on `word`.
+void futex_wake_all(const std::atomic<std::uint32_t>& word);
 
 }  // namespace uhmm::platform

@@ -14,11 +14,14 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <future>
 #include <latch>
 #include <thread>
 #include <vector>
 
 #include "e2e/test_support.hpp"
+#include "mm/address_space_impl.hpp"
 #include "uhmm/uhmm.hpp"
 
 // FaultMode::kInThread runs the fault service (which allocates) inside the
@@ -183,6 +186,38 @@ TEST_F(InThreadFaults, ThreadsFaultingTheSamePageMigrateItOnce) {
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_EQ(counter(Counter::pgmigrate_to_ram), to_ram + 1);
   EXPECT_EQ(count_states(*as, base, kBlock).device, kBlock - 1);
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
+// A fault on a page that a migration holds sleeps (no kernel wake-up exists
+// in this mode) until the migration's unlock wakes it.  The sleep is made
+// endless here, so only that wake-up can end it.
+TEST_F(InThreadFaults, AFaultOnAPageUnderMigrationSleepsUntilTheMigrationWakesIt) {
+  auto r = as->map(kBlock * kPageSize);
+  ASSERT_TRUE(r.is_ok());
+  const VirtAddr base = *r;
+  fill_range(base, kBlock, 4);
+  as->impl().entry_sleep_us.store(std::int64_t{3600} * 1'000'000);
+  ScopedMigrateVma mig(*as, base, base + kBlock * kPageSize, dev->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+  ASSERT_TRUE(mig.setup().is_ok());
+  ASSERT_EQ(mig.args().cpages, kBlock);
+  auto reader = std::async(std::launch::async,
+                           [&] { return (base + 7 * kPageSize).as<volatile std::uint64_t>()[3]; });
+  // The fault finds the entry locked and goes to sleep on it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (as->impl().entry_sleepers.load() == 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(as->impl().entry_sleepers.load(), 1u);
+  EXPECT_EQ(reader.wait_for(std::chrono::milliseconds(50)), std::future_status::timeout);
+  // No destinations: every page goes back where it was, and is unlocked.
+  mig.pages();
+  mig.finalize();
+  const bool woken = reader.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  if (!woken) as->impl().wake(base, kBlock);  // so that the test can end
+  EXPECT_TRUE(woken) << "the unlock did not wake the sleeping fault";
+  EXPECT_EQ(reader.get(), pattern_word(4 + 7, 3));
+  EXPECT_EQ(as->impl().entry_sleepers.load(), 0u);
+  EXPECT_TRUE(range_has_pattern(base, kBlock, 4));
   UHMM_EXPECT_INVARIANTS(*as);
 }
 
