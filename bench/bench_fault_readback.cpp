@@ -31,7 +31,11 @@
 //              UHMM_BENCH_ITERS (default 10),
 //              UHMM_BENCH_BATCH_PAGES (SimDeviceOptions::batch_pages, for the
 //              explicit migrations and the prefetcher's alike; unset: the
-//              device's default).
+//              device's default),
+//              UHMM_BENCH_LINK_MBPS (SimDeviceOptions::link.bytes_per_second
+//              in MB/s: a device behind a link slower than memory, whose
+//              copies then leave the CPUs idle part of the time, as a real
+//              device's DMA leaves them all of it; unset or 0: none).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -71,6 +75,9 @@ void BM_FaultReadback(benchmark::State& state) {
   dopt.warm_memory = true;
   if (const char* depth = std::getenv("UHMM_BENCH_PREFETCH")) dopt.prefetch_blocks = std::strtoul(depth, nullptr, 10);
   dopt.batch_pages = env_count("UHMM_BENCH_BATCH_PAGES", dopt.batch_pages);
+  // A device behind a link slower than memory: its copies then take less
+  // CPU than their time, as a real device's DMA takes none.
+  if (const std::uint64_t mbps = env_count("UHMM_BENCH_LINK_MBPS", 0)) dopt.link.bytes_per_second = mbps * 1e6;
   auto dev = check(sim::SimDevice::create(dopt), "SimDevice::create");
   const std::uint64_t dev_pages = dev->free_pages();
   const VirtAddr base = check(as->map(bytes), "map");

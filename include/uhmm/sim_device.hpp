@@ -36,7 +36,12 @@
 
 namespace uhmm::sim {
 
-/// A simple model of the link between host and device.
+/// A simple model of the link between host and device.  Transfers (one
+/// batch each) share it: each occupies the link for its bytes at
+/// `bytes_per_second`, after the transfers started before it, and completes
+/// `setup_latency` after that (pipelined: the latency delays a transfer,
+/// not the link).  The copies themselves run at memory speed; the rest of a
+/// transfer's time is a sleep, leaving the CPUs to the application.
 struct LinkModel {
   double bytes_per_second = 0;               // 0: unlimited (memory speed)
   std::chrono::nanoseconds setup_latency{0};  // per transfer (one batch)

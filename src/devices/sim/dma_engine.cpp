@@ -1,9 +1,12 @@
 #include "devices/sim/dma_engine.hpp"
 
+#include <sys/prctl.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <latch>
+#include <thread>
 
 #include "platform/copy.hpp"
 #include "platform/threads.hpp"
@@ -15,6 +18,9 @@ DmaEngine::DmaEngine(unsigned threads, LinkModel link, std::size_t inline_bytes,
   for (unsigned i = 0; i < threads; ++i) {
     threads_.emplace_back([this, i] {
       platform::name_this_thread("dma", i);
+      // Link waits end on time (the default slack, 50 us, is most of a
+      // 2 MiB transfer on a fast link).
+      (void)::prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
       worker();
     });
   }
@@ -68,16 +74,26 @@ void DmaEngine::copy_range(std::span<CopyOp> ops) {
   }
 }
 
-void DmaEngine::apply_link_model(std::size_t bytes, std::chrono::steady_clock::time_point started) {
-  auto budget = link_.setup_latency;
-  if (link_.bytes_per_second > 0)
-    budget += std::chrono::nanoseconds(static_cast<std::int64_t>(static_cast<double>(bytes) * 1e9 /
-                                                                 link_.bytes_per_second));
-  if (budget.count() == 0) return;
-  const auto until = started + budget;
+std::chrono::steady_clock::time_point DmaEngine::reserve_link(std::size_t bytes,
+                                                              std::chrono::steady_clock::time_point started) {
+  if (link_.bytes_per_second <= 0 && link_.setup_latency.count() == 0) return started;
+  const auto on_link = std::chrono::nanoseconds(
+      link_.bytes_per_second > 0
+          ? static_cast<std::int64_t>(static_cast<double>(bytes) * 1e9 / link_.bytes_per_second)
+          : 0);
+  std::lock_guard lock(link_mutex_);
+  const auto begins = std::max(started, link_free_);
+  link_free_ = begins + on_link;
+  return link_free_ + link_.setup_latency;
+}
+
+void DmaEngine::wait_until(std::chrono::steady_clock::time_point until) {
+  // Sleeps, to within the thread's timer slack (workers set theirs to 1 us),
+  // then spins out what is left: at most the slack a caller's thread has.
+  constexpr auto kSpin = std::chrono::microseconds(60);
+  auto now = std::chrono::steady_clock::now();
+  if (until - now > kSpin) std::this_thread::sleep_until(until - kSpin);
   while (std::chrono::steady_clock::now() < until) {
-    const auto left = until - std::chrono::steady_clock::now();
-    if (left > std::chrono::microseconds(100)) std::this_thread::sleep_for(left / 2);
   }
 }
 
@@ -89,18 +105,18 @@ std::future<void> DmaEngine::start(std::span<CopyOp> ops) {
   struct Transfer {
     std::promise<void> done;
     std::atomic<std::size_t> shares_left;
-    std::chrono::steady_clock::time_point started;
+    std::chrono::steady_clock::time_point until;  // when the link has carried it
   };
   auto transfer = std::make_shared<Transfer>();
   transfer->shares_left.store(shares, std::memory_order_relaxed);
-  transfer->started = std::chrono::steady_clock::now();
+  transfer->until = reserve_link(ops.size() * kPageSize, std::chrono::steady_clock::now());
   std::future<void> result = transfer->done.get_future();
   // The last share to finish completes the transfer: the link model counts
   // it as one.
-  auto copy_share = [this, transfer, bytes = ops.size() * kPageSize](std::span<CopyOp> share) {
+  auto copy_share = [this, transfer](std::span<CopyOp> share) {
     copy_range(share);
     if (transfer->shares_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    apply_link_model(bytes, transfer->started);
+    wait_until(transfer->until);
     transfer->done.set_value();
   };
   if (threads_.empty()) {
@@ -123,8 +139,8 @@ std::future<void> DmaEngine::start(std::span<CopyOp> ops) {
 
 void DmaEngine::copy(std::span<CopyOp> ops) {
   if (ops.empty()) return;
-  const auto started = std::chrono::steady_clock::now();
   const std::size_t bytes = ops.size() * kPageSize;
+  const auto until = reserve_link(bytes, std::chrono::steady_clock::now());
   if (threads_.empty() || bytes <= inline_bytes_) {
     copy_range(ops);
   } else {
@@ -148,7 +164,7 @@ void DmaEngine::copy(std::span<CopyOp> ops) {
     copy_range(slices[0]);
     done.wait();
   }
-  apply_link_model(bytes, started);
+  wait_until(until);
 }
 
 }  // namespace uhmm::sim

@@ -6,9 +6,16 @@
 // caches (platform::copy_streaming), as a device's DMA does: twice glibc's
 // memcpy here, and no eviction of the application's working set.  Shorter
 // runs, a one-page fault's above all, go through the cache, where the
-// faulting thread reads them next.  An optional link model adds a set-up
-// latency per batch and caps bandwidth.  Worker threads only touch staging pages and
-// device memory, never managed memory.
+// faulting thread reads them next.  An optional link model (LinkModel)
+// stands for the bus between host and device: the copies themselves run at
+// memory speed, and a transfer completes when the link would have carried
+// it.  Transfers share the link, one after another in the order they were
+// started, each occupying it for its bytes at the link's bandwidth; a
+// transfer's set-up latency delays its own completion only (transfers are
+// pipelined, as a device's DMA queue is).  The wait is a sleep, so that a
+// slow link leaves the host's CPUs to the application, as a device's DMA
+// does.  Worker threads only touch staging pages and device memory, never
+// managed memory.
 //
 // Concurrency: copy() may be called from many threads at once.
 #pragma once
@@ -56,9 +63,15 @@ class DmaEngine {
  private:
   void worker();
   void copy_range(std::span<CopyOp> ops);
-  void apply_link_model(std::size_t bytes, std::chrono::steady_clock::time_point started);
+  /// When a transfer of `bytes` started at `started` completes on the link
+  /// (the link's next free moment moves past it); `started` itself without
+  /// a link model.
+  std::chrono::steady_clock::time_point reserve_link(std::size_t bytes, std::chrono::steady_clock::time_point started);
+  static void wait_until(std::chrono::steady_clock::time_point until);
 
   LinkModel link_;
+  std::mutex link_mutex_;
+  std::chrono::steady_clock::time_point link_free_;  // guarded by link_mutex_
   std::size_t inline_bytes_;
   FaultInjection& faults_;
   std::mutex mutex_;

@@ -139,5 +139,33 @@ TEST(DmaEngine, ASharedBatchTakesTheLinkModelsTimeForTheWholeTransfer) {
   EXPECT_EQ(dst.back(), std::byte{3});
 }
 
+// Transfers share the link: two started together take the link's time for
+// both, one after the other, while each set-up latency delays only its own
+// transfer.
+TEST(DmaEngine, TransfersStartedTogetherShareTheLink) {
+  FaultInjection faults;
+  LinkModel link;
+  link.setup_latency = std::chrono::milliseconds(10);
+  link.bytes_per_second = 64.0 * 1024 * 1024;  // 1 MiB takes >= 15.6 ms
+  DmaEngine dma(2, link, 0, faults);
+  constexpr std::size_t kPages = 256;  // 1 MiB each
+  std::vector<std::byte> src1(kPages * kPageSize, std::byte{5}), dst1(kPages * kPageSize);
+  std::vector<std::byte> src2(kPages * kPageSize, std::byte{6}), dst2(kPages * kPageSize);
+  auto first = page_ops(src1, dst1, kPages, false);
+  auto second = page_ops(src2, dst2, kPages, false);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto f1 = dma.start(first);
+  auto f2 = dma.start(second);
+  f1.wait();
+  const auto first_took = std::chrono::steady_clock::now() - t0;
+  f2.wait();
+  const auto both_took = std::chrono::steady_clock::now() - t0;
+  // Alone on the link, each would be done after 10 + 15.6 ms.
+  EXPECT_GE(first_took, std::chrono::milliseconds(10) + std::chrono::microseconds(15600));
+  EXPECT_GE(both_took, std::chrono::milliseconds(10) + std::chrono::microseconds(2 * 15600));
+  EXPECT_EQ(dst1.front(), std::byte{5});
+  EXPECT_EQ(dst2.back(), std::byte{6});
+}
+
 }  // namespace
 }  // namespace uhmm::sim
