@@ -87,12 +87,9 @@ std::chrono::steady_clock::time_point DmaEngine::reserve_link(std::size_t bytes,
   return link_free_ + link_.setup_latency;
 }
 
-void DmaEngine::wait_until(std::chrono::steady_clock::time_point until) {
-  // Sleeps, to within the thread's timer slack (workers set theirs to 1 us),
-  // then spins out what is left: at most the slack a caller's thread has.
-  constexpr auto kSpin = std::chrono::microseconds(60);
-  auto now = std::chrono::steady_clock::now();
-  if (until - now > kSpin) std::this_thread::sleep_until(until - kSpin);
+void DmaEngine::wait_until(std::chrono::steady_clock::time_point until, std::chrono::microseconds spin) {
+  const auto now = std::chrono::steady_clock::now();
+  if (until - now > spin) std::this_thread::sleep_until(until - spin);
   while (std::chrono::steady_clock::now() < until) {
   }
 }
@@ -116,7 +113,7 @@ std::future<void> DmaEngine::start(std::span<CopyOp> ops) {
   auto copy_share = [this, transfer](std::span<CopyOp> share) {
     copy_range(share);
     if (transfer->shares_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    wait_until(transfer->until);
+    wait_until(transfer->until, kWorkerSpin);
     transfer->done.set_value();
   };
   if (threads_.empty()) {
@@ -164,7 +161,7 @@ void DmaEngine::copy(std::span<CopyOp> ops) {
     copy_range(slices[0]);
     done.wait();
   }
-  wait_until(until);
+  wait_until(until, kCallerSpin);
 }
 
 }  // namespace uhmm::sim

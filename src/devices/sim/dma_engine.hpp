@@ -67,7 +67,11 @@ class DmaEngine {
   /// (the link's next free moment moves past it); `started` itself without
   /// a link model.
   std::chrono::steady_clock::time_point reserve_link(std::size_t bytes, std::chrono::steady_clock::time_point started);
-  static void wait_until(std::chrono::steady_clock::time_point until);
+  /// Sleeps until `until`, spinning its last `spin` (what the thread's timer
+  /// slack may add to a sleep).
+  static void wait_until(std::chrono::steady_clock::time_point until, std::chrono::microseconds spin);
+  static constexpr std::chrono::microseconds kWorkerSpin{10};  // workers' slack: 1 us
+  static constexpr std::chrono::microseconds kCallerSpin{60};  // the default slack: 50 us
 
   LinkModel link_;
   std::mutex link_mutex_;
