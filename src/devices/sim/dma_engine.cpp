@@ -113,7 +113,7 @@ std::future<void> DmaEngine::start(std::span<CopyOp> ops) {
   auto copy_share = [this, transfer](std::span<CopyOp> share) {
     copy_range(share);
     if (transfer->shares_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    wait_until(transfer->until, kWorkerSpin);
+    wait_until(transfer->until, threads_.empty() ? kCallerSpin : kWorkerSpin);
     transfer->done.set_value();
   };
   if (threads_.empty()) {

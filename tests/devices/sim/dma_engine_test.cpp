@@ -85,12 +85,17 @@ TEST(DmaEngine, InjectedCopyFailureFailsExactlyThatPageAndLeavesOthersCopied) {
   for (std::size_t i = 0; i < kPages; ++i) EXPECT_TRUE(ops[i].ok) << i;
 }
 
+// A link of 64 MiB/s (1 MiB takes >= 15.6 ms) with `latency` per transfer.
+LinkModel slow_link(std::chrono::milliseconds latency) {
+  LinkModel link;
+  link.setup_latency = latency;
+  link.bytes_per_second = 64.0 * 1024 * 1024;
+  return link;
+}
+
 TEST(DmaEngine, LinkModelAddsSetupLatencyAndBandwidthTime) {
   FaultInjection faults;
-  LinkModel link;
-  link.setup_latency = std::chrono::milliseconds(20);
-  link.bytes_per_second = 64.0 * 1024 * 1024;  // 64 MiB/s: 1 MiB takes >= 15.6 ms
-  DmaEngine dma(2, link, 0, faults);
+  DmaEngine dma(2, slow_link(std::chrono::milliseconds(20)), 0, faults);
   constexpr std::size_t kPages = 256;  // 1 MiB
   std::vector<std::byte> src(kPages * kPageSize), dst(kPages * kPageSize);
   auto ops = page_ops(src, dst, kPages, false);
@@ -124,10 +129,7 @@ TEST(DmaEngine, StartSharesALargeBatchAmongTheWorkers) {
 // latency and its bytes at the link's bandwidth.
 TEST(DmaEngine, ASharedBatchTakesTheLinkModelsTimeForTheWholeTransfer) {
   FaultInjection faults;
-  LinkModel link;
-  link.setup_latency = std::chrono::milliseconds(20);
-  link.bytes_per_second = 64.0 * 1024 * 1024;  // 2 MiB take >= 31.2 ms
-  DmaEngine dma(2, link, 0, faults);
+  DmaEngine dma(2, slow_link(std::chrono::milliseconds(20)), 0, faults);
   constexpr std::size_t kPages = 2 * kPagesPerShare;  // 2 MiB: two shares
   std::vector<std::byte> src(kPages * kPageSize, std::byte{3}), dst(kPages * kPageSize);
   auto ops = page_ops(src, dst, kPages, false);
@@ -144,10 +146,7 @@ TEST(DmaEngine, ASharedBatchTakesTheLinkModelsTimeForTheWholeTransfer) {
 // transfer.
 TEST(DmaEngine, TransfersStartedTogetherShareTheLink) {
   FaultInjection faults;
-  LinkModel link;
-  link.setup_latency = std::chrono::milliseconds(10);
-  link.bytes_per_second = 64.0 * 1024 * 1024;  // 1 MiB takes >= 15.6 ms
-  DmaEngine dma(2, link, 0, faults);
+  DmaEngine dma(2, slow_link(std::chrono::milliseconds(10)), 0, faults);
   constexpr std::size_t kPages = 256;  // 1 MiB each
   std::vector<std::byte> src1(kPages * kPageSize, std::byte{5}), dst1(kPages * kPageSize);
   std::vector<std::byte> src2(kPages * kPageSize, std::byte{6}), dst2(kPages * kPageSize);
