@@ -23,7 +23,8 @@ void FreePages::release(std::uint64_t index) {
   // Release: the page's reset (DevicePagemap::page_became_free) happens
   // before a taker that sees the bit hands the page out again.
   const std::uint64_t before = bits_[index / kBits].fetch_or(bit, std::memory_order_acq_rel);
-  UHMM_CHECK(!(before & bit), "device page freed twice");
+  UHMM_DCHECK(!(before & bit), "device page freed twice");
+  if (before & bit) return;  // counted once: the books stay right
   free_.fetch_add(1, std::memory_order_acq_rel);
   lower_hint(index / kBits);
 }
@@ -58,8 +59,8 @@ std::optional<std::uint64_t> FreePages::find_one(std::uint64_t from_word) {
 }
 
 std::optional<std::uint64_t> FreePages::take_run(std::uint64_t phase) {
-  UHMM_CHECK(phase < kRun && phase % kBits == 0, "a run's phase is a multiple of 64 below 512");
-  if (free_count() < kRun) return std::nullopt;
+  UHMM_DCHECK(phase < kRun && phase % kBits == 0, "a run's phase is a multiple of 64 below 512");
+  if (phase >= kRun || phase % kBits != 0 || free_count() < kRun) return std::nullopt;
   const std::uint64_t hint = low_word_.load(std::memory_order_relaxed);
   std::optional<std::uint64_t> found = find_run(hint, phase);
   if (!found && hint != 0) found = find_run(0, phase);
