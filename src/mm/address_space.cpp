@@ -265,10 +265,11 @@ platform::PartialResult AddressSpace::Impl::move_in(VirtAddr slot, VirtAddr mana
 
 void AddressSpace::Impl::wake(VirtAddr start, std::size_t pages) {
   // Pairs with wait_entry_unlocked: either it sees the entry unlocked, or
-  // this sees it asleep (the unlock and its count both come before the
-  // fences).
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (entry_sleepers.load(std::memory_order_seq_cst) != 0) {
+  // this sees it asleep.  A read-modify-write reads the latest count, and
+  // one that reads 0 comes before the sleeper's increment, which then
+  // sees the unlock that came before it.  (A fence would do, but
+  // ThreadSanitizer does not model fences.)
+  if (entry_sleepers.fetch_add(0, std::memory_order_seq_cst) != 0) {
     entry_wakeups.fetch_add(1, std::memory_order_seq_cst);
     platform::futex_wake_all(entry_wakeups);
   }

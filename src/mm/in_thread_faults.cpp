@@ -171,7 +171,6 @@ void AddressSpace::Impl::wait_entry_unlocked(VirtAddr addr) {
   mm::EntrySlot* slot = table.slot(addr.vpn(), false);
   if (slot == nullptr) return;
   entry_sleepers.fetch_add(1, std::memory_order_seq_cst);
-  std::atomic_thread_fence(std::memory_order_seq_cst);
   for (;;) {
     const std::uint32_t seen_wakeups = entry_wakeups.load(std::memory_order_seq_cst);
     std::uint64_t cur = slot->load(std::memory_order_seq_cst);
