@@ -172,8 +172,10 @@ class AddressSpace {
 
   /// Walks every structure and checks every invariant (page table against
   /// device-page reverse maps and refcounts, staging pool accounting).
-  /// Meant for tests: slow.  Must be called while no migration runs; waits
-  /// for the application's changes first (await_changes).
+  /// Meant for tests: slow.  Must not be called while the caller runs a
+  /// migration; waits for the application's changes first (await_changes),
+  /// and up to 2 s for migrations in flight to end (a device's background
+  /// prefetch: EBUSY if one is still running then).
   Status check_invariants() const;
 
   /// Resident memory uhmm holds for this address space (page-table nodes and

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -683,6 +684,12 @@ void AddressSpace::await_changes() const {
 Status AddressSpace::check_invariants() const {
   // Processing a change locks the entries it touches, like a migration.
   await_changes();
+  // A device may still be finishing a migration of its own (a prefetch
+  // that a fault queued), whose entries and staging slots are held.
+  for (int i = 0; i < 2000 && impl_->migrations_in_flight.load(std::memory_order_acquire) != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (impl_->migrations_in_flight.load(std::memory_order_acquire) != 0)
+    return Status::error(EBUSY, "a migration is still running");
   std::vector<std::shared_ptr<mm::Region>> regions;
   {
     ReaderLock lock(impl_->regions_mutex);
