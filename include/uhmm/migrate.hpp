@@ -86,6 +86,11 @@ struct MigrateVma {
   // Outputs of setup.
   std::uint64_t npages = 0;  // entries collected (== number of pages in range)
   std::uint64_t cpages = 0;  // entries with MIGRATE set
+  // Output of finalize (uhmm's, not the kernel's): the highest page a CPU
+  // access waited on while this migration held it, 0 if none did.  Where a
+  // reader stands, for a driver's prefetch (the sim's continues its stream
+  // from there).
+  VirtAddr last_waited;
 
   /// Internal: the managed range held between setup and finalize.
   void* internal_pin = nullptr;

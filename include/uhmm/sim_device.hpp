@@ -262,8 +262,11 @@ class SimDevice {
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   Status copy_to_pagecache(DevicePage& page, std::span<std::byte> dst);
   FaultOutcome migrate_one_to_ram(AddressSpace& as, const CpuFault& fault);
-  Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
-                                      bool to_device, FaultInjection* client_faults);
+  /// `waited`, if given, hears after each batch of the highest page a CPU
+  /// access waited on in it (MigrateVma::last_waited), if any.
+  Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length, bool to_device,
+                                      FaultInjection* client_faults,
+                                      const std::function<void(VirtAddr)>& waited = {});
   class Mirror;
   struct Mirrors;
   enum class Need : std::uint8_t { kRead, kWrite, kResident };

@@ -1152,7 +1152,8 @@ PageEntry gone_in_transit(PageEntry installed) {
 }
 
 // Finalize with one entry a page (m.src and m.dst may be the state's).
-void finalize_entries(const MigrateVma& m, AddressSpace::Impl& as, bool range_gone) {
+// Returns the highest page a CPU access waited on (0: none).
+VirtAddr finalize_entries(const MigrateVma& m, AddressSpace::Impl& as, bool range_gone) {
   Installer installer(as);
   struct Unlock {
     mm::EntrySlot* slot;
@@ -1250,23 +1251,24 @@ void finalize_entries(const MigrateVma& m, AddressSpace::Impl& as, bool range_go
   // the fault is completely done, as in the kernel, where the faulting
   // thread runs migrate_to_ram itself.
   const bool wake_now = m.fault_page == nullptr;
+  VirtAddr last_waited;
   for (const Unlock& u : unlocks) {
     const PageEntry value = u.keep_current ? PageEntry{u.slot->load(std::memory_order_acquire)}.settled()
                                            : u.value;
-    if (wake_now) {
-      as.unlock_and_wake(*u.slot, value.without(PageEntry::kLocked), u.addr);
-    } else {
-      (void)mm::unlock_entry(*u.slot, value.without(PageEntry::kLocked));
-    }
+    if (!mm::unlock_entry(*u.slot, value.without(PageEntry::kLocked))) continue;
+    last_waited = std::max(last_waited, u.addr);
+    if (wake_now) as.wake(u.addr, 1);
   }
   for (DevicePage* page : old_device_pages) release_old_device_page(page, m.fault_page);
   for (const mm::SlotRun& r : freed_staging) as.staging.give_back_ready(r.start, r.pages);
   if (wake_now) installer.wake();
+  return last_waited;
 }
 }  // namespace
 
 void migrate_vma_finalize(MigrateVma& m) {
   if (m.internal_pin == nullptr) return;
+  m.last_waited = VirtAddr{};
   AddressSpace::Impl& as = m.address_space->impl();
   MigrateState& st = state_of(m);
   if (st.pin->backend) {
@@ -1284,7 +1286,7 @@ void migrate_vma_finalize(MigrateVma& m) {
     // (process_unmap sweeps again once the region is closed, so a hole
     // locked before that is dropped there, one locked after sees the flag
     // here).
-    finalize_entries(per_page, as, st.pin->closing.load(std::memory_order_acquire));
+    m.last_waited = finalize_entries(per_page, as, st.pin->closing.load(std::memory_order_acquire));
   }
   end_state(m);
   as.migration_end();

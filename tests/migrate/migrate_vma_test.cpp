@@ -397,6 +397,35 @@ TEST_F(MigrateVmaTest, DstZeroSkipsThePage) {
   EXPECT_EQ(counter(Counter::device_private_faults), n / 2);
 }
 
+// finalize tells the driver where a CPU access waited for the migration
+// (MigrateVma::last_waited: the highest such page), and 0 when none did.
+TEST_F(MigrateVmaTest, FinalizeReportsTheHighestPageACpuAccessWaitedOn) {
+  constexpr std::size_t n = 8;
+  const VirtAddr base = map_pages(n);
+  fill_range(base, n);
+  {
+    RawMigration quiet(*as, base, base + n * kPageSize, drv->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+    ASSERT_TRUE(quiet.setup().is_ok());
+    quiet.pages_and_finalize();  // no destinations: every page stays, nobody waited
+    EXPECT_EQ(quiet.args.last_waited.value, 0u);
+  }
+  RawMigration m(*as, base, base + n * kPageSize, drv->owner(), MIGRATE_VMA_SELECT_SYSTEM);
+  ASSERT_TRUE(m.setup().is_ok());
+  ASSERT_EQ(m.args.cpages, n);
+  const std::uint64_t parked = counter(Counter::faults_parked);
+  std::atomic<bool> read_ok{false};
+  std::thread reader([&] { read_ok = page_has_pattern((base + 5 * kPageSize).ptr(), 5); });
+  for (int i = 0; i < 10000 && counter(Counter::faults_parked) == parked; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(counter(Counter::faults_parked), parked + 1);  // the read waits for the migration
+  ASSERT_EQ(drv->copy_to_device(m.src.data(), m.dst.data(), n, [](std::size_t) { return true; }), n);
+  m.pages_and_finalize();
+  EXPECT_EQ(m.args.last_waited, base + 5 * kPageSize);
+  reader.join();
+  EXPECT_TRUE(read_ok.load());  // it then faulted the page back from the device
+  UHMM_EXPECT_INVARIANTS(*as);
+}
+
 TEST_F(MigrateVmaTest, HoleIsFilledOnlyIfStillUnpopulated) {
   constexpr std::size_t n = 4;
   const VirtAddr base = map_pages(n);

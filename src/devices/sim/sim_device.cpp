@@ -241,9 +241,15 @@ class SimDevice::Prefetcher {
       }
       // Worker threads never crash the process: migrate_range reports
       // errors as Status, and a failed prefetch only means a later fault.
+      // A reader that waited for a block of this window shows where it
+      // stands as a fault there would (it did not fault into the driver:
+      // it found the block on its way): the stream goes on from there, so
+      // the queue does not run dry before the reader's next fault.
+      AddressSpace& as = *tasks.front().as;
+      const RegionInfo region = tasks.front().pin->info;
       if (!tasks.front().pin->closing.load(std::memory_order_acquire))
-        (void)dev_.migrate_range(*tasks.front().as, tasks.front().block, tasks.size() * kHugePageSize,
-                                 /*to_device=*/false, nullptr);
+        (void)dev_.migrate_range(as, tasks.front().block, tasks.size() * kHugePageSize, /*to_device=*/false, nullptr,
+                                 [&](VirtAddr at) { on_fault(as, at.huge_down(), region); });
       tasks.clear();  // the pins go before the work counts as done
       MutexLock lock(mutex_);
       in_progress_ = 0;
@@ -678,8 +684,9 @@ bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint
   return complete(t, dst, as) || may_skip;
 }
 
-Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length,
-                                               bool to_device, FaultInjection* client_faults) {
+Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length, bool to_device,
+                                               FaultInjection* client_faults,
+                                               const std::function<void(VirtAddr)>& waited) {
   if (length == 0) return Status::error(EINVAL, "zero length");
   if (!addr.page_aligned() || length % kPageSize != 0) return Status::error(EINVAL, "range not page aligned");
   // A range the application has just moved here is here once its event is
@@ -704,6 +711,7 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     for (std::uint64_t s : f.mig->src())
       if (s & MIGRATE_PFN_MIGRATE) report.pages_migrated += (s & MIGRATE_PFN_COMPOUND) ? kPagesPerHugePage : 1;
     f.mig->finalize();
+    if (waited && f.mig->args().last_waited.value != 0) waited(f.mig->args().last_waited);
   };
   const std::size_t batch = options_.batch_pages * kPageSize;
   Status failed;

@@ -215,6 +215,53 @@ TEST(PrefetchRamp, WindowDoublesUpToTheCapAndRestartsOutOfSequence) {
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
 
+// A reader that waits for a block the prefetch thread is migrating did not
+// fault into the driver, yet it shows where the stream stands: the stream
+// goes on from there (MigrateVma::last_waited), so the queue does not run
+// dry before the reader's next fault.  A slow device (50 ms a transfer,
+// one block each) makes the reader find its block in flight.
+TEST(PrefetchWait, AReaderWaitingForAPrefetchedBlockContinuesTheStream) {
+  constexpr std::size_t kWaitBlocks = 8;
+  constexpr std::size_t len = kWaitBlocks * kHugePageSize;
+  auto as = std::move(*AddressSpace::create());
+  SimDeviceOptions o;
+  o.memory_bytes = len + kHugePageSize;
+  o.warm_memory = false;
+  o.prefetch_blocks = 2;
+  o.prefetch_max_blocks = 2;
+  o.batch_pages = kPagesPerHugePage;
+  o.link.setup_latency = std::chrono::milliseconds(50);
+  auto dev = std::move(*SimDevice::create(o));
+  const VirtAddr base = *as->map(len);
+  for (std::size_t i = 0; i < len / 8; ++i) base.as<std::uint64_t>()[i] = i * 7 + 3;
+  ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
+  auto block = [&](std::size_t b) { return base + b * kHugePageSize; };
+  auto read_first = [&](std::size_t b) { return block(b).as<volatile std::uint64_t>()[0]; };
+  auto faults = [&] { return as->stats().get(Counter::device_private_faults); };
+
+  dev->hold_prefetch_for_test(true);
+  EXPECT_EQ(read_first(0), 3u);
+  EXPECT_EQ(read_first(1), kHugePageSize / 8 * 7 + 3);  // a stream: blocks 2 and 3 are queued
+  ASSERT_EQ(dev->prefetch_pending(), 2u);
+  dev->hold_prefetch_for_test(false);
+  // Read block 2 once its migration holds it (its transfer then takes
+  // 50 ms): the read waits for it.
+  for (int i = 0; i < 5000 && !as->page_info(block(2)).locked; ++i)
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  ASSERT_TRUE(as->page_info(block(2)).locked) << "the prefetch of block 2 never started";
+  const std::uint64_t parked = as->stats().get(Counter::faults_parked);
+  EXPECT_EQ(read_first(2), 2 * kHugePageSize / 8 * 7 + 3);
+  EXPECT_EQ(as->stats().get(Counter::faults_parked), parked + 1);  // it waited,
+  EXPECT_EQ(faults(), 2u);                                           // and did not fault into the driver
+  // The stream went on from block 2: block 4 comes back too, with no fault.
+  for (int i = 0; i < 5000 && as->page_info(block(4)).state != PageInfo::State::kSystem; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(as->page_info(block(4)).state, PageInfo::State::kSystem);
+  EXPECT_EQ(faults(), 2u);
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(base.as<std::uint64_t>()[i], i * 7 + 3) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(Depths, PrefetchTest, ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{2}));
 
 }  // namespace
