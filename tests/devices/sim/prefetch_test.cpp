@@ -145,6 +145,17 @@ TEST_P(PrefetchTest, AMigrationToTheDeviceDropsThePrefetchQueuedInItsRange) {
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
 
+// A cold device with room for `len` bytes whose prefetch window starts at
+// `first` blocks and doubles up to `max`.
+SimDeviceOptions streaming_device(std::size_t len, std::size_t first, std::size_t max) {
+  SimDeviceOptions o;
+  o.memory_bytes = len + kHugePageSize;
+  o.warm_memory = false;
+  o.prefetch_blocks = first;
+  o.prefetch_max_blocks = max;
+  return o;
+}
+
 // The window ramps up while the stream goes on: 1, 2, 4, then 4 (the cap).
 // Each step waits for the background work, so the faults are exactly those
 // on blocks nobody prefetched.
@@ -152,12 +163,7 @@ TEST(PrefetchRamp, WindowDoublesUpToTheCapAndRestartsOutOfSequence) {
   constexpr std::size_t kRampBlocks = 20;
   constexpr std::size_t len = kRampBlocks * kHugePageSize;
   auto as = std::move(*AddressSpace::create());
-  SimDeviceOptions o;
-  o.memory_bytes = len + kHugePageSize;
-  o.warm_memory = false;
-  o.prefetch_blocks = 1;
-  o.prefetch_max_blocks = 4;
-  auto dev = std::move(*SimDevice::create(o));
+  auto dev = std::move(*SimDevice::create(streaming_device(len, 1, 4)));
   const VirtAddr base = *as->map(len);
   for (std::size_t i = 0; i < len / 8; ++i) base.as<std::uint64_t>()[i] = i * 5 + 2;
   ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
@@ -224,11 +230,7 @@ TEST(PrefetchWait, AReaderWaitingForAPrefetchedBlockContinuesTheStream) {
   constexpr std::size_t kWaitBlocks = 8;
   constexpr std::size_t len = kWaitBlocks * kHugePageSize;
   auto as = std::move(*AddressSpace::create());
-  SimDeviceOptions o;
-  o.memory_bytes = len + kHugePageSize;
-  o.warm_memory = false;
-  o.prefetch_blocks = 2;
-  o.prefetch_max_blocks = 2;
+  SimDeviceOptions o = streaming_device(len, 2, 2);
   o.batch_pages = kPagesPerHugePage;
   o.link.setup_latency = std::chrono::milliseconds(50);
   auto dev = std::move(*SimDevice::create(o));
