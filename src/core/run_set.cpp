@@ -58,18 +58,6 @@ std::optional<std::uint64_t> RunSet::take_first_fit(std::uint64_t len) {
   return std::nullopt;
 }
 
-std::optional<std::uint64_t> RunSet::take_aligned(std::uint64_t len, std::uint64_t align) {
-  if (len == 0 || align == 0) return std::nullopt;
-  for (auto it = runs_.begin(); it != runs_.end(); ++it) {
-    const auto [first, end] = *it;
-    const std::uint64_t at = (first + align - 1) / align * align;
-    if (at < first || at > end || end - at < len) continue;
-    erase(at, at + len);
-    return at;
-  }
-  return std::nullopt;
-}
-
 std::vector<RunSet::Run> RunSet::inside(std::uint64_t first, std::uint64_t end) const {
   std::vector<Run> out;
   if (first >= end) return out;

@@ -27,8 +27,6 @@ class RunSet {
   /// Removes and returns the start of `len` members in a row from the
   /// lowest run long enough (first fit); nullopt when no run is.
   std::optional<std::uint64_t> take_first_fit(std::uint64_t len);
-  /// Same, for `len` members starting at a multiple of `align` (> 0).
-  std::optional<std::uint64_t> take_aligned(std::uint64_t len, std::uint64_t align);
   bool empty() const { return runs_.empty(); }
   /// The parts of [first, end) inside the set, in order.
   std::vector<Run> inside(std::uint64_t first, std::uint64_t end) const;

@@ -124,20 +124,23 @@ void AddressSpace::Impl::renew_huge_transit() {
   if (auto block = map_transit_block()) huge_transit = *block;
 }
 
-bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
+std::optional<RegionInfo> AddressSpace::Impl::region_info_at(VirtAddr addr) const {
   ReaderLock lock(regions_mutex);
   auto it = regions.upper_bound(addr.value);
-  if (it == regions.begin()) return false;
+  if (it == regions.begin()) return std::nullopt;
   --it;
-  return it->second->contains(addr) && it->second->info.prot == (PROT_READ | PROT_WRITE);
+  if (!it->second->contains(addr)) return std::nullopt;
+  return it->second->info;
+}
+
+bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
+  const std::optional<RegionInfo> info = region_info_at(addr);
+  return info && info->prot == (PROT_READ | PROT_WRITE);
 }
 
 bool AddressSpace::Impl::huge_pages_at(VirtAddr addr) const {
-  ReaderLock lock(regions_mutex);
-  auto it = regions.upper_bound(addr.value);
-  if (it == regions.begin()) return false;
-  --it;
-  return it->second->contains(addr) && !it->second->info.no_huge_pages;
+  const std::optional<RegionInfo> info = region_info_at(addr);
+  return info && !info->no_huge_pages;
 }
 
 mm::RegionPin AddressSpace::Impl::pin_region(VirtAddr start, VirtAddr end) const {

@@ -239,6 +239,8 @@ struct AddressSpace::Impl {
       if (region->backend.get() == backend) fn(region->info.start, region->info.length, region->backend_offset);
   }
 
+  /// The managed range holding `addr`, as it is now; nullopt if none does.
+  std::optional<RegionInfo> region_info_at(VirtAddr addr) const;
   /// True if `addr` lies in a managed range that is read and write.
   bool read_write_at(VirtAddr addr) const;
   /// True if `addr` lies in a managed range where uhmm may put a 2 MiB page

@@ -37,23 +37,32 @@ std::string_view next_field(std::string_view& line) {
   return f;
 }
 
+// Splits off the next line (without its newline).
+std::string_view next_line(std::string_view& text) {
+  const auto nl = text.find('\n');
+  const std::string_view line = text.substr(0, nl);
+  text.remove_prefix(nl == std::string_view::npos ? text.size() : nl + 1);
+  return line;
+}
+
+// "lo-hi", both hexadecimal, as a mapping's header starts.
+bool parse_range(std::string_view range, std::uintptr_t* lo, std::uintptr_t* hi) {
+  const auto dash = range.find('-');
+  return dash != std::string_view::npos && parse_hex(range.substr(0, dash), lo) && parse_hex(range.substr(dash + 1), hi);
+}
+
 }  // namespace
 
 std::vector<Mapping> parse_maps(std::string_view text) {
   std::vector<Mapping> out;
   while (!text.empty()) {
-    const auto nl = text.find('\n');
-    std::string_view line = text.substr(0, nl);
-    text.remove_prefix(nl == std::string_view::npos ? text.size() : nl + 1);
+    std::string_view line = next_line(text);
     const std::string_view range = next_field(line), perms = next_field(line);
     next_field(line);  // offset
     next_field(line);  // device
     const std::string_view inode = next_field(line);
-    const auto dash = range.find('-');
     Mapping m;
-    if (dash == std::string_view::npos || perms.size() < 4 || inode.empty() ||
-        !parse_hex(range.substr(0, dash), &m.start) || !parse_hex(range.substr(dash + 1), &m.end) || m.end <= m.start)
-      continue;
+    if (perms.size() < 4 || inode.empty() || !parse_range(range, &m.start, &m.end) || m.end <= m.start) continue;
     const auto b = line.find_first_not_of(' ');
     m.name = b == std::string_view::npos ? std::string() : std::string(line.substr(b));
     m.prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) | (perms[2] == 'x' ? PROT_EXEC : 0);
@@ -102,20 +111,14 @@ std::optional<Mapping> mapping_at(VirtAddr addr) {
 std::optional<bool> smaps_has_flag(std::string_view smaps, std::uintptr_t addr, std::string_view flag) {
   bool inside = false;
   while (!smaps.empty()) {
-    const auto nl = smaps.find('\n');
-    std::string_view line = smaps.substr(0, nl);
-    smaps.remove_prefix(nl == std::string_view::npos ? smaps.size() : nl + 1);
     // A mapping's header starts with its range; the lines after it are
     // "Key: value" fields, whose first word ends with ':'.
-    std::string_view rest = line;
+    std::string_view rest = next_line(smaps);
     const std::string_view first = next_field(rest);
     if (first.empty()) continue;
     if (first.back() != ':') {
-      const auto dash = first.find('-');
       std::uintptr_t lo = 0, hi = 0;
-      if (dash == std::string_view::npos || !parse_hex(first.substr(0, dash), &lo) ||
-          !parse_hex(first.substr(dash + 1), &hi))
-        continue;
+      if (!parse_range(first, &lo, &hi)) continue;
       if (inside) return std::nullopt;  // the mapping ended without VmFlags
       inside = addr >= lo && addr < hi;
       continue;

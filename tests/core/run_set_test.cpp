@@ -124,19 +124,5 @@ TEST(RunSet, TakeFirstFitTakesFromTheLowestRunLongEnough) {
   EXPECT_TRUE(r.check_invariants());
 }
 
-TEST(RunSet, TakeAlignedTakesTheLowestAlignedStretchLongEnough) {
-  RunSet r;
-  r.add(3, 9);     // holds 4..8: aligned to 4, but 4 long only up to 8
-  r.add(13, 30);   // 16..24 is the first aligned stretch of 8
-  EXPECT_EQ(r.take_aligned(8, 4), 16u);
-  EXPECT_EQ(r.runs(), (Runs{{3, 9}, {13, 16}, {24, 30}}));
-  EXPECT_EQ(r.take_aligned(4, 4), 4u);  // fits exactly before the run's end
-  EXPECT_EQ(r.runs(), (Runs{{3, 4}, {8, 9}, {13, 16}, {24, 30}}));
-  EXPECT_EQ(r.take_aligned(8, 8), std::nullopt);
-  EXPECT_EQ(r.take_aligned(0, 4), std::nullopt);
-  EXPECT_EQ(r.take_aligned(4, 0), std::nullopt);
-  EXPECT_TRUE(r.check_invariants());
-}
-
 }  // namespace
 }  // namespace uhmm

@@ -53,4 +53,11 @@ inline DevicePfnRange explicit_range(unsigned window, std::uint64_t offset, std:
   return DevicePfnRange{DevicePfn{base + offset}, PageCount{count}};
 }
 
+/// A private page map registered on the explicit range `r`.
+inline Result<std::unique_ptr<DevicePagemap>> private_map_on(DevicePfnRange r) {
+  auto c = valid_config(PagemapType::kPrivate, 0);
+  c.range = r;
+  return DevicePagemap::create(std::move(c));
+}
+
 }  // namespace uhmm::testing_devmem

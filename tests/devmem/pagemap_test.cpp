@@ -230,15 +230,11 @@ TEST(PagemapCreate, OverlappingExplicitRangeIsEbusyAndRegistersNothing) {
 }
 
 TEST(PagemapCreate, AdjacentExplicitRangesDoNotOverlap) {
-  auto c1 = valid_config(PagemapType::kPrivate, 0);
-  c1.range = explicit_range(3, 0, 16);
-  auto c2 = valid_config(PagemapType::kPrivate, 0);
-  c2.range = explicit_range(3, 16, 16);
   auto c3 = valid_config(PagemapType::kCoherent, 0);
   c3.range = explicit_range(3, 32, 1);
   c3.coherent_memory = coherent_memory(1);
-  auto m1 = DevicePagemap::create(std::move(c1));
-  auto m2 = DevicePagemap::create(std::move(c2));
+  auto m1 = private_map_on(explicit_range(3, 0, 16));
+  auto m2 = private_map_on(explicit_range(3, 16, 16));
   auto m3 = DevicePagemap::create(std::move(c3));
   ASSERT_TRUE(m1.is_ok()) << m1.status().to_string();
   ASSERT_TRUE(m2.is_ok()) << m2.status().to_string();
@@ -253,18 +249,14 @@ TEST(PagemapCreate, AdjacentExplicitRangesDoNotOverlap) {
 // pfns.
 TEST(PagemapCreate, LookupsFollowMapsThatComeAndGo) {
   const DevicePfnRange r = explicit_range(9, 0, 16);
-  auto c1 = valid_config(PagemapType::kPrivate, 0);
-  c1.range = r;
-  auto m1 = DevicePagemap::create(std::move(c1));
+  auto m1 = private_map_on(r);
   ASSERT_TRUE(m1.is_ok()) << m1.status().to_string();
   for (int i = 0; i < 3; ++i) EXPECT_EQ(DevicePagemap::page_from_pfn(r.first), &(*m1)->page_at(0));
   EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 16, 1).first), nullptr);
   EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 7, 1).first), &(*m1)->page_at(7));
   m1->reset();  // unregistered
   EXPECT_EQ(DevicePagemap::page_from_pfn(r.first), nullptr);
-  auto c2 = valid_config(PagemapType::kPrivate, 0);
-  c2.range = r;
-  auto m2 = DevicePagemap::create(std::move(c2));
+  auto m2 = private_map_on(r);
   ASSERT_TRUE(m2.is_ok()) << m2.status().to_string();
   EXPECT_EQ(DevicePagemap::page_from_pfn(explicit_range(9, 7, 1).first), &(*m2)->page_at(7));
   // Another thread's remembered map does not leak into this one's.
@@ -287,22 +279,16 @@ TEST(PagemapCreate, ExplicitRangeOverlappingARequestedMapIsEbusy) {
 TEST(PagemapCreate, RangeIsFreeAgainAfterUnregister) {
   const DevicePfnRange r = explicit_range(4, 0, 8);
   {
-    auto c = valid_config(PagemapType::kPrivate, 0);
-    c.range = r;
-    auto m = DevicePagemap::create(std::move(c));
+    auto m = private_map_on(r);
     ASSERT_TRUE(m.is_ok());
     ASSERT_TRUE((*m)->unregister(milliseconds(0)).is_ok());
     EXPECT_FALSE((*m)->registered());
     // While the first object still exists, its range is already free.
-    auto c2 = valid_config(PagemapType::kPrivate, 0);
-    c2.range = r;
-    auto again = DevicePagemap::create(std::move(c2));
+    auto again = private_map_on(r);
     ASSERT_TRUE(again.is_ok()) << again.status().to_string();
   }
   // And after both are gone.
-  auto c3 = valid_config(PagemapType::kPrivate, 0);
-  c3.range = r;
-  auto third = DevicePagemap::create(std::move(c3));
+  auto third = private_map_on(r);
   ASSERT_TRUE(third.is_ok()) << third.status().to_string();
 }
 

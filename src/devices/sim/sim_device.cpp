@@ -87,11 +87,12 @@ struct SimDevice::Chunk {
 struct SimDevice::FreeList {
   Mutex mutex{LockRank::kDeviceDriver};
   std::vector<std::unique_ptr<Chunk>> chunks UHMM_GUARDED_BY(mutex);
-  std::uint64_t total_pages UHMM_GUARDED_BY(mutex) = 0;
 
-  void add(std::unique_ptr<Chunk> c) UHMM_REQUIRES(mutex) {
-    total_pages += c->free->pages();
-    chunks.push_back(std::move(c));
+  void add(std::unique_ptr<Chunk> c) UHMM_REQUIRES(mutex) { chunks.push_back(std::move(c)); }
+  std::uint64_t total_pages() UHMM_REQUIRES(mutex) {
+    std::uint64_t n = 0;
+    for (const auto& c : chunks) n += c->free->pages();
+    return n;
   }
   std::uint64_t free_pages() UHMM_REQUIRES(mutex) {
     std::uint64_t n = 0;
@@ -480,7 +481,7 @@ std::uint64_t SimDevice::free_pages() const {
 
 std::size_t SimDevice::memory_bytes() const {
   MutexLock lock(free_list_->mutex);
-  return free_list_->total_pages * kPageSize;
+  return free_list_->total_pages() * kPageSize;
 }
 
 std::byte* SimDevice::page_memory(const DevicePage& page) {
