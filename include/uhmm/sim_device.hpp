@@ -262,11 +262,18 @@ class SimDevice {
   FaultOutcome migrate_to_ram(const CpuFault& fault);
   Status copy_to_pagecache(DevicePage& page, std::span<std::byte> dst);
   FaultOutcome migrate_one_to_ram(AddressSpace& as, const CpuFault& fault);
-  /// `waited`, if given, hears after each batch of the highest page a CPU
-  /// access waited on in it (MigrateVma::last_waited), if any.
+  /// How the prefetch thread keeps one migration back going.  `waited`
+  /// hears after each batch of the highest page a CPU access waited on in it
+  /// (MigrateVma::last_waited), if any.  `more(end)` hands over the bytes
+  /// queued right at `end` since (0: none): the migration takes them on
+  /// without draining its pipeline, so the reader never finds a block
+  /// queued but not yet taken, which its own fault would then split.
+  struct Continuation {
+    std::function<void(VirtAddr)> waited;
+    std::function<std::size_t(VirtAddr)> more;
+  };
   Result<MigrateReport> migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length, bool to_device,
-                                      FaultInjection* client_faults,
-                                      const std::function<void(VirtAddr)>& waited = {});
+                                      FaultInjection* client_faults, const Continuation* continuation = nullptr);
   class Mirror;
   struct Mirrors;
   enum class Need : std::uint8_t { kRead, kWrite, kResident };

@@ -43,6 +43,8 @@ namespace uhmm {
   X(device_alloc_fail, "device page allocations that failed")                           \
   X(device_large_fallback, "2 MiB units a device took as base pages (no large page)")   \
   X(dma_copy_fail, "device copies that failed")                                         \
+  X(prefetch_migrations, "migrations back a device's prefetch thread started (blocks queued meanwhile join the one running)") \
+  X(prefetch_blocks, "2 MiB blocks a device's prefetch thread took to bring back")      \
   X(dma_bytes_to_device, "bytes copied by DMA into device memory")                      \
   X(dma_bytes_from_device, "bytes copied by DMA out of device memory")                  \
   X(file_pages_copied_back, "device pages of shared or file-backed objects a lookup copied back (migrate_to_pagecache)") \

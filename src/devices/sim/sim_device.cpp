@@ -221,6 +221,26 @@ class SimDevice::Prefetcher {
     mm::RegionPin pin;
   };
 
+  /// Moves the queued blocks of `as` that continue a migration ending at
+  /// `end` into `tasks`; returns how many.  Not past the region the
+  /// migration began in, nor while it is being unmapped.
+  std::size_t take_queued_at(AddressSpace& as, const RegionInfo& region, VirtAddr end, std::vector<Task>& tasks) {
+    MutexLock lock(mutex_);
+    std::size_t taken = 0;
+    while (!stopping_ && !held_ && !queue_.empty()) {
+      Task& t = queue_.front();
+      if (t.as != &as || t.block != end + taken * kHugePageSize || t.pin->info.start != region.start ||
+          t.pin->closing.load(std::memory_order_acquire))
+        break;
+      tasks.push_back(std::move(t));
+      queue_.pop_front();
+      ++taken;
+    }
+    in_progress_ += taken;
+    dev_.stats_.add(Counter::prefetch_blocks, taken);
+    return taken;
+  }
+
   void run() {
     platform::name_this_thread("prefetch");
     for (;;) {
@@ -240,17 +260,23 @@ class SimDevice::Prefetcher {
         }
         in_progress_ = tasks.size();
       }
+      dev_.stats_.add(Counter::prefetch_migrations);
+      dev_.stats_.add(Counter::prefetch_blocks, tasks.size());
       // Worker threads never crash the process: migrate_range reports
       // errors as Status, and a failed prefetch only means a later fault.
       // A reader that waited for a block of this window shows where it
       // stands as a fault there would (it did not fault into the driver:
       // it found the block on its way): the stream goes on from there, so
-      // the queue does not run dry before the reader's next fault.
+      // the queue does not run dry before the reader's next fault.  What
+      // that queues, the migration in progress takes on.
       AddressSpace& as = *tasks.front().as;
       const RegionInfo region = tasks.front().pin->info;
+      const SimDevice::Continuation continuation{
+          [&](VirtAddr at) { on_fault(as, at.huge_down(), region); },
+          [&](VirtAddr end) { return take_queued_at(as, region, end, tasks) * kHugePageSize; }};
       if (!tasks.front().pin->closing.load(std::memory_order_acquire))
         (void)dev_.migrate_range(as, tasks.front().block, tasks.size() * kHugePageSize, /*to_device=*/false, nullptr,
-                                 [&](VirtAddr at) { on_fault(as, at.huge_down(), region); });
+                                 &continuation);
       tasks.clear();  // the pins go before the work counts as done
       MutexLock lock(mutex_);
       in_progress_ = 0;
@@ -686,8 +712,7 @@ bool SimDevice::copy_to_system(std::span<std::uint64_t> src, std::span<std::uint
 }
 
 Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, std::size_t length, bool to_device,
-                                               FaultInjection* client_faults,
-                                               const std::function<void(VirtAddr)>& waited) {
+                                               FaultInjection* client_faults, const Continuation* continuation) {
   if (length == 0) return Status::error(EINVAL, "zero length");
   if (!addr.page_aligned() || length % kPageSize != 0) return Status::error(EINVAL, "range not page aligned");
   // A range the application has just moved here is here once its event is
@@ -712,14 +737,25 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     for (std::uint64_t s : f.mig->src())
       if (s & MIGRATE_PFN_MIGRATE) report.pages_migrated += (s & MIGRATE_PFN_COMPOUND) ? kPagesPerHugePage : 1;
     f.mig->finalize();
-    if (waited && f.mig->args().last_waited.value != 0) waited(f.mig->args().last_waited);
+    if (continuation && continuation->waited && f.mig->args().last_waited.value != 0)
+      continuation->waited(f.mig->args().last_waited);
+  };
+  VirtAddr end = addr + length;
+  const auto take_more = [&] {
+    if (continuation && continuation->more) end = end + continuation->more(end);
   };
   const std::size_t batch = options_.batch_pages * kPageSize;
   Status failed;
-  for (VirtAddr cur = addr; cur < addr + length;) {
+  for (VirtAddr cur = addr;;) {
+    // What was queued meanwhile goes on from here: asked both before the
+    // last known batch is set up (the one before it is committed only
+    // then) and once it is, since that commit may queue more.
+    if (cur >= end) take_more();
+    if (cur >= end) break;
     // Batches end on batch-size boundaries so that 2 MiB units stay whole.
     VirtAddr next = VirtAddr{(cur.value / batch + 1) * batch};
-    if (next > addr + length) next = addr + length;
+    if (next >= end) take_more();
+    if (next > end) next = end;
     auto flight = std::make_unique<InFlight>();
     const std::uint32_t back = options_.memory_type == PagemapType::kCoherent ? MIGRATE_VMA_SELECT_DEVICE_COHERENT
                                                                               : MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
@@ -736,7 +772,7 @@ Result<MigrateReport> SimDevice::migrate_range(AddressSpace& as, VirtAddr addr, 
     flight->transfer.to_device = to_device;
     flight->transfer.client_faults = client_faults;
     (void)prepare(flight->transfer, flight->mig->src(), as, &report);  // no memory: the batch stays put
-    if (!previous && next >= addr + length) {
+    if (!previous && next >= end) {
       // A single batch has nothing to overlap with: copy on this thread
       // rather than wake a worker (on a small machine that wake-up, and the
       // TLB-flush interrupts a busy second CPU then draws, cost more).

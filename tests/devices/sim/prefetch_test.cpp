@@ -224,8 +224,11 @@ TEST(PrefetchRamp, WindowDoublesUpToTheCapAndRestartsOutOfSequence) {
 // A reader that waits for a block the prefetch thread is migrating did not
 // fault into the driver, yet it shows where the stream stands: the stream
 // goes on from there (MigrateVma::last_waited), so the queue does not run
-// dry before the reader's next fault.  A slow device (50 ms a transfer,
-// one block each) makes the reader find its block in flight.
+// dry before the reader's next fault.  What that queues joins the migration
+// in flight (SimDevice::Continuation): one migration brings the stream back,
+// with no gap where the reader could fault on a block queued but not taken.
+// A slow device (50 ms a transfer, one block each) makes the reader find
+// its block in flight.
 TEST(PrefetchWait, AReaderWaitingForAPrefetchedBlockContinuesTheStream) {
   constexpr std::size_t kWaitBlocks = 8;
   constexpr std::size_t len = kWaitBlocks * kHugePageSize;
@@ -260,6 +263,9 @@ TEST(PrefetchWait, AReaderWaitingForAPrefetchedBlockContinuesTheStream) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(as->page_info(block(4)).state, PageInfo::State::kSystem);
   EXPECT_EQ(faults(), 2u);
+  for (int i = 0; i < 5000 && dev->prefetch_pending() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(dev->stats().get(Counter::prefetch_blocks), 3u);      // blocks 2, 3, 4
+  EXPECT_EQ(dev->stats().get(Counter::prefetch_migrations), 1u);  // block 4 joined the migration of 2 and 3
   for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(base.as<std::uint64_t>()[i], i * 7 + 3) << i;
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
