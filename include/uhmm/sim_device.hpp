@@ -266,8 +266,9 @@ class SimDevice {
   /// hears after each batch of the highest page a CPU access waited on in it
   /// (MigrateVma::last_waited), if any.  `more(end)` hands over the bytes
   /// queued right at `end` since (0: none): the migration takes them on
-  /// without draining its pipeline, so the reader never finds a block
-  /// queued but not yet taken, which its own fault would then split.
+  /// without draining its pipeline, and a reader that catches up finds the
+  /// next block taken already rather than queued, where its own fault would
+  /// split the block with the prefetch.
   struct Continuation {
     std::function<void(VirtAddr)> waited;
     std::function<std::size_t(VirtAddr)> more;

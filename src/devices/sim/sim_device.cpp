@@ -221,15 +221,15 @@ class SimDevice::Prefetcher {
     mm::RegionPin pin;
   };
 
-  /// Moves the queued blocks of `as` that continue a migration ending at
-  /// `end` into `tasks`; returns how many.  Not past the region the
-  /// migration began in, nor while it is being unmapped.
-  std::size_t take_queued_at(AddressSpace& as, const RegionInfo& region, VirtAddr end, std::vector<Task>& tasks) {
-    MutexLock lock(mutex_);
+  /// Moves the queued blocks of `as` that continue a range ending at `end`
+  /// into `tasks`; returns how many.  Not past the region the range lies
+  /// in (it starts at `region_start`), nor while that is being unmapped.
+  std::size_t take_following(AddressSpace& as, VirtAddr region_start, VirtAddr end, std::vector<Task>& tasks)
+      UHMM_REQUIRES(mutex_) {
     std::size_t taken = 0;
-    while (!stopping_ && !held_ && !queue_.empty()) {
+    while (!queue_.empty()) {
       Task& t = queue_.front();
-      if (t.as != &as || t.block != end + taken * kHugePageSize || t.pin->info.start != region.start ||
+      if (t.as != &as || t.block != end + taken * kHugePageSize || t.pin->info.start != region_start ||
           t.pin->closing.load(std::memory_order_acquire))
         break;
       tasks.push_back(std::move(t));
@@ -253,15 +253,12 @@ class SimDevice::Prefetcher {
         if (stopping_) return;
         tasks.push_back(std::move(queue_.front()));
         queue_.pop_front();
-        while (!queue_.empty() && queue_.front().as == tasks.back().as &&
-               queue_.front().block == tasks.back().block + kHugePageSize) {
-          tasks.push_back(std::move(queue_.front()));
-          queue_.pop_front();
-        }
-        in_progress_ = tasks.size();
+        in_progress_ = 1;
+        dev_.stats_.add(Counter::prefetch_migrations);
+        dev_.stats_.add(Counter::prefetch_blocks);
+        const Task& first = tasks.front();
+        take_following(*first.as, first.pin->info.start, first.block + kHugePageSize, tasks);
       }
-      dev_.stats_.add(Counter::prefetch_migrations);
-      dev_.stats_.add(Counter::prefetch_blocks, tasks.size());
       // Worker threads never crash the process: migrate_range reports
       // errors as Status, and a failed prefetch only means a later fault.
       // A reader that waited for a block of this window shows where it
@@ -273,7 +270,11 @@ class SimDevice::Prefetcher {
       const RegionInfo region = tasks.front().pin->info;
       const SimDevice::Continuation continuation{
           [&](VirtAddr at) { on_fault(as, at.huge_down(), region); },
-          [&](VirtAddr end) { return take_queued_at(as, region, end, tasks) * kHugePageSize; }};
+          [&](VirtAddr end) -> std::size_t {
+            MutexLock lock(mutex_);
+            if (stopping_ || held_) return 0;
+            return take_following(as, region.start, end, tasks) * kHugePageSize;
+          }};
       if (!tasks.front().pin->closing.load(std::memory_order_acquire))
         (void)dev_.migrate_range(as, tasks.front().block, tasks.size() * kHugePageSize, /*to_device=*/false, nullptr,
                                  &continuation);
