@@ -20,6 +20,9 @@
 //             done by the CPU; informational)
 //   explicit_cpus, fault_cpus: the process's CPU time over each timed
 //             section divided by its wall time (how many CPUs were busy)
+//   faults_per_iter, parked_per_iter, split_per_iter: per pass, device
+//             faults, faults that waited for a migration in flight, and
+//             2 MiB units that had come back split
 //
 // Run with both fault modes (in_thread:0 = FaultMode::kServiceThreads, the
 // default; in_thread:1 = FaultMode::kInThread, docs/adr/0004) and both
@@ -161,6 +164,11 @@ void BM_FaultReadback(benchmark::State& state) {
   // and waited for it.
   state.counters["parked_per_iter"] =
       static_cast<double>(as->stats().get(Counter::faults_parked)) / static_cast<double>(n + 1);
+  // Units that came back split and so left split the next time: each costs
+  // a populate of a fresh staging huge page later (docs/migration.md, "A
+  // unit can still come back split").
+  state.counters["split_per_iter"] =
+      static_cast<double>(as->stats().get(Counter::thp_split_staged)) / static_cast<double>(n + 1);
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes * n));
 }
 

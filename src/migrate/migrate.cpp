@@ -144,19 +144,28 @@ class Installer {
   // Where the page table is known gone already (PageTable::
   // note_no_kernel_table), the zap is skipped; every block the runs touch
   // is then no longer known to be without one, as pages go in.
+  //
+  // A reader that caught up with the migration faults on its first block
+  // while the copy runs, and the kernel builds that block a table before
+  // it queues the fault.  The fault's reading says so (read_messages), so
+  // what the userfaultfd holds is read first: the service threads, short
+  // of a CPU while the copy runs, read it up to hundreds of microseconds
+  // later, and a huge page moved in meanwhile would be split
+  // (docs/migration.md, "A unit can still come back split").
   void empty_blocks() {
+    bool drained = false;
     for (const Run& r : runs_) {
-      empty_blocks_of(r);
+      empty_blocks_of(r, drained);
       as_.table.note_kernel_table_maybe(r.origin.vpn(), r.pages);
     }
   }
-  void empty_blocks_of(const Run& r) {
+  void empty_blocks_of(const Run& r, bool& drained) {
     if (r.home || r.pages < kPagesPerHugePage ||
         (r.origin.value & (kHugePageSize - 1)) != (r.slot.value & (kHugePageSize - 1)))
       return;
     const VirtAddr end = r.origin + r.pages * kPageSize;
     if (!as_.huge_pages_at(r.origin)) return;  // the pages go in as 4 KiB pages anyway
-    as_.await_read_in_progress();
+    if (!std::exchange(drained, true)) as_.drain_events();
     if (!as_.pending_event_ranges(r.origin, end).empty()) return;
     for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
          b = b + kHugePageSize)

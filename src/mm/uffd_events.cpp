@@ -132,6 +132,10 @@ std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::
     for (std::size_t i = 0; i < count; ++i) {
       const struct uffd_msg& m = msgs[i];
       if (m.event == UFFD_EVENT_PAGEFAULT) {
+        // The kernel built a page table for the address before it queued
+        // the fault: known from now on, not only once a service thread
+        // gets to the fault (Installer::empty_blocks relies on it).
+        table.note_kernel_table_maybe(VirtAddr{m.arg.pagefault.address}.vpn(), 1);
         faults_out[faults++] = m;
         continue;
       }

@@ -2,12 +2,14 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <span>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "platform/uffd.hpp"
 #include "uhmm/uhmm.hpp"
@@ -254,6 +256,64 @@ TEST_F(HugePages, AUnitThatLeftSplitComesBackWhole) {
   }
   EXPECT_EQ(as->stats().get(Counter::thp_split_staged) - split_before, 1u);
   for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 13 + 1) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
+// A reader that catches up with a migration back faults on a unit still in
+// flight, and the kernel builds that block a page table before it queues
+// the fault.  Here the one service thread is busy with another fault (a
+// slow device's page) the whole time, so nobody reads the reader's fault
+// before the unit goes in: the migration reads it itself, drops the table,
+// and the unit comes back whole rather than split.  The reader resumes
+// with the install, not when the service thread gets to its fault.
+TEST_F(HugePages, AUnitReadWhileInFlightComesBackWholeThoughNoServiceThreadIsFree) {
+  AddressSpaceOptions aopt;
+  aopt.fault_threads = 1;
+  as = std::move(*AddressSpace::create(aopt));
+  auto slow_device = [](std::chrono::milliseconds per_batch) {
+    sim::SimDeviceOptions o;
+    o.memory_bytes = 8 << 20;
+    o.warm_memory = false;
+    o.prefetch_blocks = 0;
+    o.link.setup_latency = per_batch;
+    return std::move(*sim::SimDevice::create(o));
+  };
+  auto busy_dev = slow_device(std::chrono::milliseconds(400));
+  auto unit_dev = slow_device(std::chrono::milliseconds(100));
+
+  auto other = as->map(kHugePageSize);
+  ASSERT_TRUE(other.is_ok());
+  auto* o = other->as<std::uint64_t>();
+  o[0] = 42;
+  const char* why = nullptr;
+  auto* p = filled_huge_range(kHugePageSize, [](std::size_t i) -> std::uint64_t { return i * 19 + 3; }, &why);
+  if (p == nullptr) GTEST_SKIP() << why;
+  const VirtAddr base = VirtAddr::of(p);
+  ASSERT_TRUE(busy_dev->migrate_to_device(*as, *other, kHugePageSize).is_ok());
+  ASSERT_TRUE(unit_dev->migrate_to_device(*as, base, kHugePageSize).is_ok());
+
+  // The service thread takes this fault and waits 400 ms for the device.
+  std::uint64_t busy_read = 0;
+  std::atomic<bool> busy_done{false};
+  std::thread busy([&] {
+    busy_read = *static_cast<volatile std::uint64_t*>(o);
+    busy_done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  std::thread migration([&] { EXPECT_TRUE(unit_dev->migrate_to_system(*as, base, kHugePageSize).is_ok()); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(40));  // the unit's copy takes 100 ms
+  const std::uint64_t read_in_flight = static_cast<volatile std::uint64_t*>(p)[5];
+  const bool service_was_busy = !busy_done;
+  migration.join();
+  busy.join();
+
+  EXPECT_EQ(read_in_flight, 5u * 19 + 3);
+  EXPECT_EQ(busy_read, 42u);
+  EXPECT_TRUE(service_was_busy) << "the reader should resume before its fault is served";
+  auto whole = platform::huge_mapped(base, kHugePageSize);
+  ASSERT_TRUE(whole.is_ok());
+  EXPECT_TRUE(*whole) << "the unit came back split";
+  for (std::size_t i = 0; i < kHugePageSize / 8; ++i) ASSERT_EQ(p[i], i * 19 + 3) << i;
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
 
