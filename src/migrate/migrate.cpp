@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/assert.hpp"
@@ -153,19 +154,18 @@ class Installer {
   // later, and a huge page moved in meanwhile would be split
   // (docs/migration.md, "A unit can still come back split").
   void empty_blocks() {
-    bool drained = false;
     for (const Run& r : runs_) {
-      empty_blocks_of(r, drained);
+      empty_blocks_of(r);
       as_.table.note_kernel_table_maybe(r.origin.vpn(), r.pages);
     }
   }
-  void empty_blocks_of(const Run& r, bool& drained) {
+  void empty_blocks_of(const Run& r) {
     if (r.home || r.pages < kPagesPerHugePage ||
         (r.origin.value & (kHugePageSize - 1)) != (r.slot.value & (kHugePageSize - 1)))
       return;
     const VirtAddr end = r.origin + r.pages * kPageSize;
     if (!as_.huge_pages_at(r.origin)) return;  // the pages go in as 4 KiB pages anyway
-    if (!std::exchange(drained, true)) as_.drain_events();
+    if (!std::exchange(drained_, true)) as_.drain_events();
     if (!as_.pending_event_ranges(r.origin, end).empty()) return;
     for (VirtAddr b{(r.origin.value + kHugePageSize - 1) & ~(kHugePageSize - 1)}; b + kHugePageSize <= end;
          b = b + kHugePageSize)
@@ -325,6 +325,7 @@ class Installer {
   std::vector<Run> runs_;
   std::size_t next_ = 0;  // the first run not completely done
   int unmapped_looks_ = 0;  // looks in a row that found no mapping
+  bool drained_ = false;    // empty_blocks read the userfaultfd already
   std::vector<Placed> placed_;
 };
 

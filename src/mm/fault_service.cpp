@@ -175,8 +175,6 @@ bool AddressSpace::Impl::waits_for_event(VirtAddr addr) {
 
 AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, bool write) {
   const auto started = std::chrono::steady_clock::now();
-  // The kernel built a page table for the address before it asked uhmm.
-  table.note_kernel_table_maybe(addr.vpn(), 1);
   // A change the application made (munmap, madvise, mremap) that is not
   // processed yet decides what a fault on a range it touches finds: such a
   // fault waits for it (docs/address-space-events.md, case 2): a device page

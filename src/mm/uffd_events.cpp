@@ -135,6 +135,7 @@ std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::
         // The kernel built a page table for the address before it queued
         // the fault: known from now on, not only once a service thread
         // gets to the fault (Installer::empty_blocks relies on it).
+        // Faults raised as signals: fault_in.
         table.note_kernel_table_maybe(VirtAddr{m.arg.pagefault.address}.vpn(), 1);
         faults_out[faults++] = m;
         continue;

@@ -190,6 +190,31 @@ TEST_F(HugePages, AHugePageThatLeftWholeComesBackWithoutAZap) {
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
 
+// The same with in-thread faults: the signal, not the userfaultfd, tells
+// uhmm of the fault, and with it of the table the kernel built.
+TEST_F(HugePages, AnInThreadFaultsTableIsZappedBeforeItsUnitComesBack) {
+  AddressSpaceOptions aopt;
+  aopt.fault_mode = FaultMode::kInThread;
+  as = std::move(*AddressSpace::create(aopt));
+  const std::size_t len = 4 << 20;
+  const char* why = nullptr;
+  auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 23; }, &why);
+  if (p == nullptr) GTEST_SKIP() << why;
+  const VirtAddr base = VirtAddr::of(p);
+  auto zaps = [&] { return as->stats().get(Counter::empty_table_zaps); };
+  ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
+  const std::uint64_t before = zaps();
+  EXPECT_EQ(p[5], 5u * 23);  // faults the first block back
+  EXPECT_EQ(zaps(), before + 1);
+  ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
+  EXPECT_EQ(zaps(), before + 1);
+  auto whole = platform::huge_mapped(base, len);
+  ASSERT_TRUE(whole.is_ok());
+  EXPECT_TRUE(*whole);
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 23) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
 // Whole 2 MiB units leave through a transit block kept without a page
 // table, so that a huge page moves through it as one entry.  A unit mapped
 // by 4 KiB pages leaves a table there on its way; the block is then
