@@ -14,6 +14,8 @@
 #include "platform/uffd.hpp"
 #include "uhmm/uhmm.hpp"
 
+extern "C" const char* __tsan_default_options() { return "report_signal_unsafe=0"; }  // kInThread: ADR 0004
+
 namespace uhmm {
 namespace {
 
