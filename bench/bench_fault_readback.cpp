@@ -167,6 +167,11 @@ void BM_FaultReadback(benchmark::State& state) {
   // Units that came back split and so left split the next time: each costs
   // a populate of a fresh staging huge page later (docs/migration.md, "A
   // unit can still come back split").
+  // Empty page tables zapped so that a unit could move in whole, both
+  // halves: explicit migration back needs none, a unit faulted on outside
+  // a huge-fault window one (docs/migration.md, "Batching").
+  state.counters["zaps_per_iter"] =
+      static_cast<double>(as->stats().get(Counter::empty_table_zaps)) / static_cast<double>(n + 1);
   state.counters["split_per_iter"] =
       static_cast<double>(as->stats().get(Counter::thp_split_staged)) / static_cast<double>(n + 1);
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes * n));

@@ -73,11 +73,16 @@ struct AddressSpaceOptions {
   /// Populated staging memory kept warm for migrations back; beyond this,
   /// freed staging pages are returned to the kernel.
   std::size_t staging_keep_bytes = std::size_t{512} << 20;
-  /// Ask for transparent huge pages (MADV_HUGEPAGE) on regions uhmm maps.
-  /// Off by default: uhmm fills holes page by page, and for an empty 2 MiB
-  /// unit of such a range the kernel allocates and zeroes a huge page on
-  /// every fault before it reports the fault to uhmm, then throws it away.
-  /// Huge pages the application brings (adopt) migrate whole either way.
+  /// Ask for transparent huge pages (MADV_HUGEPAGE) on regions uhmm maps,
+  /// for good.  Off by default: for an empty 2 MiB block of such a range the
+  /// kernel allocates and zeroes a huge page on every write fault before it
+  /// reports the fault to uhmm, then throws it away, which a range being
+  /// filled for the first time pays on every block.  uhmm advises a region
+  /// MADV_HUGEPAGE on its own while whole 2 MiB units of it are on a device
+  /// (until a write fault fills an empty block of it), where the kernel's
+  /// huge-page fault path spares their return a zap (docs/migration.md,
+  /// "Faults that leave no page table").  Huge pages the application brings
+  /// (adopt) migrate whole either way.
   bool transparent_huge_pages = false;
   /// A fault on a never-populated page zero-fills up to this many pages
   /// around it (within its aligned 2 MiB block and its region).

@@ -424,14 +424,16 @@ int take_coherent_frame(AddressSpace::Impl& as, DevicePage& page, VirtAddr addr)
 // transit without a page table takes the one the kernel keeps deposited
 // beside it: none is left behind.  (Through the shared transit, which has a
 // page table, it would be split on its way out and leave one here.)
-platform::PartialResult move_unit_out(AddressSpace::Impl& as, VirtAddr addr, VirtAddr block) {
+// `huge_fault_window`: the epoch open_huge_fault_window gave for its region.
+platform::PartialResult move_unit_out(AddressSpace::Impl& as, VirtAddr addr, VirtAddr block,
+                                      std::uint64_t huge_fault_window) {
   const std::optional<VirtAddr> via =
       as.huge_transit.value != 0 ? std::optional<VirtAddr>(as.huge_transit) : std::nullopt;
   Result<bool> huge = via ? platform::huge_mapped(addr, kHugePageSize) : Result<bool>(false);
   const platform::PartialResult r = as.move_out_in_window(addr, block, kPagesPerHugePage, via);
   if (r.bytes_done == 0) return r;
   const bool left_whole = r.bytes_done == kHugePageSize && huge.is_ok() && *huge;
-  if (left_whole) as.table.note_no_kernel_table(addr.vpn());
+  if (left_whole) as.table.note_no_kernel_table(addr.vpn(), huge_fault_window);
   // Both moves kept it one entry only if it arrived whole (part of a unit
   // cannot have).  Otherwise the transit got a page table, which would
   // split the next unit, and the staging block holds 4 KiB pages.
@@ -815,6 +817,14 @@ Status migrate_vma_setup(MigrateVma& m) {
     });
   }
 
+  // A whole unit that leaves may be faulted on before it comes back, by a
+  // reader waiting for it: in a huge-fault window that fault leaves no page
+  // table in its way (AddressSpace::Impl::open_huge_fault_window).  Opened
+  // before the install window: the advice takes the mmap lock.
+  const VirtAddr first_block{(m.start.value + kHugePageSize - 1) & ~(kHugePageSize - 1)};
+  const std::uint64_t huge_fault_window =
+      want_system && first_block + kHugePageSize <= m.end ? as.open_huge_fault_window(*pin) : 0;
+
   // Passes 1 and 2 run inside the window, and pages move out through the
   // managed userfaultfd, so that none leaves an address the application
   // has changed since the look at the queue (docs/address-space-events.md,
@@ -976,7 +986,7 @@ Status migrate_vma_setup(MigrateVma& m) {
       while (done + run < len && !changed(done + run)) ++run;
       platform::PartialResult r;
       if (run == kPagesPerHugePage && addr0.huge_aligned()) {
-        r = move_unit_out(as, addr0, slot0);
+        r = move_unit_out(as, addr0, slot0, huge_fault_window);
       } else if (run > 0) {
         r = as.move_out_in_window(addr0 + done * kPageSize, slot0 + done * kPageSize, run);
       }

@@ -57,6 +57,7 @@ Status AddressSpace::Impl::init() {
     std::this_thread::yield();
     return true;
   });
+  huge_fault_windows = platform::huge_read_faults_available();
   UHMM_TRY(staging.init(options.staging_reserve_bytes, options.staging_keep_bytes));
   auto zero = platform::map_anonymous(kHugePageSize, PROT_READ, false);
   if (!zero) return zero.status();
@@ -141,6 +142,32 @@ bool AddressSpace::Impl::read_write_at(VirtAddr addr) const {
 bool AddressSpace::Impl::huge_pages_at(VirtAddr addr) const {
   const std::optional<RegionInfo> info = region_info_at(addr);
   return info && !info->no_huge_pages;
+}
+
+std::uint64_t AddressSpace::Impl::open_huge_fault_window(mm::Region& region) {
+  if (!huge_fault_windows || region.info.adopted || region.backend || region.info.length < kHugePageSize) return 0;
+  // The epoch before the flag: should a close come between the two, the
+  // epoch returned is stale already, and faults then count as building a
+  // table (a zap more, never a unit split for nothing).
+  const std::uint64_t epoch = huge_fault_epoch.load(std::memory_order_seq_cst);
+  if (region.huge_faults.load(std::memory_order_seq_cst)) return epoch;
+  MutexLock lock(huge_window_mutex);
+  if (!region.huge_faults.load(std::memory_order_seq_cst)) {
+    if (!platform::advise(region.info.start, region.info.length, MADV_HUGEPAGE)) return 0;
+    region.huge_faults.store(true, std::memory_order_seq_cst);
+  }
+  return huge_fault_epoch.load(std::memory_order_seq_cst);
+}
+
+void AddressSpace::Impl::close_huge_fault_window(mm::Region& region) {
+  if (options.transparent_huge_pages) return;  // open for good
+  MutexLock lock(huge_window_mutex);
+  if (!region.huge_faults.load(std::memory_order_seq_cst)) return;
+  // A new epoch first: from here on, faults count as building tables
+  // everywhere, before any can meet the mapping without the advice.
+  huge_fault_epoch.fetch_add(1, std::memory_order_seq_cst);
+  region.huge_faults.store(false, std::memory_order_seq_cst);
+  (void)platform::advise(region.info.start, region.info.length, MADV_NOHUGEPAGE);
 }
 
 mm::RegionPin AddressSpace::Impl::pin_region(VirtAddr start, VirtAddr end) const {
@@ -390,8 +417,13 @@ Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
   const std::size_t align = length >= kHugePageSize ? kHugePageSize : kPageSize;
   auto addr = platform::map_anonymous_aligned(length, align, prot, /*noreserve=*/true);
   if (!addr) return addr.status();
-  if (impl_->options.transparent_huge_pages && length >= kHugePageSize)
-    (void)platform::advise(*addr, length, MADV_HUGEPAGE);
+  // Huge-fault windows (Impl::open_huge_fault_window) start closed, or open
+  // for good when the application asks for transparent huge pages.  Closed
+  // is MADV_NOHUGEPAGE rather than no advice: a closed window must mean the
+  // same under the kernel's "always" as under "madvise".
+  const bool huge_faults = impl_->options.transparent_huge_pages;
+  if (length >= kHugePageSize && (huge_faults || impl_->huge_fault_windows))
+    (void)platform::advise(*addr, length, huge_faults ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
   if (Status s = impl_->uffd.register_range(*addr, length, UFFDIO_REGISTER_MODE_MISSING); !s) {
     (void)platform::unmap(*addr, length);
     return s;
@@ -399,6 +431,7 @@ Result<VirtAddr> AddressSpace::map(std::size_t length, int prot) {
   impl_->settle_events_in(*addr, *addr + length);
   auto region = std::make_shared<mm::Region>();
   region->info = RegionInfo{*addr, length, RegionKind::kPrivateAnonymous, prot, false};
+  region->huge_faults.store(huge_faults && impl_->huge_fault_windows && length >= kHugePageSize);
   WriterLock lock(impl_->regions_mutex);
   impl_->regions.emplace(addr->value, std::move(region));
   return *addr;

@@ -112,12 +112,17 @@ struct Region {
     part->info.length = len;
     part->backend = backend;
     part->backend_offset = backend_offset + (start - info.start);
+    part->huge_faults.store(huge_faults.load());  // the mapping keeps its advice
     return part;
   }
   /// Migrations and faults in flight inside the region; unmap waits for 0.
   std::atomic<int> users{0};
   /// Set once unmap starts: no new migration to a device may begin.
   std::atomic<bool> closing{false};
+  /// The mapping is advised MADV_HUGEPAGE: a CPU fault on an empty 2 MiB
+  /// block takes the kernel's huge-page fault path, which leaves no page
+  /// table (AddressSpace::Impl::open_huge_fault_window).
+  std::atomic<bool> huge_faults{false};
 
   bool contains(VirtAddr a) const { return a >= info.start && a < info.end(); }
 };
@@ -248,6 +253,36 @@ struct AddressSpace::Impl {
   bool huge_pages_at(VirtAddr addr) const;
   /// Pins the region holding all of [start, end); null if none does.
   mm::RegionPin pin_region(VirtAddr start, VirtAddr end) const;
+
+  // Huge-fault windows.  A CPU fault on an empty 2 MiB block (a unit on a
+  // device, or in flight back) makes the kernel's 4 KiB fault path build a
+  // page table before it asks uhmm, and the unit's huge page can then move
+  // back in whole only after a zap: tens of microseconds, on the path of
+  // every reader that waits for a migration back.  In a mapping advised
+  // MADV_HUGEPAGE the kernel takes its huge-page path instead, which asks
+  // uhmm before it leaves a table; but there a *write* fault on an empty
+  // block first allocates and zeroes a 2 MiB page that it then throws away,
+  // which a region being filled for the first time would pay on every
+  // block.  So a region's mapping is advised MADV_HUGEPAGE from the moment
+  // a whole unit of it leaves for a device until a write fault fills an
+  // empty block of it (AddressSpaceOptions::transparent_huge_pages: for
+  // good), and MADV_NOHUGEPAGE otherwise.  docs/migration.md, "Faults that
+  // leave no page table".
+  /// Whether the kernel offers that path to this process (THP not "never",
+  /// the huge zero page on, not disabled by prctl); decided at init.
+  std::atomic<bool> huge_fault_windows{false};  // tests turn it off
+  /// Opens `region`'s window unless it is open; returns the epoch to note
+  /// with a unit leaving it (PageTable::note_no_kernel_table), 0 if the
+  /// region cannot have one (adopted, backed, or no kernel support).
+  std::uint64_t open_huge_fault_window(mm::Region& region);
+  /// Closes `region`'s window (after a write fault filled an empty block).
+  void close_huge_fault_window(mm::Region& region);
+  /// The epoch of the windows open now; a close starts a new one, so a
+  /// unit whose epoch is still current left a region whose window has been
+  /// open since.
+  std::atomic<std::uint64_t> huge_fault_epoch{mm::PageTable::kFirstHugeFaultWindow};
+  /// Serialises opening and closing (madvise and the region's flag).
+  Mutex huge_window_mutex{LockRank::kLeaf};
 
   /// Moves `pages` pages from the managed range into staging slots.
   platform::PartialResult move_out(VirtAddr managed, VirtAddr staging_slot, std::size_t pages);
@@ -480,7 +515,7 @@ struct AddressSpace::Impl {
   };
   /// Zero-fills never-populated pages around `addr` (only `addr` without
   /// `fault_around`).
-  MissingResult resolve_missing(mm::Region& region, VirtAddr addr, bool fault_around);
+  MissingResult resolve_missing(mm::Region& region, VirtAddr addr, bool write, bool fault_around);
   /// resolve_missing's fill of its locked entries [lo, hi) from `*cur` (and
   /// `fill_block`, a populated staging block for a whole 2 MiB hole, or 0),
   /// inside the install window.  False if a queued change covers what is

@@ -260,7 +260,7 @@ AddressSpace::Impl::FaultResult AddressSpace::Impl::handle_fault(VirtAddr addr, 
       continue;
     }
     if (e.state() != PageState::kDevicePrivate) {
-      const MissingResult filled = resolve_missing(*region, addr, fault_around);
+      const MissingResult filled = resolve_missing(*region, addr, write, fault_around);
       if (filled == MissingResult::kDone) break;
       if (filled == MissingResult::kChanged) {
         // A change of the range was read meanwhile: wait for it as above.
@@ -335,7 +335,7 @@ void AddressSpace::Impl::poison_or_wake(VirtAddr addr) {
 }
 
 AddressSpace::Impl::MissingResult AddressSpace::Impl::resolve_missing(mm::Region& region, VirtAddr addr,
-                                                                    bool fault_around) {
+                                                                    bool write, bool fault_around) {
   mm::EntrySlot* slot = table.slot(addr.vpn(), true);
   PageEntry before;
   if (!mm::try_lock_entry(*slot, &before)) return MissingResult::kRetry;
@@ -377,8 +377,13 @@ AddressSpace::Impl::MissingResult AddressSpace::Impl::resolve_missing(mm::Region
   // A whole aligned 2 MiB hole is filled with a huge page: the kernel zeroes
   // a block of the staging pool's huge lane, and one move installs it.
   VirtAddr fill_block;
-  if (was_hole && !region.info.no_huge_pages && lo.huge_aligned() && hi - lo == kHugePageSize &&
-      staging.take_block(false, &fill_block).is_ok()) {
+  const bool whole_hole_block = was_hole && lo.huge_aligned() && hi - lo == kHugePageSize;
+  // In a huge-fault window, the kernel allocated and zeroed a huge page for
+  // this write before it asked uhmm, and threw it away: a region filled
+  // for the first time would pay that on every block.
+  if (whole_hole_block && write && region.huge_faults.load(std::memory_order_relaxed))
+    close_huge_fault_window(region);
+  if (whole_hole_block && !region.info.no_huge_pages && staging.take_block(false, &fill_block).is_ok()) {
     // The faulting access made the kernel allocate an (empty) page table
     // for the block; a huge page can only move in whole once it is gone.
     // Every page of the block is a locked hole, so there is nothing to

@@ -159,8 +159,9 @@ void AddressSpace::Impl::unregister_in_thread() {
 AddressSpace::Impl::FaultResult AddressSpace::Impl::fault_in(VirtAddr addr, bool write) {
   // Nothing here builds a Status: it runs in signal handlers.
   // The kernel built a page table for the address before it raised the
-  // signal (faults through the userfaultfd: read_messages).
-  table.note_kernel_table_maybe(addr.vpn(), 1);
+  // signal, outside a huge-fault window (faults through the userfaultfd:
+  // read_messages).
+  table.note_fault(addr.vpn(), huge_fault_epoch.load(std::memory_order_seq_cst));
   for (;;) {
     const FaultResult result = handle_fault(addr, write);
     if (result != FaultResult::kParked) return result;

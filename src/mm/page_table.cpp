@@ -62,20 +62,30 @@ PageTable::Leaf* PageTable::find_leaf(Vpn vpn) {
   return const_cast<Leaf*>(static_cast<const PageTable*>(this)->find_leaf(vpn));
 }
 
-void PageTable::note_no_kernel_table(Vpn vpn) {
+void PageTable::note_no_kernel_table(Vpn vpn, std::uint64_t huge_fault_window) {
   Leaf* leaf = find_leaf(vpn);
   UHMM_DCHECK(leaf != nullptr, "note_no_kernel_table for a block uhmm never saw");
-  if (leaf != nullptr) leaf->no_kernel_table.store(true, std::memory_order_release);
+  UHMM_DCHECK(huge_fault_window == 0 || huge_fault_window >= kFirstHugeFaultWindow, "not a window epoch");
+  if (leaf != nullptr)
+    leaf->no_kernel_table.store(huge_fault_window != 0 ? huge_fault_window : kNoTable, std::memory_order_release);
 }
 
 bool PageTable::take_no_kernel_table(Vpn vpn) {
   Leaf* leaf = find_leaf(vpn);
-  return leaf != nullptr && leaf->no_kernel_table.exchange(false, std::memory_order_acq_rel);
+  return leaf != nullptr && leaf->no_kernel_table.exchange(0, std::memory_order_acq_rel) != 0;
+}
+
+void PageTable::note_fault(Vpn vpn, std::uint64_t huge_fault_window) {
+  Leaf* leaf = find_leaf(vpn);
+  if (leaf == nullptr) return;
+  const std::uint64_t known = leaf->no_kernel_table.load(std::memory_order_acquire);
+  if (known == 0 || (known >= kFirstHugeFaultWindow && known == huge_fault_window)) return;
+  leaf->no_kernel_table.store(0, std::memory_order_release);
 }
 
 void PageTable::note_kernel_table_maybe(Vpn first, std::uint64_t count) {
   for (std::uint64_t v = first.value & ~std::uint64_t{kFanout - 1}; v < first.value + count; v += kFanout) {
-    if (Leaf* leaf = find_leaf(Vpn{v})) leaf->no_kernel_table.store(false, std::memory_order_release);
+    if (Leaf* leaf = find_leaf(Vpn{v})) leaf->no_kernel_table.store(0, std::memory_order_release);
   }
 }
 

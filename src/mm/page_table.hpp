@@ -112,14 +112,25 @@ class PageTable {
   // (what that costs: docs/migration.md, "Batching").  Where uhmm knows
   // there is none, it skips the zap.  Known only between a huge page's
   // move out of the block (the table goes with it) and the next install;
-  // any fault on the block (the kernel builds a table before it asks uhmm)
-  // or smaller install in between makes it unknown again.  Wrong "none"
+  // a smaller install in between makes it unknown again, and so does a
+  // fault on the block (the kernel's 4 KiB fault path builds a table
+  // before it asks uhmm), unless the fault came inside a huge-fault window
+  // (AddressSpace::Impl::open_huge_fault_window): there the kernel's
+  // huge-page path asks uhmm first and leaves no table.  Wrong "none"
   // costs speed only: the huge page is then split on its way in.
-  /// The block holding `vpn` has no kernel page table (its leaf must exist).
-  void note_no_kernel_table(Vpn vpn);
+  /// Window epochs start here (below it: 0, unknown; 1, none and no window).
+  static constexpr std::uint64_t kFirstHugeFaultWindow = 2;
+  /// The block holding `vpn` has no kernel page table (its leaf must
+  /// exist).  `huge_fault_window`: the window its region was in when the
+  /// block's huge page left (an epoch of AddressSpace::Impl), or 0: none.
+  void note_no_kernel_table(Vpn vpn, std::uint64_t huge_fault_window);
   /// Whether the block was known to have no kernel page table; it is no
   /// longer known afterwards (the caller is about to install there).
   bool take_no_kernel_table(Vpn vpn);
+  /// A CPU fault on the page `vpn`, while the huge-fault window epoch was
+  /// `huge_fault_window` (it never was older than the fault): the block
+  /// may have a page table now, unless it left in that same window.
+  void note_fault(Vpn vpn, std::uint64_t huge_fault_window);
   /// The blocks touching [first, first + count) may have kernel page tables.
   void note_kernel_table_maybe(Vpn first, std::uint64_t count);
 
@@ -132,13 +143,17 @@ class PageTable {
   static constexpr unsigned kBits = 9;
   static constexpr unsigned kFanout = 1u << kBits;
   static constexpr unsigned kLevels = 4;
+  static constexpr std::uint64_t kNoTable = 1;
 
   struct Node {
     std::atomic<void*> child[kFanout];
   };
   struct Leaf {
     EntrySlot entry[kFanout];
-    std::atomic<bool> no_kernel_table;  // see note_no_kernel_table
+    // note_no_kernel_table: 0, the block may have a kernel page table;
+    // kNoTable, it has none; a window epoch (kFirstHugeFaultWindow or
+    // more), it has none and faults in that window leave it so.
+    std::atomic<std::uint64_t> no_kernel_table;
   };
   static unsigned index_at(Vpn vpn, unsigned level) {
     return static_cast<unsigned>((vpn.value >> (kBits * (kLevels - 1 - level))) & (kFanout - 1));

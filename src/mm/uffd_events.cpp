@@ -133,10 +133,11 @@ std::size_t AddressSpace::Impl::read_messages(struct uffd_msg* faults_out, std::
       const struct uffd_msg& m = msgs[i];
       if (m.event == UFFD_EVENT_PAGEFAULT) {
         // The kernel built a page table for the address before it queued
-        // the fault: known from now on, not only once a service thread
-        // gets to the fault (Installer::empty_blocks relies on it).
-        // Faults raised as signals: fault_in.
-        table.note_kernel_table_maybe(VirtAddr{m.arg.pagefault.address}.vpn(), 1);
+        // the fault, outside a huge-fault window: known from now on, not
+        // only once a service thread gets to the fault
+        // (Installer::empty_blocks relies on it).  Faults raised as
+        // signals: fault_in.
+        table.note_fault(VirtAddr{m.arg.pagefault.address}.vpn(), huge_fault_epoch.load(std::memory_order_seq_cst));
         faults_out[faults++] = m;
         continue;
       }

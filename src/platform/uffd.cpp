@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -228,6 +229,18 @@ Result<VirtAddr> map_anonymous_aligned(std::size_t len, std::size_t align, int p
   const std::uintptr_t tail = base + len + align - (aligned + len);
   if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + len), tail);
   return VirtAddr{aligned};
+}
+
+bool huge_read_faults_from(std::string_view enabled, std::string_view use_zero_page) {
+  const bool thp_on = enabled.find("[always]") != std::string_view::npos || enabled.find("[madvise]") != std::string_view::npos;
+  return thp_on && !use_zero_page.empty() && use_zero_page.front() == '1';
+}
+
+bool huge_read_faults_available() {
+  if (::prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 0) return false;  // 1: disabled; -1: cannot tell
+  Result<std::string> enabled = read_proc_text("/sys/kernel/mm/transparent_hugepage/enabled");
+  Result<std::string> zero_page = read_proc_text("/sys/kernel/mm/transparent_hugepage/use_zero_page");
+  return enabled && zero_page && huge_read_faults_from(*enabled, *zero_page);
 }
 
 Status unmap(VirtAddr start, std::size_t len) {

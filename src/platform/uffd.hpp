@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -115,6 +116,16 @@ Status scan_written(VirtAddr start, std::size_t len, bool reprotect,
 /// present and mapped by huge (PMD) entries of the kernel's page table.
 /// EOPNOTSUPP on kernels without PAGEMAP_SCAN.
 Result<bool> huge_mapped(VirtAddr start, std::size_t length);
+
+/// Whether, by the kernel's settings as text, a private anonymous mapping
+/// advised MADV_HUGEPAGE takes the kernel's huge-page path on a read fault
+/// of an empty 2 MiB block without allocating anything: `enabled` is the
+/// text of /sys/kernel/mm/transparent_hugepage/enabled (not "[never]"),
+/// `use_zero_page` that of .../use_zero_page ("1").
+bool huge_read_faults_from(std::string_view enabled, std::string_view use_zero_page);
+/// The same for this process, from sysfs and prctl(PR_GET_THP_DISABLE);
+/// false when either cannot be read.
+bool huge_read_faults_available();
 
 /// Maps anonymous private memory, PROT_READ|PROT_WRITE unless told otherwise.
 Result<VirtAddr> map_anonymous(std::size_t len, int prot, bool noreserve);

@@ -11,6 +11,8 @@
 #include <string>
 #include <thread>
 
+#include "mm/address_space_impl.hpp"
+#include "platform/maps.hpp"
 #include "platform/uffd.hpp"
 #include "uhmm/uhmm.hpp"
 
@@ -163,8 +165,10 @@ TEST_F(HugePages, WholeBlockHoleFaultFillsAHugePageThatStaysHuge) {
 // A huge page that moved out whole left no page table behind (the kernel's
 // deposited one went with it), so it comes back without uhmm dropping one
 // first (a zap costs ~60 us per 2 MiB); a block a CPU fault touched in
-// between has a table again and is zapped.
+// between has a table again and is zapped, where no huge-fault window
+// spares it one (without kernel support for them; the next tests have them).
 TEST_F(HugePages, AHugePageThatLeftWholeComesBackWithoutAZap) {
+  as->impl().huge_fault_windows = false;
   const std::size_t len = 4 << 20;
   const char* why = nullptr;
   auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 7; }, &why);
@@ -198,6 +202,7 @@ TEST_F(HugePages, AnInThreadFaultsTableIsZappedBeforeItsUnitComesBack) {
   AddressSpaceOptions aopt;
   aopt.fault_mode = FaultMode::kInThread;
   as = std::move(*AddressSpace::create(aopt));
+  as->impl().huge_fault_windows = false;
   const std::size_t len = 4 << 20;
   const char* why = nullptr;
   auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 23; }, &why);
@@ -216,6 +221,109 @@ TEST_F(HugePages, AnInThreadFaultsTableIsZappedBeforeItsUnitComesBack) {
   for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i * 23) << i;
   EXPECT_TRUE(as->check_invariants().is_ok());
 }
+
+// Huge-fault windows: from the moment a whole unit of a region leaves for
+// a device, the region is advised MADV_HUGEPAGE, and a CPU fault on an
+// empty block takes the kernel's huge-page path, which asks uhmm before it
+// builds a page table.  So a unit faulted on, read or written, comes back
+// without a zap, in either fault mode.
+class HugeFaultWindows : public HugePages, public ::testing::WithParamInterface<FaultMode> {
+ protected:
+  void SetUp() override {
+    HugePages::SetUp();
+    if (IsSkipped()) return;
+    AddressSpaceOptions aopt;
+    aopt.fault_mode = GetParam();
+    as = std::move(*AddressSpace::create(aopt));
+    if (!as->impl().huge_fault_windows) GTEST_SKIP() << "no huge-page fault path (THP never, or no huge zero page)";
+  }
+  bool advised(const void* p, const char* flag) {
+    return platform::mapping_has_flag(VirtAddr::of(p), flag).value_or(false);
+  }
+  std::uint64_t zaps() { return as->stats().get(Counter::empty_table_zaps); }
+};
+
+TEST_P(HugeFaultWindows, AUnitFaultedOnInTheWindowComesBackWithoutAZap) {
+  const std::size_t len = 6 << 20;
+  const char* why = nullptr;
+  auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 31; }, &why);
+  if (p == nullptr) GTEST_SKIP() << why;
+  const VirtAddr base = VirtAddr::of(p);
+  EXPECT_TRUE(advised(p, "nh")) << "a region starts with its window closed";
+  EXPECT_FALSE(advised(p, "hg"));
+  ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
+  EXPECT_TRUE(advised(p, "hg")) << "whole units left: the window is open";
+  const std::uint64_t before = zaps();
+  // Out of order, so that no prefetch stream starts and every unit's
+  // return is one of these faults or the migration below.
+  constexpr std::size_t kWordsPerBlock = kHugePageSize / 8;
+  EXPECT_EQ(p[2 * kWordsPerBlock + 5], (2 * kWordsPerBlock + 5) * 31);  // a read fault brings the last unit back
+  p[9] = 1;                                                              // a write fault the first
+  EXPECT_EQ(zaps(), before) << "neither fault left a table to zap";
+  for (const VirtAddr unit : {base, base + 2 * kHugePageSize}) {
+    auto whole = platform::huge_mapped(unit, kHugePageSize);
+    ASSERT_TRUE(whole.is_ok());
+    EXPECT_TRUE(*whole);
+  }
+  ASSERT_TRUE(dev->migrate_to_system(*as, base, len).is_ok());
+  EXPECT_EQ(zaps(), before);
+  auto whole = platform::huge_mapped(base, len);
+  ASSERT_TRUE(whole.is_ok());
+  EXPECT_TRUE(*whole);
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], i == 9 ? 1u : i * 31) << i;
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
+// In the window, a write fault on an empty block makes the kernel allocate
+// and zero a huge page it then throws away: a region being filled for the
+// first time closes its window, and a fault after that builds a table
+// again, which the unit's return zaps.
+TEST_P(HugeFaultWindows, AWriteToAHoleClosesTheWindow) {
+  const std::size_t len = 4 << 20;
+  auto base = as->map(len + kHugePageSize);  // the last block stays a hole
+  ASSERT_TRUE(base.is_ok());
+  auto* p = base->as<std::uint64_t>();
+  for (std::size_t i = 0; i < len / 8; ++i) p[i] = ~i;
+  if (anon_huge_kib(p) != len / 1024) GTEST_SKIP() << "no huge pages (no CONFIG_PT_RECLAIM, or memory fragmented)";
+  ASSERT_TRUE(dev->migrate_to_device(*as, *base, len).is_ok());
+  ASSERT_TRUE(advised(p, "hg"));
+  p[len / 8] = 42;  // the first write to the hole block
+  EXPECT_TRUE(advised(p, "nh")) << "the fill closed the window";
+  const std::uint64_t before = zaps();
+  EXPECT_EQ(p[3], ~std::uint64_t{3});  // a fault outside the window
+  EXPECT_EQ(zaps(), before + 1) << "the fault's table was zapped before the unit came back";
+  ASSERT_TRUE(dev->migrate_to_system(*as, *base, len).is_ok());
+  for (std::size_t i = 0; i < len / 8; ++i) ASSERT_EQ(p[i], ~i) << i;
+  EXPECT_EQ(p[len / 8], 42u);
+  // The next whole unit to leave opens it again.
+  ASSERT_TRUE(dev->migrate_to_device(*as, *base, kHugePageSize).is_ok());
+  EXPECT_TRUE(advised(p, "hg"));
+  EXPECT_EQ(p[0], ~std::uint64_t{0});
+  EXPECT_TRUE(as->check_invariants().is_ok());
+}
+
+// An application that asked for transparent huge pages keeps its window
+// open, holes filled or not.
+TEST_P(HugeFaultWindows, TransparentHugePagesKeepTheWindowOpen) {
+  AddressSpaceOptions aopt;
+  aopt.fault_mode = GetParam();
+  aopt.transparent_huge_pages = true;
+  as = std::move(*AddressSpace::create(aopt));
+  auto base = as->map(2 * kHugePageSize);
+  ASSERT_TRUE(base.is_ok());
+  auto* p = base->as<std::uint64_t>();
+  EXPECT_TRUE(advised(p, "hg"));
+  p[0] = 1;
+  p[kHugePageSize / 8] = 2;
+  EXPECT_TRUE(advised(p, "hg"));
+  EXPECT_EQ(p[0] + p[kHugePageSize / 8], 3u);
+}
+
+INSTANTIATE_TEST_SUITE_P(FaultModes, HugeFaultWindows,
+                         ::testing::Values(FaultMode::kServiceThreads, FaultMode::kInThread),
+                         [](const ::testing::TestParamInfo<FaultMode>& mode) {
+                           return std::string(mode.param == FaultMode::kInThread ? "InThread" : "ServiceThreads");
+                         });
 
 // Whole 2 MiB units leave through a transit block kept without a page
 // table, so that a huge page moves through it as one entry.  A unit mapped

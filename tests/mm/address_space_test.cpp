@@ -865,7 +865,7 @@ TEST_F(AddressSpaceTest, AFillAChangeOutranKeepsAPresentPageInTheTable) {
   for (int i = 0; i < 5000 && !ops.holding.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   ASSERT_TRUE(ops.holding.load()) << "the REMAP was never processed";
 
-  EXPECT_EQ(as->impl().resolve_missing(*region, *r, /*fault_around=*/true),
+  EXPECT_EQ(as->impl().resolve_missing(*region, *r, /*write=*/false, /*fault_around=*/true),
             AddressSpace::Impl::MissingResult::kChanged);
   EXPECT_EQ(as->page_info(*r).state, State::kSystem) << "the present page's entry was dropped";
   region.reset();

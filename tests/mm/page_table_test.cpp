@@ -120,26 +120,55 @@ TEST(PageTable, AKernelTableKnownGoneIsKnownOnceAndPerBlock) {
   EXPECT_FALSE(t.take_no_kernel_table(block)) << "no leaf: nothing is known";
   ASSERT_NE(t.slot(block + 3, true), nullptr);
   EXPECT_FALSE(t.take_no_kernel_table(block)) << "a new leaf knows nothing";
-  t.note_no_kernel_table(block + 5);  // any page of the block names it
+  t.note_no_kernel_table(block + 5, 0);  // any page of the block names it
   EXPECT_FALSE(t.take_no_kernel_table(block + 512)) << "the next block is another";
   EXPECT_TRUE(t.take_no_kernel_table(block + 511));
   EXPECT_FALSE(t.take_no_kernel_table(block)) << "taking it forgets it: pages go in next";
   // A fault or a small install anywhere in the block makes it unknown.
-  t.note_no_kernel_table(block);
+  t.note_no_kernel_table(block, 0);
   t.note_kernel_table_maybe(block + 100, 1);
   EXPECT_FALSE(t.take_no_kernel_table(block));
   // A range reaching into the block from the one before does too.
   const Vpn before{block.value - 1};
   ASSERT_NE(t.slot(before, true), nullptr);
-  t.note_no_kernel_table(block);
-  t.note_no_kernel_table(before);
+  t.note_no_kernel_table(block, 0);
+  t.note_no_kernel_table(before, 0);
   t.note_kernel_table_maybe(Vpn{block.value - 2}, 3);
   EXPECT_FALSE(t.take_no_kernel_table(before));
   EXPECT_FALSE(t.take_no_kernel_table(block));
   // Nor does it reach a block it does not touch.
-  t.note_no_kernel_table(block);
+  t.note_no_kernel_table(block, 0);
   t.note_kernel_table_maybe(Vpn{block.value - 2}, 2);
   EXPECT_TRUE(t.take_no_kernel_table(block));
+}
+
+TEST(PageTable, AFaultKeepsTheBlockTableFreeOnlyInTheWindowItLeftIn) {
+  PageTable t;
+  const Vpn block{512 * 9};
+  ASSERT_NE(t.slot(block, true), nullptr);
+  const std::uint64_t window = PageTable::kFirstHugeFaultWindow + 4;
+  // Outside any window the kernel's 4 KiB path builds a table.
+  t.note_no_kernel_table(block, 0);
+  t.note_fault(block + 17, window);
+  EXPECT_FALSE(t.take_no_kernel_table(block));
+  // In the window the unit left in, the huge-page path leaves none.
+  t.note_no_kernel_table(block, window);
+  t.note_fault(block + 17, window);
+  t.note_fault(block + 400, window);
+  EXPECT_TRUE(t.take_no_kernel_table(block)) << "faults in the unit's own window";
+  // A window closed since (a later epoch): the fault may have built one.
+  t.note_no_kernel_table(block, window);
+  t.note_fault(block, window + 1);
+  EXPECT_FALSE(t.take_no_kernel_table(block));
+  // An install still makes it unknown, window or not.
+  t.note_no_kernel_table(block, window);
+  t.note_kernel_table_maybe(block + 3, 1);
+  EXPECT_FALSE(t.take_no_kernel_table(block));
+  // A fault on a block with nothing known leaves it unknown.
+  t.note_fault(block, window);
+  EXPECT_FALSE(t.take_no_kernel_table(block));
+  // And a fault where uhmm has no leaf is harmless.
+  t.note_fault(Vpn{512 * 1000}, window);
 }
 
 TEST(PageTable, LoadSeesStores) {

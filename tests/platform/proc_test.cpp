@@ -4,7 +4,9 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -65,6 +67,28 @@ TEST(ProcSmaps, ThisProcessesMadviseShowsUp) {
   EXPECT_EQ(mapping_has_flag(VirtAddr::of(p), "nh"), false);
   EXPECT_EQ(mapping_has_flag(VirtAddr::of(half), "nh"), true);
   munmap(p, len);
+}
+
+TEST(SysThp, HugeReadFaultsNeedThpOnAndTheHugeZeroPage) {
+  EXPECT_TRUE(huge_read_faults_from("always [madvise] never\n", "1\n"));
+  EXPECT_TRUE(huge_read_faults_from("[always] madvise never\n", "1\n"));
+  EXPECT_FALSE(huge_read_faults_from("always madvise [never]\n", "1\n"));
+  EXPECT_FALSE(huge_read_faults_from("always [madvise] never\n", "0\n")) << "a read fault would allocate";
+  EXPECT_FALSE(huge_read_faults_from("", ""));
+}
+
+TEST(SysThp, AProcessWithThpDisabledHasNoHugeReadFaults) {
+  // In a child: the setting is the process's, inherited by later forks.
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0) _exit(2);
+    _exit(huge_read_faults_available() ? 1 : 0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 TEST(ProcStat, AThreadKeptOnACpuIsSeenThere) {
