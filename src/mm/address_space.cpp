@@ -151,6 +151,8 @@ std::uint64_t AddressSpace::Impl::open_huge_fault_window(mm::Region& region) {
   // table (a zap more, never a unit split for nothing).
   const std::uint64_t epoch = huge_fault_epoch.load(std::memory_order_seq_cst);
   if (region.huge_faults.load(std::memory_order_seq_cst)) return epoch;
+  ReaderLock regions_lock(regions_mutex);
+  if (!still_managed(region)) return 0;
   MutexLock lock(huge_window_mutex);
   if (!region.huge_faults.load(std::memory_order_seq_cst)) {
     if (!platform::advise(region.info.start, region.info.length, MADV_HUGEPAGE)) return 0;
@@ -159,8 +161,17 @@ std::uint64_t AddressSpace::Impl::open_huge_fault_window(mm::Region& region) {
   return huge_fault_epoch.load(std::memory_order_seq_cst);
 }
 
+bool AddressSpace::Impl::still_managed(const mm::Region& region) const {
+  // A pinned region may have been cut up (munmap, mremap) meanwhile: its
+  // old range may hold another mapping now, whose advice is not uhmm's.
+  const auto it = regions.find(region.info.start.value);
+  return it != regions.end() && it->second.get() == &region;
+}
+
 void AddressSpace::Impl::close_huge_fault_window(mm::Region& region) {
   if (options.transparent_huge_pages) return;  // open for good
+  ReaderLock regions_lock(regions_mutex);
+  if (!still_managed(region)) return;
   MutexLock lock(huge_window_mutex);
   if (!region.huge_faults.load(std::memory_order_seq_cst)) return;
   // A new epoch first: from here on, faults count as building tables

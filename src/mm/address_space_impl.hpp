@@ -283,6 +283,8 @@ struct AddressSpace::Impl {
   std::atomic<std::uint64_t> huge_fault_epoch{mm::PageTable::kFirstHugeFaultWindow};
   /// Serialises opening and closing (madvise and the region's flag).
   Mutex huge_window_mutex{LockRank::kLeaf};
+  /// `region` is in the region map (not cut up since it was pinned).
+  bool still_managed(const mm::Region& region) const UHMM_REQUIRES_SHARED(regions_mutex);
 
   /// Moves `pages` pages from the managed range into staging slots.
   platform::PartialResult move_out(VirtAddr managed, VirtAddr staging_slot, std::size_t pages);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "mm/address_space_impl.hpp"
+#include "platform/maps.hpp"
 #include "uhmm/address_space.hpp"
 #include "uhmm/notifier.hpp"
 
@@ -879,6 +880,40 @@ TEST_F(AddressSpaceTest, AFillAChangeOutranKeepsAPresentPageInTheTable) {
   interval_notifier_remove(sub);
   EXPECT_INVARIANTS(*as);
   EXPECT_TRUE(as->unmap(moved).is_ok());
+}
+
+// A migration pins its region before it opens the region's huge-fault
+// window.  Should the application cut the region up meanwhile and map
+// memory of its own where part of it was, the old range's advice is no
+// longer uhmm's to change: the window stays shut, the new mapping as the
+// application made it.
+TEST_F(AddressSpaceTest, AHugeFaultWindowIsNotOpenedOverARegionCutUpSincePinned) {
+  if (!as->impl().huge_fault_windows) GTEST_SKIP() << "no huge-page fault path (THP never, or no huge zero page)";
+  constexpr std::size_t kLen = 2 * kHugePageSize;
+  auto r = as->map(kLen);
+  ASSERT_TRUE(r.is_ok());
+  mm::RegionPin region = as->impl().pin_region(*r, *r + kLen);
+  ASSERT_TRUE(region);
+  const VirtAddr upper = *r + kHugePageSize;
+  ASSERT_EQ(::munmap(upper.ptr(), kHugePageSize), 0);
+  as->impl().await_returned_changes(*r, *r + kLen);
+  ASSERT_EQ(as->find_region(*r)->length, kHugePageSize) << "the munmap was processed";
+  void* own = ::mmap(upper.ptr(), kHugePageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                     -1, 0);
+  ASSERT_EQ(own, upper.ptr()) << std::strerror(errno);
+
+  EXPECT_EQ(as->impl().open_huge_fault_window(*region), 0u);
+  EXPECT_FALSE(region->huge_faults.load());
+  EXPECT_EQ(platform::mapping_has_flag(upper, "hg"), false) << "the application's own mapping was advised";
+  // The region as it is now opens as usual.
+  mm::RegionPin current = as->impl().pin_region(*r, *r + kHugePageSize);
+  ASSERT_TRUE(current);
+  EXPECT_NE(as->impl().open_huge_fault_window(*current), 0u);
+  EXPECT_EQ(platform::mapping_has_flag(*r, "hg"), true);
+  region.reset();
+  current.reset();
+  ::munmap(own, kHugePageSize);
+  EXPECT_TRUE(as->unmap(*r).is_ok());
 }
 
 }  // namespace
