@@ -104,6 +104,9 @@ struct HugePages : ::testing::Test {
     return p;
   }
 
+  // Empty page tables zapped so far so that a huge page could move in whole.
+  std::uint64_t zaps() const { return as->stats().get(Counter::empty_table_zaps); }
+
   std::unique_ptr<AddressSpace> as;
   std::unique_ptr<sim::SimDevice> dev;
 };
@@ -174,7 +177,6 @@ TEST_F(HugePages, AHugePageThatLeftWholeComesBackWithoutAZap) {
   auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 7; }, &why);
   if (p == nullptr) GTEST_SKIP() << why;
   const VirtAddr base = VirtAddr::of(p);
-  auto zaps = [&] { return as->stats().get(Counter::empty_table_zaps); };
   const std::uint64_t after_fill = zaps();
   EXPECT_EQ(after_fill, len / kHugePageSize) << "each hole fault's block had the table the fault built";
 
@@ -208,7 +210,6 @@ TEST_F(HugePages, AnInThreadFaultsTableIsZappedBeforeItsUnitComesBack) {
   auto* p = filled_huge_range(len, [](std::size_t i) -> std::uint64_t { return i * 23; }, &why);
   if (p == nullptr) GTEST_SKIP() << why;
   const VirtAddr base = VirtAddr::of(p);
-  auto zaps = [&] { return as->stats().get(Counter::empty_table_zaps); };
   ASSERT_TRUE(dev->migrate_to_device(*as, base, len).is_ok());
   const std::uint64_t before = zaps();
   EXPECT_EQ(p[5], 5u * 23);  // faults the first block back
@@ -240,7 +241,6 @@ class HugeFaultWindows : public HugePages, public ::testing::WithParamInterface<
   bool advised(const void* p, const char* flag) {
     return platform::mapping_has_flag(VirtAddr::of(p), flag).value_or(false);
   }
-  std::uint64_t zaps() { return as->stats().get(Counter::empty_table_zaps); }
 };
 
 TEST_P(HugeFaultWindows, AUnitFaultedOnInTheWindowComesBackWithoutAZap) {
